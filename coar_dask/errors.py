@@ -1,0 +1,70 @@
+"""Error hierarchy of coar_dask.
+
+Every error the package raises on bad input is a :class:`CoarError`, and also
+subclasses the standard exception a caller would expect (``ValueError``,
+``FileNotFoundError``, ...), so ``except ValueError`` keeps working. The CLI
+turns a :class:`CoarError` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CoarError",
+    "SpecError",
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreMismatchError",
+    "ExperimentError",
+    "ConfigError",
+    "MissingDependencyError",
+    "BuildError",
+    "RegressionError",
+]
+
+
+class CoarError(Exception):
+    """Base class of every error raised by coar_dask on bad input or state."""
+
+
+class SpecError(CoarError, ValueError):
+    """A store spec (the seed's JSON format) is malformed."""
+
+
+class StoreError(CoarError, ValueError):
+    """A store exists but cannot be used as asked."""
+
+
+class StoreNotFoundError(CoarError, FileNotFoundError):
+    """No coar_dask store at the given path."""
+
+
+class StoreMismatchError(StoreError):
+    """A store was made from another spec, experiment or chunking."""
+
+
+class ExperimentError(CoarError, ValueError):
+    """An experiment description is invalid or does not fit its store."""
+
+
+class ConfigError(CoarError, ValueError):
+    """A YAML/CLI configuration has unknown keys or bad values."""
+
+
+class MissingDependencyError(CoarError, ImportError):
+    """An optional dependency is needed but not installed."""
+
+
+class BuildError(CoarError, RuntimeError):
+    """A build could not complete some blocks."""
+
+
+class RegressionError(CoarError, ValueError):
+    """A regression cannot be run on the given data."""
+
+
+def missing_dependency(package: str, extra: str, purpose: str) -> MissingDependencyError:
+    """Build the error raised when an optional dependency is absent."""
+    return MissingDependencyError(
+        f"{purpose} needs the optional package '{package}', which is not installed. "
+        f"Install it with: pip install 'coar_dask[{extra}]'"
+    )
