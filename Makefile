@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:
+#   make demo   -- the whole pipeline on the built-in digits example
+#   make test   -- the test suite
+# Each creates ./.venv (if missing) and installs what it needs.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch; the package itself only asks for torch>=2.2.
+TORCH ?= torch==2.13.0
+# The ffcv extra compiles against OpenCV; take it only when the system has it.
+EXTRAS := test,slurm$(shell pkg-config --exists opencv4 2>/dev/null && echo ,ffcv)
+DEMO_OUT ?= demo-out
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+comma := ,
+venv: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+
+demo: venv
+	$(VENV)/bin/coar-dask demo --out $(DEMO_OUT)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
