@@ -3,6 +3,7 @@
 #   make test   -- the test suite
 # Each creates ./.venv (if missing) and installs what it needs.
 
+comma := ,
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -11,18 +12,18 @@ TORCH ?= torch==2.13.0
 # The ffcv extra compiles against OpenCV; take it only when the system has it.
 EXTRAS := test,slurm$(shell pkg-config --exists opencv4 2>/dev/null && echo ,ffcv)
 DEMO_OUT ?= demo-out
+STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
 .PHONY: venv demo test bench clean
 
-$(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-comma := ,
-venv: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+venv: $(STAMP)
 
 demo: venv
 	$(VENV)/bin/coar-dask demo --out $(DEMO_OUT)
