@@ -1,0 +1,372 @@
+"""Cluster settings, SLURM job scripts and local GPU workers, without SLURM.
+
+The job-script tests are string tests (dask-jobqueue's own first tier): they
+need the ``dask-jobqueue`` package but no SLURM. Tests against a real SLURM
+cluster are in ``test_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import dask
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coar_dask import cluster as C
+from coar_dask.errors import ConfigError, MissingDependencyError
+
+def _has_jobqueue() -> bool:
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_jobqueue = pytest.mark.skipif(not _has_jobqueue(), reason="needs dask-jobqueue (pip install 'coar_dask[slurm]')")
+
+
+@pytest.fixture(autouse=True)
+def _clean_jobqueue_config():
+    """No site jobqueue.yaml leaks into these tests; each sees the packaged defaults only."""
+    C._jobqueue_defaults_loaded()
+    with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None,
+                          "jobqueue.slurm.queue": None, "jobqueue.slurm.account": None}):
+        yield
+
+
+# ------------------------------------------------------------------ walltimes
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("30", 1800), ("05:30", 330), ("01:00:00", 3600), ("2-00", 172800), ("1-02:03", 93780),
+     ("1-00:00:01", 86401), (90, 5400)],
+)
+def test_parse_walltime_reads_every_slurm_format(text, seconds):
+    assert C.parse_walltime(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1h", "00:00:00", "1:2:3:4", "-5", "a-01:00"])
+def test_parse_walltime_rejects_non_slurm_times_with_an_example(text):
+    with pytest.raises(ConfigError, match="HH:MM:SS"):
+        C.parse_walltime(text)
+
+
+@given(st.integers(min_value=60, max_value=30 * 86400))
+def test_workers_leave_before_the_walltime(walltime):
+    lifetime, stagger = C.worker_lifetime(walltime)
+    assert 0 < stagger < lifetime
+    # The last worker leaves at lifetime + stagger: still before SLURM kills it.
+    assert lifetime + stagger < walltime
+    assert walltime - (lifetime + stagger) >= min(60, walltime / 8)
+
+
+def test_worker_lifetime_of_one_hour_is_54_minutes_give_or_take_3():
+    assert C.worker_lifetime(3600) == (54 * 60, 3 * 60)
+
+
+@pytest.mark.parametrize("value, pair", [("0:8", (0, 8)), ("2:2", (2, 2)), ((1, 4), (1, 4)), (None, None)])
+def test_parse_adapt(value, pair):
+    assert C.parse_adapt(value) == pair
+
+
+@pytest.mark.parametrize("value", ["8", "4:2", "0:0", "-1:3", "a:b", (1, 2, 3)])
+def test_parse_adapt_rejects_bad_ranges(value):
+    with pytest.raises(ConfigError, match="MIN:MAX"):
+        C.parse_adapt(value)
+
+
+# ------------------------------------------------------------ settings resolution
+
+
+def test_cores_and_memory_are_required_and_the_error_says_where_to_put_them():
+    with pytest.raises(ConfigError) as err:
+        C.resolve_slurm_settings(jobs=2)
+    message = str(err.value)
+    assert "cores=4, memory='16GB'" in message
+    assert "configs/slurm.yaml" in message and "jobqueue.slurm.cores" in message
+
+
+def test_arguments_beat_the_config_file_which_beats_dask_config(tmp_path):
+    f = tmp_path / "slurm.yaml"
+    f.write_text("cores: 4\nmemory: 16GB\nqueue: from-file\nwalltime: '02:00:00'\n")
+    with dask.config.set({"jobqueue.slurm.queue": "from-dask", "jobqueue.slurm.account": "acct-dask",
+                          "jobqueue.slurm.cores": 64}):
+        s = C.resolve_slurm_settings(f, queue="from-arg")
+    assert s.queue == "from-arg"  # argument
+    assert s.cores == 4 and s.walltime == "02:00:00"  # file
+    assert s.account == "acct-dask"  # dask config
+
+
+def test_a_sites_jobqueue_yaml_works_as_dask_config():
+    with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "32GB",
+                          "jobqueue.slurm.queue": "gpu", "jobqueue.slurm.job-extra-directives": ["--qos=high"]}):
+        s = C.resolve_slurm_settings(gpus_per_job=1)
+    kw = s.cluster_kwargs()
+    assert (kw["cores"], kw["memory"], kw["queue"]) == (8, "32GB", "gpu")
+    assert kw["job_extra_directives"] == ["--qos=high", "--gres=gpu:1"]
+
+
+def test_a_jobqueue_yaml_file_can_be_given_as_the_config_file(tmp_path):
+    f = tmp_path / "jobqueue.yaml"
+    f.write_text(textwrap.dedent("""\
+        jobqueue:
+          slurm:
+            cores: 2
+            memory: 8GB
+            shebang: '#!/bin/bash'
+            job-mem: 10GB
+    """))
+    s = C.resolve_slurm_settings(f)
+    assert s.jobqueue_options == {"shebang": "#!/bin/bash", "job_mem": "10GB"}
+    assert s.cluster_kwargs()["shebang"] == "#!/bin/bash"
+
+
+def test_the_packaged_configs_slurm_yaml_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "slurm.yaml"
+    s = C.resolve_slurm_settings(path)
+    assert s.cores >= 1 and s.gpus_per_job >= 0
+
+
+def test_unknown_setting_names_the_key_and_lists_valid_ones(tmp_path):
+    f = tmp_path / "slurm.yaml"
+    f.write_text("slurm:\n  cores: 2\n  memory: 8GB\n  gpu: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'gpu'.*gpus-per-job"):
+        C.resolve_slurm_settings(f)
+
+
+def test_deprecated_jobqueue_keys_point_to_their_new_name():
+    with pytest.raises(ConfigError, match="use 'job-script-prologue'"):
+        C.resolve_slurm_settings(cores=1, memory="1GB", env_extra=["module load cuda"])
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.resolve_slurm_settings(tmp_path / "nope.yaml", cores=1, memory="1GB")
+
+
+def test_jobs_and_adapt_come_from_one_source():
+    with dask.config.set({"coar-dask.slurm.adapt": "0:4"}):
+        assert C.resolve_slurm_settings(cores=1, memory="1GB", jobs=3).adapt is None
+        assert C.resolve_slurm_settings(cores=1, memory="1GB").adapt == (0, 4)
+    s = C.resolve_slurm_settings(cores=1, memory="1GB")
+    assert (s.jobs, s.adapt) == (1, None)
+    with pytest.raises(ConfigError, match="either jobs"):
+        C.resolve_slurm_settings(cores=1, memory="1GB", jobs=2, adapt="0:2")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"cores": 0}, "cores must be a positive integer"),
+        ({"memory": "lots"}, "memory must be an amount"),
+        ({"gpus_per_job": 2, "processes": 2, "cores": 2}, "needs processes=1"),
+        ({"processes": 3, "cores": 4}, "multiple of processes"),
+        ({"jobs": -1}, "jobs must be an integer"),
+        ({"walltime": "2h"}, "not a SLURM time"),
+        ({"lifetime": "soon"}, "lifetime must be"),
+        ({"walltime": "00:10:00", "lifetime": "20m"}, "not shorter than the walltime"),
+    ],
+)
+def test_bad_settings_name_the_field_and_the_fix(kwargs, match):
+    settings = {"cores": 1, "memory": "2GB", **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        C.resolve_slurm_settings(**settings).cluster_kwargs()
+
+
+def test_settings_are_frozen_and_round_trip_through_to_dict():
+    s = C.resolve_slurm_settings(cores=2, memory="8GB", adapt="0:3", gpus_per_job=1, walltime="01:00:00")
+    with pytest.raises(dataclasses_frozen_error()):
+        s.cores = 3  # type: ignore[misc]
+    again = C.SlurmSettings.from_dict(s.to_dict())
+    assert again == s
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_packaged_defaults_are_in_dask_config():
+    assert dask.config.get("coar-dask.slurm.lifetime") == "auto"
+    assert dask.config.get("coar-dask.cluster.kind") == "local"
+    assert dask.config.get("coar-dask.slurm.gpus-per-job") == 0
+
+
+# ------------------------------------------------------------------ job scripts
+
+
+@needs_jobqueue
+def test_job_script_of_a_gpu_job():
+    script = C.slurm_job_script(cores=2, memory="8GB", gpus_per_job=1, queue="gpu", account="proj42",
+                                walltime="01:00:00", python="/opt/env/bin/python")
+    lines = script.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    for directive in ("#SBATCH -p gpu", "#SBATCH -A proj42", "#SBATCH -n 1", "#SBATCH --cpus-per-task=2",
+                      "#SBATCH --mem=8G", "#SBATCH -t 01:00:00", "#SBATCH --gres=gpu:1"):
+        assert directive in lines
+    worker = lines[-1]
+    assert worker.startswith("/opt/env/bin/python -m distributed.cli.dask_worker tcp://<scheduler-address>:8786")
+    assert "--nthreads 2" in worker and "--resources GPU=1" in worker
+    # One hour: leave after 54 min +- 3 min, and do not restart inside the job.
+    assert "--lifetime 3240s --lifetime-stagger 180s" in worker
+    assert "--lifetime-restart" not in worker
+    assert "export OMP_NUM_THREADS=1" in lines
+
+
+@needs_jobqueue
+def test_job_script_of_a_cpu_job_has_no_gres_and_no_gpu_resource():
+    script = C.slurm_job_script(cores=4, memory="16GB", walltime="00:30:00")
+    assert "--gres" not in script and "GPU=" not in script
+    assert "--nthreads 4" in script
+
+
+@needs_jobqueue
+def test_job_script_extra_directives_prologue_and_existing_resources():
+    script = C.slurm_job_script(
+        cores=1, memory="2GB", gpus_per_job=2, lifetime="off",
+        job_extra_directives=["--constraint=a100", "--qos=long"],
+        job_script_prologue=["module load cuda/12", "export OMP_NUM_THREADS=4"],
+        worker_extra_args=["--resources", "MEM=1"],
+    )
+    lines = script.splitlines()
+    assert lines.index("#SBATCH --constraint=a100") < lines.index("#SBATCH --gres=gpu:2")
+    assert "module load cuda/12" in lines and "export OMP_NUM_THREADS=4" in lines
+    assert "export MKL_NUM_THREADS=1" not in lines  # the user's own thread setting is kept
+    assert "--resources MEM=1,GPU=2" in lines[-1]
+    assert "--lifetime" not in script
+
+
+@needs_jobqueue
+def test_job_script_does_not_duplicate_a_gres_directive_the_user_gave():
+    script = C.slurm_job_script(cores=1, memory="2GB", gpus_per_job=1, job_extra_directives=["--gres=gpu:a100:1"])
+    assert script.count("--gres") == 1 and "--resources GPU=1" in script
+
+
+@needs_jobqueue
+def test_job_script_with_explicit_lifetime_and_restart():
+    script = C.slurm_job_script(cores=1, memory="2GB", walltime="02:00:00", lifetime="100m",
+                                lifetime_stagger="5m", lifetime_restart=True)
+    assert "--lifetime 6000s --lifetime-stagger 300s --lifetime-restart" in script
+
+
+def test_missing_dask_jobqueue_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    monkeypatch.setitem(sys.modules, "dask_jobqueue.slurm", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'coar_dask\[slurm\]'"):
+        C.slurm_job_script(cores=1, memory="1GB")
+    with pytest.raises(MissingDependencyError, match="dask-jobqueue"):
+        with C.cluster_client("slurm", cores=1, memory="1GB"):
+            pass
+
+
+@needs_jobqueue
+def test_slurm_kind_without_slurm_commands_says_so(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="SLURM login node"):
+        with C.cluster_client("slurm", cores=1, memory="1GB"):
+            pass
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    C.add_cluster_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_become_cluster_client_arguments():
+    args = _parse(["--cluster", "slurm", "--adapt", "0:8", "--queue", "gpu", "--cores", "4", "--memory", "16GB",
+                   "--gpus-per-job", "1", "--job-extra=--constraint=a100", "--walltime", "04:00:00"])
+    assert C.cluster_from_args(args) == {
+        "kind": "slurm", "adapt": "0:8", "queue": "gpu", "cores": 4, "memory": "16GB", "gpus_per_job": 1,
+        "job_extra_directives": ["--constraint=a100"], "walltime": "04:00:00",
+    }
+    assert C.cluster_from_args(_parse([])) == {"kind": "local"}
+    assert C.cluster_from_args(_parse(["--gpus", "2", "--workers", "3"])) == {"kind": "local", "n_workers": 3, "gpus": 2}
+    assert C.cluster_from_args(_parse(["--gpus", "0,1"]))["gpus"] == "0,1"
+
+
+def test_cli_jobs_and_adapt_exclude_each_other():
+    with pytest.raises(SystemExit):
+        _parse(["--jobs", "2", "--adapt", "0:2"])
+
+
+@needs_jobqueue
+def test_cluster_dry_run_prints_the_job_script(tmp_path):
+    import io
+
+    f = tmp_path / "slurm.yaml"
+    f.write_text("cores: 2\nmemory: 4GB\nqueue: gpu\ngpus-per-job: 1\n")
+    out = io.StringIO()
+    assert C.cluster_dry_run_main(_parse(["--slurm-config", str(f), "--jobs", "4", "--walltime", "01:00:00"]), out) == 0
+    text = out.getvalue()
+    assert text.startswith("# SLURM cluster: 4 job(s)")
+    assert "#SBATCH -p gpu" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH -t 01:00:00" in text
+
+
+# ------------------------------------------------------------------- local GPUs
+
+
+def test_local_gpu_worker_specs_give_each_worker_its_own_device():
+    specs = C.local_gpu_worker_specs(["0", "1", "GPU-abc"], threads_per_worker=2)
+    assert list(specs) == ["gpu-0", "gpu-1", "gpu-GPU-abc"]
+    for device, spec in zip(["0", "1", "GPU-abc"], specs.values()):
+        options = spec["options"]
+        assert spec["cls"] == "distributed.Nanny"
+        assert options["env"]["CUDA_VISIBLE_DEVICES"] == device
+        assert options["env"]["OMP_NUM_THREADS"] == "1"
+        assert options["resources"] == {"GPU": 1}
+        assert options["nthreads"] == 2
+
+
+@pytest.mark.parametrize("devices", [[], ["0", "0"]])
+def test_local_gpu_worker_specs_reject_no_or_repeated_devices(devices):
+    with pytest.raises(ConfigError):
+        C.local_gpu_worker_specs(devices)
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert C.visible_gpus() == ["2", "3"]
+    assert C._resolve_local_gpus("auto") == ["2", "3"]
+    assert C._resolve_local_gpus(1) == ["2"]
+    assert C._resolve_local_gpus(0) == []
+    assert C._resolve_local_gpus("5,7") == ["5", "7"]
+    with pytest.raises(ConfigError, match="only 2 GPU"):
+        C._resolve_local_gpus(4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert C.visible_gpus() == []
+
+
+def test_local_cluster_with_gpus_runs_gpu_tasks_one_per_device(monkeypatch):
+    """The real local GPU layout, with fake device ids (no CUDA is touched)."""
+
+    def device_of_worker():
+        import os
+
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    with C.cluster_client("local", gpus=["0", "1"]) as client:
+        info = client.scheduler_info()["workers"].values()
+        assert sorted(w["name"] for w in info) == ["gpu-0", "gpu-1"]
+        assert all(w["resources"] == {"GPU": 1} for w in info)
+        seen = client.gather([client.submit(device_of_worker, pure=False, resources={"GPU": 1},
+                                            workers=[name]) for name in ("gpu-0", "gpu-1")])
+    assert seen == ["0", "1"]
+
+
+def test_unknown_kind_lists_the_kinds():
+    with pytest.raises(ConfigError, match="local"):
+        with C.cluster_client("kubernetes"):
+            pass
