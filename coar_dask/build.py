@@ -1,0 +1,282 @@
+"""Build a component dataset: plan the pending blocks, then run one task per block.
+
+``plan = plan_build(store, experiment)`` checks that the experiment fits the
+store, records the experiment's fingerprint in the store, and lists the
+blocks whose ``_completed`` flags are not all set. The plan is small, frozen
+and readable. :func:`run_block` is the task (a module-level function taking
+the frozen experiment, so it pickles): it regenerates the block's masks from
+``(mask_seed, row)``, computes the outputs, writes the block's chunks and only
+then its ``_completed`` chunk. :func:`execute_plan` runs a plan in this process
+or on a Dask cluster; :func:`run_build` does both.
+
+Blocks are idempotent: running one twice writes the same bytes, so a block
+lost to a killed worker or an interrupted build is simply run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import BuildError, ExperimentError, StoreMismatchError
+from .ablation import compute_outputs
+from .experiment import Experiment, load_experiment, load_state
+from .masks import sample_masks
+from .store import Block, Store, open_store
+
+__all__ = ["BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[["BlockResult", int, int], None]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The blocks a build still has to compute, and what to compute them with."""
+
+    store_path: str
+    experiment: Experiment
+    blocks: tuple[Block, ...]
+    n_blocks_total: int
+    rows_per_chunk: int
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    @property
+    def gpu(self) -> bool:
+        return str(self.experiment.device).startswith("cuda")
+
+    @property
+    def token(self) -> str:
+        """Short id of (store, experiment), used in task keys."""
+        text = f"{os.path.abspath(self.store_path)}|{self.experiment.fingerprint}"
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    def task_key(self, block: Block) -> str:
+        return f"build-block-{block.index:06d}-{self.token}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<BuildPlan {self.store_path!r}: {len(self.blocks)} of {self.n_blocks_total} blocks pending "
+            f"({self.n_rows} rows, {self.rows_per_chunk} per block), experiment "
+            f"{self.experiment.fingerprint[:12]} on {self.experiment.device}>"
+        )
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    index: int
+    rows: int
+    seconds: float
+    worker: str = ""
+
+
+@dataclass
+class BuildReport:
+    """What a build did: blocks and rows computed, wall time, failures."""
+
+    blocks_done: int = 0
+    rows_done: int = 0
+    seconds: float = 0.0
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_experiment_fits(store: Store, experiment: Experiment, n_components: int, n_examples: int) -> None:
+    """Raise a clear error when the store's arrays, seeds or fingerprint don't match."""
+    spec = store.spec
+    for name in (experiment.x_name, experiment.y_name):
+        if name not in spec:
+            raise ExperimentError(
+                f"the experiment writes array {name!r} but store {str(store.path)!r} has {list(spec.names)}; "
+                f"set arrays.x_name / arrays.y_name in the experiment to the store's names."
+            )
+    x_width = int(np.prod(spec[experiment.x_name].shape))
+    if x_width != n_components:
+        raise ExperimentError(
+            f"the store's mask array {experiment.x_name!r} has {x_width} entries per row but the experiment "
+            f"selects {n_components} components; fix the spec's shape or the experiment's components."
+        )
+    y_width = int(np.prod(spec[experiment.y_name].shape))
+    if y_width != n_examples:
+        raise ExperimentError(
+            f"the store's output array {experiment.y_name!r} has {y_width} entries per row but the experiment "
+            f"has {n_examples} examples; fix the spec's shape or the examples."
+        )
+    for key, wanted in (("mask_seed", experiment.mask_seed), ("alpha", experiment.alpha)):
+        have = store.meta.get(key)
+        if have is not None and have != wanted:
+            raise StoreMismatchError(
+                f"store {str(store.path)!r} was initialized with {key}={have!r} but the experiment has "
+                f"{key}={wanted!r}; use the store's value or a new store."
+            )
+    fp = store.experiment_fingerprint
+    if fp is not None and fp != experiment.fingerprint:
+        raise StoreMismatchError(
+            f"store {str(store.path)!r} holds rows of another experiment ({fp[:12]}…, this one is "
+            f"{experiment.fingerprint[:12]}…); a build must not mix two experiments. Use a new store, or the "
+            f"experiment file the store was built with."
+        )
+
+
+def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -> BuildPlan:
+    """Check the experiment against the store and list the pending blocks.
+
+    Loads the experiment once in this process (to count components and
+    examples), and records the experiment fingerprint, mask seed and alpha in
+    the store on first use.
+    """
+    if not isinstance(store, Store):
+        store = open_store(store)
+    experiment = load_experiment(experiment)
+    state = load_state(experiment)
+    check_experiment_fits(store, experiment, state.n_components, state.n_examples)
+    if store.experiment_fingerprint is None:
+        store.update_meta(
+            experiment_fingerprint=experiment.fingerprint,
+            target_fingerprint=experiment.target_fingerprint,
+            mask_seed=experiment.mask_seed,
+            alpha=experiment.alpha,
+            experiment=experiment.to_dict(),
+        )
+    return BuildPlan(
+        store_path=str(store.path),
+        experiment=experiment,
+        blocks=tuple(store.pending_blocks()),
+        n_blocks_total=store.n_blocks,
+        rows_per_chunk=store.rows_per_chunk,
+    )
+
+
+def run_block(store_path: str, experiment: Experiment, block_index: int) -> BlockResult:
+    """Compute and write one block (the Dask task). Idempotent."""
+    t0 = time.perf_counter()
+    store = open_store(store_path)
+    block = store.block(block_index)
+    state = load_state(experiment)
+    masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
+    outputs = compute_outputs(state, masks)
+    if not np.isfinite(outputs).all():
+        bad = np.flatnonzero(~np.isfinite(outputs).all(axis=0))
+        raise BuildError(
+            f"block {block_index} (rows {block.start}-{block.stop - 1}) produced NaN/inf outputs for "
+            f"examples {bad[:10].tolist()}{'…' if bad.size > 10 else ''}; it is left pending."
+        )
+    store.write_block(block_index, {experiment.x_name: masks, experiment.y_name: outputs})
+    worker = ""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return BlockResult(block_index, len(block), time.perf_counter() - t0, worker)
+
+
+def _execute_local(plan: BuildPlan, progress: ProgressFn | None, report: BuildReport) -> None:
+    total = len(plan.blocks)
+    for k, block in enumerate(plan.blocks, 1):
+        try:
+            result = run_block(plan.store_path, plan.experiment, block.index)
+        except BuildError as exc:
+            report.failed[block.index] = str(exc)
+            logger.error("%s", exc)
+            continue
+        report.blocks_done += 1
+        report.rows_done += result.rows
+        if progress:
+            progress(result, k, total)
+
+
+def _execute_dask(plan: BuildPlan, client: Any, progress: ProgressFn | None, report: BuildReport, retries: int) -> None:
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if plan.gpu else None
+    futures = [
+        client.submit(
+            run_block, plan.store_path, plan.experiment, block.index,
+            key=plan.task_key(block), resources=resources, retries=retries, pure=False,
+        )
+        for block in plan.blocks
+    ]
+    total = len(futures)
+    done = 0
+    try:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - report every failed block, carry on
+                index = int(str(future.key).split("-")[2])
+                report.failed[index] = f"{type(exc).__name__}: {exc}"
+                logger.error("block %d failed: %s", index, exc)
+                continue
+            done += 1
+            report.blocks_done += 1
+            report.rows_done += result.rows
+            if progress:
+                progress(result, done, total)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def execute_plan(
+    plan: BuildPlan,
+    client: Any | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    retries: int = 2,
+    raise_on_failure: bool = True,
+) -> BuildReport:
+    """Run a plan: in this process (``client=None``) or as Dask tasks on ``client``.
+
+    Failed blocks stay pending; they are reported (and raised as
+    :class:`BuildError` unless ``raise_on_failure=False``) after every other
+    block has run.
+    """
+    report = BuildReport()
+    t0 = time.perf_counter()
+    if plan.blocks:
+        if client is None:
+            _execute_local(plan, progress, report)
+        else:
+            _execute_dask(plan, client, progress, report, retries)
+    report.seconds = time.perf_counter() - t0
+    if report.failed and raise_on_failure:
+        lines = "\n".join(f"  block {i}: {msg}" for i, msg in sorted(report.failed.items())[:10])
+        raise BuildError(
+            f"{len(report.failed)} block(s) failed and remain pending (rerun the build to retry them):\n{lines}"
+        )
+    return report
+
+
+def run_build(
+    store: Store | str | os.PathLike,
+    experiment: Experiment | Any,
+    *,
+    client: Any | None = None,
+    progress: ProgressFn | None = None,
+    retries: int = 2,
+) -> BuildReport:
+    """Plan and execute a build. ``client=None`` runs in this process.
+
+    Examples
+    --------
+    >>> from coar_dask import cluster_client                    # doctest: +SKIP
+    >>> with cluster_client("local", n_workers=2) as client:   # doctest: +SKIP
+    ...     report = run_build("store", "configs/digits.yaml", client=client)
+    """
+    plan = plan_build(store, experiment)
+    logger.info("%r", plan)
+    return execute_plan(plan, client, progress=progress, retries=retries)

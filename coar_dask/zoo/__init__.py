@@ -1,0 +1,1 @@
+"""Ready-made experiments: models and examples that need no download."""
