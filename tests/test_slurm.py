@@ -1,0 +1,162 @@
+"""Against a real one-node SLURM cluster (the project's harness, two fake GPUs).
+
+Skipped, with the reason, only when the slurm/munge binaries (or root) are
+missing; CI installs them (``.ci/run``). The harness is started once for the
+module; each test makes its own SLURMCluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import dask
+import pytest
+
+from coar_dask.cluster import cluster_client
+from coar_dask.testing.slurm import (
+    harness_processes,
+    local_slurm_cluster,
+    slurm_unavailable_reason,
+    start_local_slurm,
+    stop_local_slurm,
+)
+
+_REASON = slurm_unavailable_reason()
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(_REASON is not None, reason=f"no local SLURM: {_REASON}"),
+]
+pytest.importorskip("dask_jobqueue", reason="needs dask-jobqueue (pip install 'coar_dask[slurm]')")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    with local_slurm_cluster() as cluster:
+        yield cluster
+    assert not harness_processes(cluster.root)
+
+
+def slurm_kwargs(slurm, **overrides):
+    """Settings of small test jobs on the harness (1 core, 2 GB; job logs in the harness folder)."""
+    return {
+        "cores": 1,
+        "memory": "2GB",
+        "queue": slurm.partition,
+        "walltime": "00:20:00",
+        "interface": "lo",
+        "dashboard_address": ":0",
+        "log_directory": str(slurm.log_dir),
+        "respawn_interval": "1s",
+        **overrides,
+    }
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- harness
+
+
+def test_harness_starts_schedules_fake_gpus_and_stops_leaving_nothing(tmp_path):
+    root = tmp_path / "slurm"
+    h = start_local_slurm(root, gpus=2)
+    daemons = [int(f.read_text().split()[0]) for f in h.pid_files.values()]
+    try:
+        assert h.node_state() == "idle"
+        assert "gpu:2" in h.run("sinfo", "-h", "-N", "-o", "%G").stdout
+        out = str(tmp_path / "job-%j.out")
+        for _ in range(3):
+            h.run("sbatch", "--gres=gpu:1", "-o", out, "--wrap", "echo CVD=$CUDA_VISIBLE_DEVICES; sleep 300")
+        # Two GPUs: two jobs run (one device each), the third waits for Resources.
+        wait_until(lambda: len(list(tmp_path.glob("job-*.out"))) == 2
+                   and all(p.read_text().strip() for p in tmp_path.glob("job-*.out")), 30, "two GPU jobs to start")
+        seen = sorted(p.read_text().strip() for p in tmp_path.glob("job-*.out"))
+        assert seen == ["CVD=0", "CVD=1"]
+        reasons = h.run("squeue", "-h", "-t", "PD", "-o", "%r").stdout.split()
+        assert reasons == ["Resources"]
+        too_many = h.run("sbatch", "--gres=gpu:3", "--wrap", "true", check=False)
+        assert too_many.returncode != 0
+        assert harness_processes(root)  # daemons, step daemons and the sleeping jobs
+    finally:
+        stop_local_slurm(root)
+    assert harness_processes(root) == []
+    for pid in daemons:
+        assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_local_slurm_cluster_exports_and_restores_slurm_conf(slurm):
+    assert os.environ["SLURM_CONF"] == str(slurm.conf_path)
+    before = os.environ.get("SLURM_CONF")
+    with local_slurm_cluster(gpus=0) as inner:
+        assert os.environ["SLURM_CONF"] == str(inner.conf_path) != before
+        root = inner.root
+    assert os.environ.get("SLURM_CONF") == before
+    assert not root.exists() and harness_processes(root) == []
+
+
+# ------------------------------------------------------------- SLURMCluster
+
+
+def test_two_gpu_jobs_each_run_gpu_tasks_on_their_own_device(slurm):
+    def where(i):
+        import os
+        import time
+
+        time.sleep(0.2)
+        return os.environ["CUDA_VISIBLE_DEVICES"], os.environ["SLURM_JOB_ID"]
+
+    with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2, gpus_per_job=1)) as client:
+        client.wait_for_workers(2, timeout=60)
+        workers = client.scheduler_info()["workers"].values()
+        assert [w["resources"] for w in workers] == [{"GPU": 1}, {"GPU": 1}]
+        placed = set(client.gather(client.map(where, range(12), resources={"GPU": 1}, pure=False)))
+        assert {device for device, _ in placed} == {"0", "1"}
+        assert len({job for _, job in placed}) == 2
+        assert len(slurm.job_ids()) == 2
+    wait_until(lambda: not slurm.job_ids(), 30, "the jobs to leave the queue after close")
+
+
+def test_adaptive_cluster_scales_up_for_work_and_back_to_zero(slurm):
+    def work(i):
+        import time
+
+        time.sleep(1.0)
+        return i
+
+    with cluster_client("slurm", **slurm_kwargs(slurm, adapt="0:2")) as client:
+        assert client.scheduler_info()["workers"] == {}
+        futures = client.map(work, range(16), pure=False)
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "adapt to scale up to 2 workers")
+        assert sorted(client.gather(futures)) == list(range(16))
+        del futures
+        wait_until(lambda: not client.scheduler_info()["workers"] and not slurm.job_ids(), 60,
+                   "adapt to scale back to 0 workers and jobs")
+
+
+def test_a_lost_job_is_resubmitted(slurm):
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2)) as client:
+            client.wait_for_workers(2, timeout=60)
+            first = set(slurm.job_ids())
+            victim = sorted(first)[0]
+            slurm.run("scancel", victim)
+            wait_until(lambda: victim not in slurm.job_ids() and len(slurm.job_ids()) == 2, 60,
+                       "a replacement job")
+            client.wait_for_workers(2, timeout=60)
+            assert len(client.scheduler_info()["workers"]) == 2
+            assert set(slurm.job_ids()) - first  # a new job id
