@@ -1,0 +1,152 @@
+"""The paper's setups as named presets: a model builder plus a component selection.
+
+==================  ===========================  ==========================================  ======
+preset              model                        components                                  count
+==================  ===========================  ==========================================  ======
+``cifar_resnet``    seed's CIFAR MiniResNet      every Conv2d named ``*conv*``: out channels  2,304
+``imagenet_resnet50``  torchvision ``resnet50``  every Conv2d named ``*conv*`` (not          22,720
+                                                 ``downsample``): output channels
+``imagenet_vit_b16``   torchvision ``vit_b_16``  every Linear but the head (rows) and each   82,944
+                                                 attention's ``in_proj_weight`` rows
+``gpt2_small``      HF GPT-2 small               ``attn.c_attn``, ``attn.c_proj``,           64,512
+                                                 ``mlp.c_fc``, ``mlp.c_proj`` Conv1D input
+                                                 rows (the seed's ``weight[idx]``)
+==================  ===========================  ==========================================  ======
+
+The models come from :mod:`coar_dask.zoo.architectures` (same module names
+and shapes as the originals; random weights), built on the ``meta`` device
+when only the components are wanted: instant, no memory, no download.
+
+Examples
+--------
+>>> from coar_dask.presets import preset_components
+>>> len(preset_components("imagenet_resnet50"))
+22720
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .components import Components, select_components
+from .errors import ExperimentError
+
+__all__ = ["Preset", "PRESETS", "get_preset", "build_model", "preset_components", "experiment_components"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model builder and the component selection of one of the paper's setups.
+
+    Attributes
+    ----------
+    name, description
+        Registry key and one line for listings.
+    factory
+        Import path ``package.module:function`` of the model builder (usable as
+        an experiment's ``model.factory``).
+    include, exclude, kinds
+        The component selection (see :func:`coar_dask.components.select_components`).
+    total
+        The paper's component count, checked by the tests.
+    input_shape
+        Shape of one input example (for random inputs in tests and benchmarks).
+    """
+
+    name: str
+    description: str
+    factory: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("conv2d", "linear")
+    total: int = 0
+    input_shape: tuple[int, ...] = ()
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def selection(self) -> dict[str, tuple[str, ...]]:
+        """``include``/``exclude``/``kinds`` as keyword arguments (also an experiment's ``components``)."""
+        return {"include": self.include, "exclude": self.exclude, "kinds": self.kinds}
+
+    def builder(self) -> Callable[..., Any]:
+        from .experiment import import_object
+
+        return import_object(self.factory)
+
+
+_ARCH = "coar_dask.zoo.architectures"
+
+#: The presets, by name.
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("cifar_resnet", "CIFAR-10 MiniResNet (width 256, 4 blocks): Conv2d output channels",
+               f"{_ARCH}:mini_resnet", include=("conv",), kinds=("conv2d",), total=2_304,
+               input_shape=(3, 32, 32)),
+        Preset("imagenet_resnet50", "ImageNet ResNet-50 (torchvision): Conv2d named *conv* output channels",
+               f"{_ARCH}:resnet50", include=("conv",), kinds=("conv2d",), total=22_720,
+               input_shape=(3, 224, 224)),
+        Preset("imagenet_vit_b16", "ImageNet ViT-B/16 (torchvision): Linear rows but the head, "
+               "MultiheadAttention in_proj rows", f"{_ARCH}:vit_b_16", exclude=(r"^heads",),
+               kinds=("linear", "mha_in_proj"), total=82_944, input_shape=(3, 224, 224)),
+        Preset("gpt2_small", "GPT-2 small (HF): c_attn, c_proj, c_fc, mlp.c_proj Conv1D input rows",
+               f"{_ARCH}:gpt2_small",
+               include=(r"attn\.c_attn$", r"attn\.c_proj$", r"mlp\.c_fc$", r"mlp\.c_proj$"),
+               kinds=("conv1d",), total=64_512, input_shape=(16,)),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset ``name``; an unknown name lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ExperimentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.") from None
+
+
+def build_model(name: str, device: Any = "meta", **kwargs: Any) -> Any:
+    """Build a preset's model (random weights) on ``device`` (``"meta"``: shapes only, instant).
+
+    Parameters
+    ----------
+    name
+        A preset name (see :data:`PRESETS`).
+    device
+        Where parameters are created; ``"meta"`` allocates nothing.
+    **kwargs
+        Passed to the builder (e.g. ``num_classes``).
+    """
+    import torch
+
+    preset = get_preset(name)
+    with torch.device(device):
+        model = preset.builder()(**{**preset.factory_kwargs, **kwargs})
+    return model.eval()
+
+
+def preset_components(name: str) -> Components:
+    """The components of a preset, counted on its model built on the meta device."""
+    preset = get_preset(name)
+    return select_components(build_model(name), **preset.selection())
+
+
+def experiment_components(source: Any) -> Components:
+    """The components an experiment selects: its model factory is called, its examples are not.
+
+    Parameters
+    ----------
+    source
+        An :class:`~coar_dask.experiment.Experiment`, a dict, or a YAML path.
+    """
+    from .experiment import import_object, load_experiment
+
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise ExperimentError(f"experiment file {str(source)!r} does not exist.")
+    experiment = load_experiment(source)
+    model = import_object(experiment.model)(**experiment.model_kwargs)
+    return select_components(model, include=experiment.include, exclude=experiment.exclude, kinds=experiment.kinds)
