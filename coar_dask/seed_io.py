@@ -1,0 +1,288 @@
+"""The research code's store layout: a directory of ``.npy`` memory maps.
+
+The seed (and its parent, ``datamodels``) keeps a store as one ``.npy`` file
+per schema array, ``<name>.npy`` of shape ``(num_models, *shape)``, plus
+``_completed.npy`` (bool, ``(num_models,)``). :func:`import_npy` copies such a
+directory into a zarr store and :func:`export_npy` writes a zarr store back
+to that layout. Both go one row block at a time through memory maps, so a
+200,000-row store never has to fit in memory, and ``export_npy`` followed by
+``import_npy`` gives the same arrays back.
+
+The CLI glue at the end (``add_import_npy_parser``/``add_export_npy_parser``)
+is what ``coar-dask import-npy`` and ``coar-dask export-npy`` run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import StoreError
+from .spec import Spec
+from .store import COMPLETED, Store, init_store, open_store
+
+__all__ = ["npy_spec", "import_npy", "export_npy", "add_import_npy_parser", "add_export_npy_parser"]
+
+logger = logging.getLogger(__name__)
+
+
+def _dtype_name(dtype: np.dtype, file: Path) -> str:
+    """The numpy attribute name of ``dtype`` as the seed's spec writes it."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return "bool_"
+    name = dtype.newbyteorder("=").name
+    if dtype.kind not in "iuf" or not hasattr(np, name):
+        raise StoreError(
+            f"{str(file)!r} has dtype {dtype}, which a store cannot hold; stores hold numpy "
+            f"bool, integer and float arrays."
+        )
+    return name
+
+
+def _memmap(file: Path) -> np.ndarray:
+    try:
+        return np.lib.format.open_memmap(file, mode="r")
+    except (ValueError, OSError) as exc:
+        raise StoreError(f"{str(file)!r} is not a readable .npy file ({exc}).") from None
+
+
+def npy_spec(directory: str | os.PathLike, names: Sequence[str] | None = None,
+             completed_name: str = COMPLETED) -> Spec:
+    """The spec of a seed store directory, read from its ``.npy`` headers.
+
+    Parameters
+    ----------
+    directory
+        A directory with ``<name>.npy`` files (and ``_completed.npy``).
+    names
+        The arrays to take (default: every ``.npy`` except the completion flags).
+
+    Examples
+    --------
+    >>> spec = npy_spec("seed_store")                         # doctest: +SKIP
+    >>> spec.to_dict()                                        # doctest: +SKIP
+    {'num_models': 100, 'schema': {'masks': {'dtype': 'bool_', 'shape': [2304]}, ...}}
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StoreError(f"{str(directory)!r} is not a directory; pass a seed store directory.")
+    available = sorted(p.stem for p in directory.glob("*.npy") if p.stem != completed_name)
+    if names is None:
+        names = available
+    missing = [n for n in names if n not in available]
+    if missing or not names:
+        raise StoreError(
+            f"{str(directory)!r} has no {[f'{n}.npy' for n in missing] or 'schema .npy files'}; "
+            f"it has {[f'{n}.npy' for n in available]}."
+        )
+    schema: dict[str, Any] = {}
+    rows: dict[str, int] = {}
+    for name in names:
+        file = directory / f"{name}.npy"
+        arr = _memmap(file)
+        if arr.ndim < 1:
+            raise StoreError(f"{str(file)!r} is a scalar; a store array has one row per model.")
+        schema[name] = {"dtype": _dtype_name(arr.dtype, file), "shape": list(arr.shape[1:])}
+        rows[name] = int(arr.shape[0])
+    if len(set(rows.values())) != 1:
+        raise StoreError(
+            f"the arrays of {str(directory)!r} have different row counts {rows}; every array "
+            f"must have one row per model."
+        )
+    return Spec.from_dict({"num_models": next(iter(rows.values())), "schema": schema})
+
+
+def import_npy(
+    directory: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    completed_name: str = COMPLETED,
+    mark_all_completed: bool = False,
+    rows_per_chunk: int | None = None,
+    mask_seed: int | None = None,
+    alpha: float | None = None,
+    overwrite: bool = False,
+) -> Store:
+    """Copy a seed store directory into a new zarr store, block by block.
+
+    Parameters
+    ----------
+    directory
+        The seed directory (``masks.npy``, ``<name>.npy``, ``_completed.npy``).
+    store_path
+        Where to create the zarr store.
+    names
+        Arrays to import (default all).
+    completed_name
+        Name of the completion array (``_completed``).
+    mark_all_completed
+        Mark every row completed; needed when the directory has no
+        ``_completed.npy``.
+    rows_per_chunk, mask_seed, alpha
+        As for :func:`~coar_dask.store.init_store`. The seed drew its masks
+        without a seed, so leave ``mask_seed`` unset unless you know it.
+    overwrite
+        Replace an existing store at ``store_path``.
+
+    Returns
+    -------
+    Store
+        The new store, with the same rows, values and completion flags.
+    """
+    directory = Path(directory)
+    spec = npy_spec(directory, names, completed_name)
+    completed_file = directory / f"{completed_name}.npy"
+    if not completed_file.is_file() and not mark_all_completed:
+        raise StoreError(
+            f"{str(directory)!r} has no {completed_file.name}, so which rows are done is unknown; "
+            f"pass mark_all_completed=True (--mark-all-completed) if every row is filled."
+        )
+    store_path = Path(store_path)
+    if (store_path / "zarr.json").exists():
+        if not overwrite:
+            raise StoreError(
+                f"{str(store_path)!r} already holds a store; choose a new path or pass "
+                f"overwrite=True (--overwrite) to replace it."
+            )
+        shutil.rmtree(store_path)
+    store = init_store(
+        store_path, spec, rows_per_chunk=rows_per_chunk, mask_seed=mask_seed, alpha=alpha,
+        extra_meta={"imported_from": str(directory.resolve())},
+    )
+    done = None
+    if completed_file.is_file():
+        done = _memmap(completed_file)
+        if done.reshape(-1).shape[0] != spec.num_models:
+            raise StoreError(
+                f"{str(completed_file)!r} has {done.shape[0]} rows but the arrays have "
+                f"{spec.num_models}; is it from another store?"
+            )
+        done = done.reshape(-1)
+    sources = {a.name: _memmap(directory / f"{a.name}.npy") for a in spec.schema}
+    flags = store.array(COMPLETED)
+    for block in store.blocks():
+        sl = slice(block.start, block.stop)
+        for a in spec.schema:
+            # Reading a row range of a memory map touches only those pages.
+            store.array(a.name)[sl] = np.asarray(sources[a.name][sl]).astype(a.np_dtype, copy=False)
+        flags[sl] = True if done is None else np.asarray(done[sl], dtype=bool)
+    logger.info("imported %s into %s (%d rows, %d blocks)", directory, store_path,
+                spec.num_models, store.n_blocks)
+    return open_store(store_path)
+
+
+def export_npy(
+    store: Store | str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a zarr store as a seed store directory of ``.npy`` files.
+
+    Each array becomes ``<name>.npy`` (the store's dtype and shape) and the
+    completion flags ``_completed.npy``, written block by block through
+    memory maps, so the seed's scripts (``write_dataset.py``,
+    ``make_dataset.py``) can use the directory directly.
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
+    """
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    names = list(store.spec.names if names is None else names)
+    for n in names:
+        store.array(n)  # raises StoreError naming the store's arrays
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = [directory / f"{n}.npy" for n in [*names, COMPLETED]]
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise StoreError(
+            f"{str(directory)!r} already has {existing}; choose another directory or pass "
+            f"overwrite=True (--overwrite)."
+        )
+    n = store.num_rows
+    outs = {}
+    for name in names:
+        a = store.spec[name]
+        outs[name] = np.lib.format.open_memmap(
+            directory / f"{name}.npy", mode="w+", dtype=a.np_dtype, shape=(n, *a.shape)
+        )
+    outs[COMPLETED] = np.lib.format.open_memmap(
+        directory / f"{COMPLETED}.npy", mode="w+", dtype=np.bool_, shape=(n,)
+    )
+    for block in store.blocks():
+        sl = slice(block.start, block.stop)
+        for name, out in outs.items():
+            out[sl] = store.array(name)[sl]
+            out.flush()
+    del outs
+    logger.info("exported %s to %s (%d rows)", store.path, directory, n)
+    return directory
+
+
+# --------------------------------------------------------------------------
+# CLI glue: `coar-dask import-npy` and `coar-dask export-npy`
+# --------------------------------------------------------------------------
+def add_import_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``import-npy`` (handler: :func:`run_import_npy`)."""
+    p = subparsers.add_parser(
+        "import-npy",
+        help="copy a seed store directory (masks.npy, <name>.npy, _completed.npy) into a zarr store",
+        description=import_npy.__doc__.split("\n\n")[0],
+    )
+    p.add_argument("source", help="seed store directory (the seed's --logging.logdir)")
+    p.add_argument("--store", "--cfg.data_dir", dest="store", required=True, help="zarr store to create")
+    p.add_argument("--names", nargs="+", default=None, help="arrays to import (default all)")
+    p.add_argument("--rows-per-chunk", type=int, default=None)
+    p.add_argument("--mask-seed", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--mark-all-completed", action="store_true",
+                   help="mark every row completed (when there is no _completed.npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(handler=run_import_npy)
+    return p
+
+
+def run_import_npy(args: argparse.Namespace) -> int:
+    """Handler of ``coar-dask import-npy``."""
+    store = import_npy(
+        args.source, args.store, names=args.names, rows_per_chunk=args.rows_per_chunk,
+        mask_seed=args.mask_seed, alpha=args.alpha, mark_all_completed=args.mark_all_completed,
+        overwrite=args.overwrite,
+    )
+    print(store)
+    return 0
+
+
+def add_export_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``export-npy`` (handler: :func:`run_export_npy`)."""
+    p = subparsers.add_parser(
+        "export-npy",
+        help="write a zarr store as a seed store directory of .npy files",
+        description=export_npy.__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--store", "--cfg.data_dir", dest="store", required=True, help="zarr store to read")
+    p.add_argument("--out", "--logging.logdir", dest="out", required=True, help="directory to write")
+    p.add_argument("--names", nargs="+", default=None, help="arrays to export (default all)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing .npy files")
+    p.set_defaults(handler=run_export_npy)
+    return p
+
+
+def run_export_npy(args: argparse.Namespace) -> int:
+    """Handler of ``coar-dask export-npy``."""
+    out = export_npy(args.store, args.out, names=args.names, overwrite=args.overwrite)
+    print(f"wrote {sorted(p.name for p in out.glob('*.npy'))} to {out}")
+    return 0
