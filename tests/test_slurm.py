@@ -160,3 +160,88 @@ def test_a_lost_job_is_resubmitted(slurm):
             client.wait_for_workers(2, timeout=60)
             assert len(client.scheduler_info()["workers"]) == 2
             assert set(slurm.job_ids()) - first  # a new job id
+
+
+# ---------------------------------------------------------------- digits builds
+
+BUILD_ROWS = 240
+ROWS_PER_BLOCK = 12
+
+
+def _digits_store(path, experiment):
+    from coar_dask.evaluate import eval_store_for
+    from coar_dask.experiment import load_state
+
+    state = load_state(experiment)
+    return eval_store_for(path, experiment, BUILD_ROWS, state.n_components, state.n_examples,
+                          rows_per_chunk=ROWS_PER_BLOCK)
+
+
+def _contents(store):
+    from coar_dask.store import COMPLETED
+
+    return {name: store.array(name)[:] for name in (*store.spec.names, COMPLETED)}
+
+
+def _assert_same_store(store, reference):
+    import numpy as np
+
+    got, want = _contents(store), _contents(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, digits_experiment):
+    """The same digits build on a LocalCluster, to compare SLURM builds with."""
+    from coar_dask.build import run_build
+
+    store = _digits_store(tmp_path_factory.mktemp("reference") / "store", digits_experiment)
+    with cluster_client("local", n_workers=2) as client:
+        run_build(store, digits_experiment, client=client)
+    assert store.completed_rows().all()
+    return store
+
+
+def test_digits_build_on_two_gpu_slurm_jobs_equals_a_local_build(slurm, tmp_path, digits_experiment, reference_store):
+    from coar_dask.build import run_build
+
+    store = _digits_store(tmp_path / "store", digits_experiment)
+    with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2, gpus_per_job=1)) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert [w["resources"] for w in client.scheduler_info()["workers"].values()] == [{"GPU": 1}, {"GPU": 1}]
+        report = run_build(store, digits_experiment, client=client)
+        where = {r for r in client.run(lambda: __import__("os").environ["SLURM_JOB_ID"]).values()}
+    assert report.rows_done == BUILD_ROWS and not report.failed
+    assert len(where) == 2  # both workers were SLURM jobs
+    _assert_same_store(store, reference_store)
+
+
+def test_build_survives_scancel_of_a_busy_worker(slurm, tmp_path, digits_experiment, reference_store):
+    """scancel one worker's job mid-build: its blocks rerun elsewhere, nothing is lost or doubled."""
+    from coar_dask.build import execute_plan, plan_build
+
+    store = _digits_store(tmp_path / "store", digits_experiment)
+    killed: list[str] = []
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2)) as client:
+            client.wait_for_workers(2, timeout=60)
+            cluster = client.cluster
+
+            def kill_a_busy_worker(result, done, total):
+                if killed or done < 3:
+                    return
+                processing = client.processing()
+                names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+                busy = [a for a, tasks in processing.items() if tasks]
+                assert busy, "no worker is busy: the build is too short to test a kill mid-build"
+                job_id = cluster.workers[names[busy[0]]].job_id
+                slurm.run("scancel", job_id)
+                killed.append(job_id)
+
+            report = execute_plan(plan_build(store, digits_experiment), client, progress=kill_a_busy_worker)
+            assert killed and killed[0] not in slurm.job_ids()
+    assert report.blocks_done == BUILD_ROWS // ROWS_PER_BLOCK and not report.failed
+    assert store.completed_rows().all()
+    _assert_same_store(store, reference_store)
