@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny model and experiment, small digits stores.
+
+The digits model is trained once per cache directory (~7 s) and cached in
+``$COAR_DASK_CACHE`` (default ``~/.cache/coar_dask``); worker processes of the
+clusters started in tests inherit the variable and load the same file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def tiny_model():
+    """A small CNN with conv, BN and linear layers (random, seeded)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 8),
+        nn.ReLU(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+def tiny_examples(n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def tiny_experiment():
+    from coar_dask.experiment import Experiment
+
+    return Experiment(model="conftest:tiny_model", examples="conftest:tiny_examples", alpha=0.2, batch_size=5)
+
+
+@pytest.fixture(scope="session")
+def digits_experiment():
+    from coar_dask.zoo import digits
+
+    digits.load_model()  # train once, before any worker needs it
+    return digits.experiment()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tests_on_path():
+    # Workers import `conftest:tiny_model`; make the tests folder importable there too.
+    here = os.path.dirname(__file__)
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+    yield

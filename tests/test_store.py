@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coar_dask.errors import StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.spec import Spec
+from coar_dask.store import COMPLETED, default_rows_per_chunk, init_store, open_store
+
+VIT_SPEC = {
+    "num_models": 200_000,
+    "schema": {"masks": {"dtype": "bool_", "shape": [82944]}, "val_margins": {"dtype": "float16", "shape": [5000]}},
+}
+
+
+def small_spec(n=10, p=6, k=3):
+    return {"num_models": n, "schema": {"masks": {"dtype": "bool_", "shape": [p]}, "y": {"dtype": "float16", "shape": [k]}}}
+
+
+def snapshot(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out
+
+
+def test_seed_vit_spec_initializes_lazily(tmp_path):
+    store = init_store(tmp_path / "vit", VIT_SPEC)
+    size = sum(len(v) for v in snapshot(tmp_path / "vit").values())
+    assert size < 1_000_000, size
+    assert store.array("masks").shape == (200_000, 82944)
+    assert store.array("masks").chunks == (store.rows_per_chunk, 82944)
+    assert store.array(COMPLETED).chunks == (store.rows_per_chunk,)
+    assert store.completed_rows().sum() == 0
+    meta = open_store(tmp_path / "vit").meta
+    assert meta["spec"] == VIT_SPEC and meta["spec_sha256"] == Spec.from_dict(VIT_SPEC).sha256
+
+
+def test_block_write_read_round_trip(tmp_path, rng):
+    store = init_store(tmp_path / "s", small_spec(), rows_per_chunk=4, mask_seed=3, alpha=0.1)
+    assert [(b.start, b.stop) for b in store.blocks()] == [(0, 4), (4, 8), (8, 10)]
+    masks = rng.random((2, 6)) > 0.5
+    y = rng.normal(size=(2, 3)).astype(np.float16)
+    store.write_block(2, {"masks": masks, "y": y})
+    again = open_store(tmp_path / "s", read_only=True)
+    np.testing.assert_array_equal(again.read_block(2)["masks"], masks)
+    np.testing.assert_array_equal(again.read_block(2)["y"], y)
+    assert again.completed_rows().tolist() == [False] * 8 + [True] * 2
+    assert [b.index for b in again.pending_blocks()] == [0, 1]
+    assert again.mask_seed == 3 and again.alpha == 0.1
+    rows, data = next(again.iter_completed(["y"]))
+    assert rows.tolist() == [8, 9]
+    np.testing.assert_array_equal(data["y"], y)
+
+
+def test_write_block_checks_shapes(tmp_path):
+    store = init_store(tmp_path / "s", small_spec(), rows_per_chunk=4)
+    with pytest.raises(StoreError, match="shape"):
+        store.write_block(0, {"masks": np.ones((3, 6), bool), "y": np.ones((4, 3))})
+    with pytest.raises(StoreError, match="missing"):
+        store.write_block(0, {"masks": np.ones((4, 6), bool)})
+    assert store.completed_rows().sum() == 0
+
+
+def test_init_again_with_same_spec_is_a_no_op(tmp_path):
+    store = init_store(tmp_path / "s", small_spec(), rows_per_chunk=4)
+    store.write_block(0, {"masks": np.ones((4, 6), bool), "y": np.ones((4, 3))})
+    before = snapshot(tmp_path / "s")
+    init_store(tmp_path / "s", small_spec())
+    assert snapshot(tmp_path / "s") == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, spec, fragment",
+    [
+        ({}, small_spec(n=11), "another spec"),
+        ({"rows_per_chunk": 5}, small_spec(), "rows_per_chunk"),
+        ({"mask_seed": 9}, small_spec(), "mask_seed"),
+    ],
+)
+def test_init_with_other_settings_fails_and_changes_nothing(tmp_path, kwargs, spec, fragment):
+    init_store(tmp_path / "s", small_spec(), rows_per_chunk=4, mask_seed=1)
+    before = snapshot(tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match=fragment):
+        init_store(tmp_path / "s", spec, **kwargs)
+    assert snapshot(tmp_path / "s") == before
+
+
+def test_store_path_errors(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="coar-dask init"):
+        open_store(tmp_path / "missing")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        init_store(f, small_spec())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not empty"):
+        init_store(tmp_path / "full", small_spec())
+    assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
+
+
+@given(n=st.integers(1, 5000), rpc=st.integers(1, 700))
+@settings(max_examples=40, deadline=None)
+def test_blocks_tile_the_rows_exactly(tmp_path_factory, n, rpc):
+    store = init_store(tmp_path_factory.mktemp("s") / "s", small_spec(n=n), rows_per_chunk=rpc)
+    blocks = store.blocks()
+    rpc = store.rows_per_chunk
+    assert blocks[0].start == 0 and blocks[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    assert all(len(b) == rpc for b in blocks[:-1]) and 0 < len(blocks[-1]) <= rpc
+    rows = np.arange(n)
+    assert all(store.block_of_row(r) == r // rpc for r in rows[:: max(1, n // 50)])
+
+
+@given(st.integers(1, 10**6), st.integers(1, 200_000), st.integers(1, 10**5))
+def test_default_chunking_is_bounded(n, p, k):
+    spec = Spec.from_dict(small_spec(n=n, p=p, k=k))
+    rpc = default_rows_per_chunk(spec)
+    assert 1 <= rpc <= min(100, n)
+    assert rpc == 1 or rpc * max(p, 2 * k) <= 64 * 2**20
