@@ -1,0 +1,155 @@
+"""Build throughput on SLURM: 1 worker job against 2 worker jobs, same experiment.
+
+Uses the SLURM cluster this shell can reach (``sinfo`` answers, e.g. with
+``SLURM_CONF`` exported); otherwise starts the project's one-node harness
+(:mod:`coar_dask.testing.slurm`, needs root and Debian's slurm packages) for
+the run. Each measurement builds a fresh digits store of ``--rows`` rows with
+``dask_jobqueue.SLURMCluster`` scaled to N jobs of one single-threaded worker
+each; cluster start-up and the workers' first model load are not timed.
+
+    python benchmarks/slurm_scaling.py                 # table, ratio last
+    python benchmarks/slurm_scaling.py --json          # {"one_worker_models_per_s", ...}
+
+The acceptance bar of issue 4 is a speedup >= 1.8 with 2 workers. On a
+2-core machine the scheduler and this process share the cores with the
+workers, so other load on the machine shows up directly in the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_ROOT))
+    # ... and let the worker jobs (which inherit this environment) import it too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+@contextlib.contextmanager
+def reachable_slurm(queue: str | None) -> Iterator[dict[str, Any]]:
+    """Settings for jobs on a running SLURM cluster, starting the harness if none answers."""
+    from coar_dask.testing.slurm import local_slurm_cluster, slurm_is_reachable
+
+    if slurm_is_reachable():
+        yield {"queue": queue, "where": f"existing SLURM cluster (SLURM_CONF={os.environ.get('SLURM_CONF', '/etc/slurm')})"}
+        return
+    with local_slurm_cluster(gpus=2) as slurm:
+        yield {"queue": queue or slurm.partition, "interface": "lo", "where": f"local harness ({slurm.conf_path})"}
+
+
+def _warm(experiment: Any) -> int:
+    from coar_dask.experiment import load_state
+
+    return load_state(experiment).n_components
+
+
+def measure(
+    n_jobs: int,
+    experiment: Any,
+    *,
+    rows: int,
+    rows_per_block: int,
+    workdir: Path,
+    slurm: dict[str, Any],
+    cores: int = 1,
+    memory: str = "2GB",
+) -> dict[str, float]:
+    """Build one fresh store on ``n_jobs`` SLURM worker jobs; return seconds and models/s."""
+    from coar_dask.build import execute_plan, plan_build
+    from coar_dask.cluster import cluster_client
+    from coar_dask.evaluate import eval_store_for
+    from coar_dask.experiment import load_state
+
+    state = load_state(experiment)
+    store = eval_store_for(workdir / f"store-{n_jobs}", experiment, rows, state.n_components, state.n_examples,
+                           rows_per_chunk=rows_per_block)
+    settings = {k: v for k, v in slurm.items() if k != "where" and v is not None}
+    settings.setdefault("log_directory", str(workdir / "job-logs"))
+    t0 = time.perf_counter()
+    with cluster_client("slurm", jobs=n_jobs, cores=cores, memory=memory, walltime="01:00:00",
+                        dashboard_address=":0", **settings) as client:
+        client.wait_for_workers(n_jobs, timeout=300)
+        startup = time.perf_counter() - t0
+        client.run(_warm, experiment)  # model and examples loaded once per worker, untimed
+        plan = plan_build(store, experiment)
+        t0 = time.perf_counter()
+        report = execute_plan(plan, client)
+        seconds = time.perf_counter() - t0
+    if not store.completed_rows().all():
+        raise RuntimeError(f"the build on {n_jobs} job(s) left rows pending")
+    return {"jobs": n_jobs, "seconds": seconds, "models_per_s": report.rows_done / seconds, "startup_s": startup}
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import dask_jobqueue
+    import distributed
+    import torch
+
+    try:
+        slurm = subprocess.run(["sinfo", "-V"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        slurm = "?"
+    return {"python": platform.python_version(), "torch": torch.__version__, "dask": dask.__version__,
+            "distributed": distributed.__version__, "dask_jobqueue": dask_jobqueue.__version__, "slurm": slurm}
+
+
+def run(rows: int = 600, rows_per_block: int = 20, queue: str | None = None,
+        echo=print) -> dict[str, float]:
+    """Measure 1 then 2 workers; return the three figures of ``--json``."""
+    from coar_dask.experiment import load_state
+    from coar_dask.zoo import digits
+
+    digits.load_model()  # trained and cached once, before any worker needs it
+    experiment = digits.experiment()
+    state = load_state(experiment)
+    with tempfile.TemporaryDirectory(prefix="coar-slurm-bench-") as tmp, reachable_slurm(queue) as slurm:
+        echo(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; "
+             f"{' '.join(f'{k} {v}' for k, v in _versions().items())}")
+        echo(f"cluster: {slurm['where']}")
+        echo(f"work: digits, {rows} rows x {state.n_components} components x {state.n_examples} examples, "
+             f"{rows_per_block} rows per block ({-(-rows // rows_per_block)} tasks); 1 core per worker job")
+        results = []
+        for n in (1, 2):
+            r = measure(n, experiment, rows=rows, rows_per_block=rows_per_block, workdir=Path(tmp), slurm=slurm)
+            echo(f"  {n} worker job(s): {r['seconds']:7.2f} s  {r['models_per_s']:7.1f} models/s  "
+                 f"(cluster start {r['startup_s']:.1f} s, untimed)")
+            results.append(r)
+    one, two = results[0]["models_per_s"], results[1]["models_per_s"]
+    return {"one_worker_models_per_s": round(one, 2), "two_workers_models_per_s": round(two, 2),
+            "speedup": round(two / one, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=600, help="rows (ablated models) per build (default 600)")
+    parser.add_argument("--rows-per-block", type=int, default=20, help="rows per block/task (default 20)")
+    parser.add_argument("--queue", default=None, help="partition on an existing cluster")
+    parser.add_argument("--json", action="store_true", help="print only the JSON figures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    echo = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    figures = run(rows=args.rows, rows_per_block=args.rows_per_block, queue=args.queue, echo=echo)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"speedup (2 workers / 1 worker): {figures['speedup']:.2f}x "
+              f"({figures['two_workers_models_per_s']:.1f} / {figures['one_worker_models_per_s']:.1f} models/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
