@@ -55,7 +55,7 @@ _TOP_KEYS = {"model", "examples", "components", "output", "alpha", "mask_seed", 
 _FACTORY_KEYS = {"factory", "kwargs"}
 _COMPONENT_KEYS = {"include", "exclude", "kinds"}
 _ARRAY_KEYS = {"x_name", "y_name", "y_dtype"}
-_RUN_KEYS = {"batch_size", "device"}
+_RUN_KEYS = {"batch_size", "device", "masks_per_pass", "amp", "channels_last"}
 
 
 def _check_keys(data: Mapping[str, Any], valid: set[str], where: str) -> None:
@@ -116,6 +116,11 @@ class Experiment:
         Names of the mask and output arrays in the store, and the outputs' dtype.
     batch_size, device
         How to run (not part of the fingerprint).
+    masks_per_pass, amp, channels_last
+        How to run the ablations (not part of the fingerprint): masks evaluated
+        per forward pass (``None``: automatic, ``1``: one at a time; see
+        :func:`coar_dask.ablation.compute_outputs`), autocast (float16 on CUDA,
+        bfloat16 on CPU), and the ``channels_last`` memory format.
     """
 
     model: str
@@ -133,6 +138,9 @@ class Experiment:
     y_dtype: str = "float16"
     batch_size: int = 512
     device: str = "cpu"
+    masks_per_pass: int | None = None
+    amp: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         for name in ("model", "examples"):
@@ -153,6 +161,12 @@ class Experiment:
             raise ExperimentError(f"mask_seed must be a non-negative integer; found {self.mask_seed!r}.")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ExperimentError(f"batch_size must be a positive integer; found {self.batch_size!r}.")
+        mpp = self.masks_per_pass
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, int) or mpp <= 0):
+            raise ExperimentError(f"masks_per_pass must be a positive integer or null (automatic); found {mpp!r}.")
+        for name in ("amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExperimentError(f"{name} must be true or false; found {getattr(self, name)!r}.")
         get_output(self.output)
         if self.x_name == self.y_name:
             raise ExperimentError("x_name and y_name must differ.")
@@ -206,7 +220,8 @@ class Experiment:
             "alpha": self.alpha,
             "mask_seed": self.mask_seed,
             "arrays": {"x_name": self.x_name, "y_name": self.y_name, "y_dtype": self.y_dtype},
-            "run": {"batch_size": self.batch_size, "device": self.device},
+            "run": {"batch_size": self.batch_size, "device": self.device, "masks_per_pass": self.masks_per_pass,
+                    "amp": self.amp, "channels_last": self.channels_last},
         }
 
     @classmethod
