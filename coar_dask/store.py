@@ -167,11 +167,18 @@ class Store:
         done = self.completed_blocks()
         return [self.block(int(i)) for i in np.flatnonzero(~done)]
 
+    def chunk_path(self, name: str, index: int) -> Path:
+        """The file holding block ``index`` of array ``name`` (its zarr v3 chunk key)."""
+        arr = self.array(name)
+        coords = (int(index),) + (0,) * (len(arr.shape) - 1)
+        return self.path / name / arr.metadata.encode_chunk_key(coords)
+
     def write_block(self, index: int, data: Mapping[str, np.ndarray]) -> None:
         """Write every schema array of block ``index``, then mark it completed.
 
-        The completion flags are written last, so a block interrupted half way
-        is still pending and will be recomputed whole.
+        The completion flags are written last, and only once the block's data
+        chunks are on disk (fsync'ed), so a block interrupted half way -- by a
+        crash or a power loss -- is still pending and will be recomputed whole.
         """
         block = self.block(index)
         missing = set(self.spec.names) - set(data)
@@ -186,7 +193,9 @@ class Store:
                     f"block {index} of {name!r} must have shape {expected}; got {values.shape}."
                 )
             self._group[name][block.start : block.stop] = values.astype(a.np_dtype, copy=False)
+        _fsync([self.chunk_path(name, index) for name in self.spec.names])
         self._group[COMPLETED][block.start : block.stop] = True
+        _fsync([self.chunk_path(COMPLETED, index)])
 
     def read_block(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         block = self.block(index)
@@ -235,6 +244,32 @@ class Store:
             "experiment_fingerprint": self.experiment_fingerprint,
             "spec_sha256": self.spec.sha256,
         }
+
+
+def _fsync(paths: Sequence[Path]) -> None:
+    """Flush files and the directories holding them to disk.
+
+    zarr's local store writes each chunk to a temporary file and renames it
+    into place, which is atomic but not durable; the directory is synced too,
+    so that the rename itself survives a power loss.
+    """
+    dirs = set()
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a chunk equal to the fill value is not stored
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(path.parent)
+    for directory in dirs:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _is_store_dir(path: Path) -> bool:
