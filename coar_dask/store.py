@@ -392,6 +392,9 @@ def init_store(
     rpc = min(rpc, spec.num_models)
     group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
     n = spec.num_models
+    # zarr's default zstd, plus its frame checksum: a chunk whose bytes changed on
+    # disk then fails to decode instead of decoding into plausible numbers.
+    compressors = [zarr.codecs.ZstdCodec(level=0, checksum=True)]
     for a in spec.schema:
         group.create_array(
             a.name,
@@ -399,9 +402,11 @@ def init_store(
             chunks=(rpc, *a.shape),
             dtype=a.np_dtype,
             fill_value=0,
+            compressors=compressors,
             dimension_names=["row", *(f"{a.name}_{i}" for i in range(len(a.shape)))],
         )
-    group.create_array(COMPLETED, shape=(n,), chunks=(rpc,), dtype=bool, fill_value=False)
+    group.create_array(COMPLETED, shape=(n,), chunks=(rpc,), dtype=bool, fill_value=False,
+                       compressors=compressors)
     meta = {
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
