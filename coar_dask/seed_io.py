@@ -251,7 +251,7 @@ def add_import_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mark-all-completed", action="store_true",
                    help="mark every row completed (when there is no _completed.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.set_defaults(handler=run_import_npy)
+    p.set_defaults(func=run_import_npy)
     return p
 
 
@@ -277,7 +277,7 @@ def add_export_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", "--logging.logdir", dest="out", required=True, help="directory to write")
     p.add_argument("--names", nargs="+", default=None, help="arrays to export (default all)")
     p.add_argument("--overwrite", action="store_true", help="replace existing .npy files")
-    p.set_defaults(handler=run_export_npy)
+    p.set_defaults(func=run_export_npy)
     return p
 
 

@@ -121,9 +121,9 @@ def test_cli_glue(tmp_path, capsys):
     add_import_npy_parser(sub)
     add_export_npy_parser(sub)
     args = parser.parse_args(["import-npy", str(d), "--cfg.data_dir", str(tmp_path / "st"), "--rows-per-chunk", "40"])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     assert open_store(tmp_path / "st").rows_per_chunk == 40
     args = parser.parse_args(["export-npy", "--store", str(tmp_path / "st"), "--logging.logdir", str(tmp_path / "o")])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "masks.npy"), masks)
     assert "masks.npy" in capsys.readouterr().out

@@ -1,0 +1,296 @@
+"""``python -m coar_dask.run_regression``: the seed's regression command, on CPU or GPU.
+
+Same flags and YAML as the research code's ``run_regression.py``::
+
+    python -m coar_dask.run_regression --config regression_config.yaml \\
+        --data.data_path $STORE_DIR/component_datasets.beton \\
+        --cfg.out_dir $STORE_DIR/coar_attributions.pt
+
+``data.data_path`` is a ``.beton`` (read through FFCV, see
+:class:`coar_dask.beton.BetonRows`) or a zarr store (its completed rows in
+order, i.e. the rows a ``.beton`` of it holds). As in the seed, the fit uses
+the first ``data.num_train + data.num_val`` rows (the seed's final refit on
+train + validation), the columns ``data.target_start_ind:target_end_ind``,
+and writes ``{weight, bias, lam}`` (+ ``metadata``) to
+``<cfg.out_dir>/datamodels.pt`` -- ``cfg.out_dir`` is a directory, as in the
+seed, even when it is named ``*.pt``.
+
+The fit is exact least squares with an intercept: what the seed's configs
+(``k: 1``, ``manual_max_lambda: 0``) ask SAGA to approximate. The SAGA
+settings (``cfg.lr``, ``early_stopping.*``) are reported as unused; options
+that need the lasso path (``k > 1``, ``manual_max_lambda != 0``) or no
+intercept (``use_bias: 0``) stop with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._version import __version__
+from .errors import CoarError, ConfigError, RegressionError
+from .seed_config import KNOWN_KEYS, SeedRegressionConfig, load_regression_config
+
+__all__ = [
+    "build_parser",
+    "add_run_regression_parser",
+    "open_rows",
+    "fit_rows",
+    "run_regression",
+    "run",
+    "main",
+    "OUT_FILE",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File name the seed writes inside ``cfg.out_dir``.
+OUT_FILE = "datamodels.pt"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-C", "--config-file", "--config", action="append", default=[], dest="config_files",
+                   help="the seed's regression YAML (repeatable; later files win)")
+    for key in KNOWN_KEYS:
+        p.add_argument(f"--{key}", dest=key, default=None, metavar="VALUE",
+                       help=argparse.SUPPRESS if key not in ("data.data_path", "cfg.out_dir") else
+                       ("a .beton or a zarr store" if key == "data.data_path" else
+                        "output directory; the attributions go to <out_dir>/datamodels.pt"))
+    p.add_argument("--x-name", default=None, help="mask array, when data_path is a zarr store")
+    p.add_argument("--y-name", default=None, help="output array, when data_path is a zarr store")
+    p.add_argument("--device", default=None, help="solver device: cpu (default) or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <out_dir>/datamodels.pt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m coar_dask.run_regression``."""
+    p = argparse.ArgumentParser(
+        prog="python -m coar_dask.run_regression",
+        description="Fit attributions from a .beton or a store with the seed's regression YAML.",
+        epilog="Every key of the YAML is also a flag: --data.num_train N, --cfg.batch_size B, ...",
+    )
+    _add_arguments(p)
+    return p
+
+
+def add_run_regression_parser(subparsers: Any, name: str = "run-regression") -> argparse.ArgumentParser:
+    """Register ``run-regression`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
+    p = subparsers.add_parser(
+        name,
+        help="the seed's run_regression command (--config YAML, --data.data_path, --cfg.out_dir)",
+        description="Fit attributions from a .beton or a store with the seed's regression YAML.",
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+# --------------------------------------------------------------------------
+# The work, callable from Python
+# --------------------------------------------------------------------------
+def _check_supported(cfg: SeedRegressionConfig) -> str:
+    """The solver for these settings, or a ConfigError that says what to set."""
+    if cfg.use_bias != 1:
+        raise ConfigError(
+            f"cfg.use_bias={cfg.use_bias}: fitting without an intercept is not supported yet; "
+            f"set cfg.use_bias: 1."
+        )
+    if cfg.k != 1 or cfg.manual_max_lambda != 0:
+        raise ConfigError(
+            f"cfg.k={cfg.k}, cfg.manual_max_lambda={cfg.manual_max_lambda}: a lasso path "
+            f"(k > 1, or lambda from the data when manual_max_lambda is -1) is not supported "
+            f"yet. coar_dask fits the plain least squares that the seed's configs ask for; set "
+            f"cfg.k: 1 and cfg.manual_max_lambda: 0."
+        )
+    return "lstsq"
+
+
+def _split(n: int, cfg: SeedRegressionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the train and validation rows: the seed's ``range(num_train)``
+    and ``range(num_train, num_train + num_val)``; all rows when neither is set."""
+    if cfg.num_train is None and cfg.num_val is None:
+        return np.arange(n), np.arange(0)
+    num_val = cfg.num_val or 0
+    num_train = n - num_val if cfg.num_train is None else cfg.num_train
+    if num_train <= 0:
+        raise ConfigError(f"data.num_train must be positive; found {num_train}.")
+    return np.arange(num_train), np.arange(num_train, num_train + num_val)
+
+
+def open_rows(
+    cfg: SeedRegressionConfig,
+    *,
+    x_name: str | None = None,
+    y_name: str | None = None,
+) -> tuple[Any, Any]:
+    """The train and validation row sources of ``cfg.data_path``.
+
+    Train rows are the first ``num_train`` rows, validation rows the next
+    ``num_val`` (as the seed's ``make_loaders``). A ``.beton`` gives
+    :class:`~coar_dask.beton.BetonRows`; a zarr store gives
+    :class:`~coar_dask.regression.StoreRows` over its completed rows in row
+    order (the rows a ``.beton`` of the store holds, in the same order).
+
+    Returns
+    -------
+    tuple
+        ``(train, val)``; ``val`` is ``None`` when ``num_val`` is 0.
+    """
+    cfg.require("data.data_path")
+    path = Path(cfg.data_path)
+    end = cfg.target_end_ind
+    if path.is_file():
+        from .beton import BetonRows, inspect_beton
+
+        n = inspect_beton(path).n_rows
+        where = f"{str(path)!r} has only {n} rows; lower them or write more rows into the .beton"
+
+        def make(rows: np.ndarray) -> Any:
+            return BetonRows(path, rows=rows, target_slice=(cfg.target_start_ind, end),
+                             batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 4))
+    else:
+        from .regression import StoreRows, infer_names
+        from .store import open_store
+
+        if path.is_dir() and not (path / "zarr.json").exists() and any(path.glob("*.npy")):
+            raise ConfigError(
+                f"{str(path)!r} is a seed store directory of .npy files; convert it first with "
+                f"`python -m coar_dask.write_dataset --cfg.data_dir {path} --cfg.out_path "
+                f"{path}/component_datasets.beton --cfg.y_name NAME` or `coar-dask import-npy`."
+            )
+        store = open_store(path, read_only=True)
+        x_name, y_name = infer_names(store, x_name, y_name)
+        completed = np.flatnonzero(store.completed_rows())
+        n = completed.size
+        where = f"store {str(path)!r} has only {n} completed rows; lower them or build more rows"
+        k = int(np.prod(store.spec[y_name].shape))
+
+        def make(rows: np.ndarray) -> Any:
+            return StoreRows(store, completed[rows], x_name, y_name,
+                             (cfg.target_start_ind, k if end == -1 else end))
+    train, val = _split(n, cfg)
+    if train.size + val.size > n:
+        raise RegressionError(
+            f"data.num_train + data.num_val = {train.size + val.size} rows, but {where}."
+        )
+    return make(train), (make(val) if val.size else None)
+
+
+def fit_rows(train: Any, val: Any = None, *, solver: str = "lstsq", device: str | None = None,
+             metadata: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Fit row sources with a registered solver -> :class:`~coar_dask.regression.Attributions`.
+
+    As the seed's final refit does, the weights are fitted on the train and
+    validation rows together (with the seed's ``k: 1, manual_max_lambda: 0``
+    the validation rows choose nothing). Held-out quality is measured with
+    ``coar-dask evaluate`` on fresh masks. This is the one place this module
+    calls the regression API.
+    """
+    from .regression import SIGN_CONVENTION, Attributions
+    from .solvers import get_solver
+
+    rows = train if val is None else _Concat(train, val)
+    result = get_solver(solver)(rows, None, device=device, **options)
+    meta = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list))}
+    meta.update({
+        "package_version": __version__,
+        "solver": solver,
+        "n_train": int(train.n_rows),
+        "n_val": 0 if val is None else int(val.n_rows),
+        "n_fit": int(rows.n_rows),
+        "sign_convention": SIGN_CONVENTION,
+        **(metadata or {}),
+    })
+    return Attributions(result.weight, result.bias, result.lam, meta)
+
+
+class _Concat:
+    """Row sources read one after the other (train, then validation rows)."""
+
+    def __init__(self, *sources: Any):
+        self.sources = sources
+        self.n_rows = sum(s.n_rows for s in sources)
+        self.n_features = sources[0].n_features
+        self.n_targets = sources[0].n_targets
+
+    def blocks(self) -> Any:
+        for s in self.sources:
+            yield from s.blocks()
+
+
+def run_regression(
+    cfg: SeedRegressionConfig,
+    *,
+    x_name: str | None = None,
+    y_name: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Any, Path]:
+    """Run the seed's regression on ``cfg``; return the attributions and the file written.
+
+    Raises
+    ------
+    ConfigError
+        When required settings are missing or need a solver not available yet.
+    """
+    cfg.require("data.data_path", "cfg.out_dir")
+    solver = _check_supported(cfg)
+    out = Path(cfg.out_dir) / OUT_FILE
+    if out.exists() and not overwrite:
+        raise ConfigError(
+            f"{str(out)!r} exists; choose another --cfg.out_dir or pass --overwrite."
+        )
+    train, val = open_rows(cfg, x_name=x_name, y_name=y_name)
+    logger.info("fitting %s on %d + %d rows x %d components -> %d targets", solver, train.n_rows,
+                0 if val is None else val.n_rows, train.n_features, train.n_targets)
+    meta = {
+        "data_path": str(Path(cfg.data_path).resolve()),
+        "num_train": cfg.num_train,
+        "num_val": cfg.num_val,
+        "target_slice": list(train.target_slice),
+        "seed_config": {k: v for k, v in cfg.values.items() if isinstance(v, (int, float, str, bool))},
+        "seed_config_unused": list(cfg.unused),
+        "seed_config_unknown": list(cfg.unknown),
+    }
+    meta = {k: v for k, v in meta.items() if v is not None}
+    attrs = fit_rows(train, val, solver=solver, device=device, metadata=meta)
+    attrs.save(out)
+    return attrs, out
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Handler: read the YAML and flags, fit, save; print where."""
+    overrides = {key: getattr(args, key) for key in KNOWN_KEYS}
+    cfg = load_regression_config(args.config_files, overrides)
+    t0 = time.perf_counter()
+    attrs, out = run_regression(
+        cfg, x_name=args.x_name, y_name=args.y_name, device=args.device, overwrite=args.overwrite
+    )
+    print(
+        f"wrote attributions ({attrs.weight.shape[0]} components x {attrs.weight.shape[1]} examples, "
+        f"fitted on {attrs.metadata.get('n_fit')} rows) to {out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m coar_dask.run_regression``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CoarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The seed's regression YAML (``regression_config.yaml``), read without fastargs.
+
+The research code configures ``run_regression.py`` with a YAML file of three
+sections, overridable by dotted command-line flags::
+
+    data:
+      data_path: ~            # the .beton (here: a .beton or a zarr store)
+      num_train: 45000
+      num_val: 5000
+    cfg:
+      out_dir: ~
+      num_workers: 8
+      k: 1
+      batch_size: 2500
+      lr: 1e-3
+      eps: 1e-4
+      true_random: true
+      manual_max_lambda: 0
+    early_stopping:
+      check_every: 3
+      eps: 1e-10
+
+:func:`load_regression_config` reads such files (``yaml.safe_load``; values
+typed like fastargs does, so ``1e-3`` is a float), applies overrides, and
+returns a frozen :class:`SeedRegressionConfig`. Keys this package does not
+use -- the SAGA step size and stopping rule, unknown keys such as
+``true_random`` -- are not dropped silently: a :class:`SeedConfigWarning`
+lists them, and the config keeps them in ``unused``/``unknown``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError
+
+__all__ = [
+    "SeedRegressionConfig",
+    "SeedConfigWarning",
+    "load_regression_config",
+    "flatten",
+    "describe_ignored",
+    "read_config_files",
+    "KNOWN_KEYS",
+    "UNUSED_KEYS",
+]
+
+
+class SeedConfigWarning(UserWarning):
+    """A seed config has keys that this package reads but does not act on, or does not know."""
+
+
+#: Every key of the seed's ``run_regression.py`` (dotted) -> (type, default).
+#: ``None`` defaults are the seed's required keys.
+KNOWN_KEYS: dict[str, tuple[type, Any]] = {
+    "data.data_path": (str, None),
+    "data.num_train": (int, None),
+    "data.num_val": (int, None),
+    "data.seed": (int, None),
+    "data.target_start_ind": (int, 0),
+    "data.target_end_ind": (int, -1),
+    "cfg.k": (int, None),
+    "cfg.lr": (float, 0.01),
+    "cfg.eps": (float, 1e-5),
+    "cfg.batch_size": (int, None),
+    "cfg.out_dir": (str, None),
+    "cfg.num_workers": (int, 16),
+    "cfg.use_bias": (int, 1),
+    "cfg.manual_max_lambda": (float, -1.0),
+    "early_stopping.check_every": (int, 2),
+    "early_stopping.eps": (float, 1e-5),
+}
+
+#: Known keys the exact least-squares fit does not act on, and why.
+UNUSED_KEYS: dict[str, str] = {
+    "data.seed": "unused by the seed as well",
+    "cfg.lr": "SAGA step size; the exact least-squares solver has none",
+    "cfg.eps": "lambda-path ratio; with k = 1 there is no path",
+    "early_stopping.check_every": "SAGA early stopping; the exact solver needs none",
+    "early_stopping.eps": "SAGA early stopping; the exact solver needs none",
+}
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"cfg": {"k": 1}}`` -> ``{"cfg.k": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(key: str, kind: type, value: Any, source: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if kind is int:
+            if isinstance(value, bool):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                text = value.strip().lower()
+                if text in ("true", "false"):
+                    return int(text == "true")
+                as_float = float(text)
+                if not as_float.is_integer():
+                    raise ValueError
+                return int(as_float)
+            if isinstance(value, int):
+                return value
+            raise ValueError
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(
+        f"{key} in {source} must be {'an integer' if kind is int else 'a number' if kind is float else 'a string'}; "
+        f"found {value!r}."
+    )
+
+
+@dataclass(frozen=True)
+class SeedRegressionConfig:
+    """The seed's regression settings, typed.
+
+    Attributes mirror the dotted keys (``data.num_train`` -> ``num_train``,
+    ``early_stopping.eps`` -> ``early_stopping_eps``). ``unused`` lists the
+    known keys that were set but are not acted on, ``unknown`` the keys the
+    seed does not define either; ``values`` holds every key as given.
+    """
+
+    data_path: str | None = None
+    num_train: int | None = None
+    num_val: int | None = None
+    seed: int | None = None
+    target_start_ind: int = 0
+    target_end_ind: int = -1
+    k: int | None = None
+    lr: float = 0.01
+    eps: float = 1e-5
+    batch_size: int | None = None
+    out_dir: str | None = None
+    num_workers: int = 16
+    use_bias: int = 1
+    manual_max_lambda: float = -1.0
+    early_stopping_check_every: int = 2
+    early_stopping_eps: float = 1e-5
+    unused: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        minimum = {"num_train": 0, "num_val": 0, "k": 1, "batch_size": 1, "num_workers": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{_dotted(name)} must be >= {low}; found {value}.")
+        if self.target_start_ind < 0:
+            raise ConfigError(f"data.target_start_ind must be >= 0; found {self.target_start_ind}.")
+        if self.target_end_ind != -1 and self.target_end_ind <= self.target_start_ind:
+            raise ConfigError(
+                f"data.target_end_ind ({self.target_end_ind}) must be greater than "
+                f"data.target_start_ind ({self.target_start_ind}), or -1 for all targets."
+            )
+
+    @property
+    def target_slice(self) -> tuple[int, int]:
+        """``(target_start_ind, target_end_ind)``; ``-1`` means to the end."""
+        return self.target_start_ind, self.target_end_ind
+
+    def require(self, *keys: str) -> None:
+        """Raise :class:`ConfigError` naming the flag for each missing key."""
+        missing = [k for k in keys if getattr(self, _attr(k)) is None]
+        if missing:
+            raise ConfigError(
+                f"missing required settings {missing}: set them in the YAML config or pass "
+                + " ".join(f"--{k} VALUE" for k in missing)
+                + "."
+            )
+
+
+def _attr(key: str) -> str:
+    section, _, name = key.partition(".")
+    return f"early_stopping_{name}" if section == "early_stopping" else name
+
+
+def _dotted(attr: str) -> str:
+    for key in KNOWN_KEYS:
+        if _attr(key) == attr:
+            return key
+    return attr
+
+
+def load_regression_config(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] = (),
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    warn: bool = True,
+) -> SeedRegressionConfig:
+    """Read the seed's regression YAML file(s) and dotted overrides.
+
+    Later files override earlier ones and ``overrides`` (``{"cfg.out_dir":
+    ...}``; ``None`` values are ignored) override the files, as with
+    fastargs' ``--config-file`` and ``--section.key`` flags.
+
+    Parameters
+    ----------
+    paths
+        YAML (or JSON) files.
+    overrides
+        Dotted keys from the command line.
+    warn
+        Emit a :class:`SeedConfigWarning` listing unused and unknown keys.
+
+    Examples
+    --------
+    >>> cfg = load_regression_config("regression_config.yaml",
+    ...                              {"data.data_path": "ds.beton"})  # doctest: +SKIP
+    >>> cfg.num_train, cfg.k, cfg.unknown                               # doctest: +SKIP
+    (45000, 1, ('cfg.true_random',))
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for p in paths:
+        for key, value in read_config_files([p]).items():
+            merged[key] = value
+            origin[key] = f"config file {str(p)!r}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+            origin[key] = f"--{key}"
+
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in merged.items():
+        if key in KNOWN_KEYS:
+            kind, _ = KNOWN_KEYS[key]
+            kwargs[_attr(key)] = _coerce(key, kind, value, origin[key])
+        else:
+            unknown.append(key)
+    for key, (_, default) in KNOWN_KEYS.items():
+        if kwargs.get(_attr(key)) is None and default is not None:
+            kwargs[_attr(key)] = default
+    unused = sorted(k for k in UNUSED_KEYS if k in merged and merged[k] is not None)
+    cfg = SeedRegressionConfig(
+        **kwargs, unused=tuple(unused), unknown=tuple(sorted(unknown)), values=dict(merged)
+    )
+    if warn and (cfg.unused or cfg.unknown):
+        warnings.warn(describe_ignored(cfg), SeedConfigWarning, stacklevel=2)
+    return cfg
+
+
+def describe_ignored(cfg: SeedRegressionConfig) -> str:
+    """One message naming the keys that are read but not acted on."""
+    parts = []
+    if cfg.unused:
+        parts.append(
+            "settings not used by coar_dask's exact least-squares fit: "
+            + "; ".join(f"{k}={getattr(cfg, _attr(k))!r} ({UNUSED_KEYS[k]})" for k in cfg.unused)
+        )
+    if cfg.unknown:
+        parts.append(
+            "unknown keys, ignored (the seed's run_regression.py does not define them either): "
+            + ", ".join(f"{k}={cfg.values.get(k)!r}" for k in cfg.unknown)
+        )
+    return "; ".join(parts) + "."
+
+
+def read_config_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Flattened ``{dotted key: value}`` of YAML/JSON config files, later files winning
+    (the seed's ``--config-file``/``-C``, accepted by every seed command)."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path.")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold sections such as 'data:' and 'cfg:'; "
+                f"found a {type(data).__name__}."
+            )
+        merged.update(flatten(data))
+    return merged
