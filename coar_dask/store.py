@@ -153,7 +153,14 @@ class Store:
 
     def completed_rows(self) -> np.ndarray:
         """Bool array of shape (num_models,): True where a row is completed."""
-        return np.asarray(self._group[COMPLETED][:], dtype=bool)
+        try:
+            return np.asarray(self._group[COMPLETED][:], dtype=bool)
+        except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise various errors on damaged chunks
+            raise StoreError(
+                f"the completion flags of store {str(self.path)!r} cannot be read ({type(exc).__name__}: "
+                f"{exc}): a chunk file is damaged. Run `coar-dask verify {self.path}` to find the block, "
+                f"then `coar-dask repair {self.path}` to mark it pending."
+            ) from None
 
     def completed_blocks(self) -> np.ndarray:
         """Bool array of shape (n_blocks,): True where every row of a block is done."""
