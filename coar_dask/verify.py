@@ -237,10 +237,7 @@ class VerifyReport:
 
 
 def _chunk_file(store: Store, name: str, block: int) -> Path:
-    """The file holding block ``block`` of array ``name`` (zarr v3 chunk key)."""
-    arr = store.array(name)
-    coords = (block,) + (0,) * (len(arr.shape) - 1)
-    return store.path / name / arr.metadata.encode_chunk_key(coords)
+    return store.chunk_path(name, block)
 
 
 def _check_metadata(store: Store) -> tuple[list[Problem], list[str], dict[str, Any]]:
