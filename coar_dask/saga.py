@@ -1,0 +1,773 @@
+"""fast_l1's SAGA lasso path, re-implemented in torch for any device; and a bridge to fast_l1 itself.
+
+The seed fits attributions with fast_l1 (MadryLab), a CUDA-only SAGA solver
+for L1-regularised least squares. :func:`saga` is the same algorithm in plain
+torch, on CPU or GPU:
+
+1. Standardise the features with the training rows' mean and (population)
+   standard deviation; constant features are held at zero.
+2. For each target k, ``lambda_max[k] = max_j |Xs_j^T (y_k - mean y_k)| / n``
+   (the smallest penalty whose lasso solution is all zero) unless a penalty is
+   given (the seed's ``manual_max_lambda``; its configs use 0, i.e. plain
+   least squares).
+3. Minimise ``1/(2n) ||Xs w + b - y||^2 + lam ||w||_1`` by mini-batch SAGA
+   with a proximal (soft-threshold) step, per target, along the geometric
+   path ``lam_max * eps^(i/k)``, ``i = 0..k-1``. Every ``early_stop_every``
+   epochs a target whose weights moved less than ``early_stop_eps`` in the
+   last epoch (``max_j sd_j^2 dw_j^2``, fast_l1's glmnet-style criterion)
+   counts one lambda done, its validation MSE is recorded, and it moves to the
+   next lambda; it stops after ``k`` lambdas, or once its validation MSE got
+   worse after at least ``min_lambdas`` lambdas.
+4. Refit on train + validation rows at each target's best lambda, warm
+   started from the best path weights.
+5. Return weights in mask units (``prediction = mask @ weight + bias``).
+
+Differences from fast_l1, on purpose: ``lambda_max`` is computed on the
+standardised features the path is solved on (fast_l1 uses the raw masks,
+which starts the path ``sd_j`` times lower); the refit warm-starts from the
+best weights rather than the last ones; a target left without a converged
+lambda after ``max_epochs`` keeps its current weights and is reported.
+
+Memory: SAGA keeps the last residual of every row and target, a table of
+``n x K`` float32 (45,000 x 10,000 is 1.8 GB). It is the only state that grows
+with the rows, and it stays in host memory (pinned when the device is CUDA),
+or in a memory-mapped temporary file when larger than ``max_table_bytes``:
+never on the GPU. Everything else is ``O(P K)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import MissingDependencyError, RegressionError
+from .solvers import (
+    ConcatRows,
+    ProgressFn,
+    RowSource,
+    SolverResult,
+    _Moments,
+    _report,
+    _threads_for,
+    batch_rows_for,
+    iter_batches,
+)
+
+__all__ = ["SagaConfig", "saga", "fast_l1", "table_nbytes", "lambda_path"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest SAGA table kept in RAM by ``table="auto"``; larger ones are memory-mapped files.
+MAX_TABLE_BYTES = 4 * 2**30
+#: Rows are cached in RAM between epochs (like FFCV's ``os_cache``) when they take less than this.
+CACHE_BYTES = 2**30
+
+
+@dataclass(frozen=True)
+class SagaConfig:
+    """Settings of :func:`saga` (the seed's regression config, under clearer names).
+
+    Parameters
+    ----------
+    lr
+        Step size (seed: ``cfg.lr``; 1e-3 for CIFAR, 5e-4 for ViT).
+    k
+        Number of penalties on the path (seed: ``cfg.k``).
+    eps
+        Smallest / largest penalty on the path (seed: ``cfg.eps``).
+    max_lambda
+        Largest penalty (seed: ``cfg.manual_max_lambda``): a number for every
+        target, ``"auto"`` for each target's ``lambda_max``, or ``None``
+        (default) for the seed's behaviour: 0 (plain least squares) when
+        ``k == 1``, ``lambda_max`` otherwise.
+    batch_size
+        Rows per SAGA step (seed: ``cfg.batch_size``); default
+        ``min(n, 2500)``.
+    early_stop_every, early_stop_eps
+        Check frequency in epochs and weight-change tolerance (seed:
+        ``early_stopping.check_every`` = 3 and ``early_stopping.eps`` = 1e-10).
+    min_lambdas
+        Lambdas tried before a worse validation MSE may stop a target's path
+        (fast_l1's ``min_lams_to_try``).
+    max_epochs
+        Epochs per stage (path, refit) after which unfinished targets stop.
+    refit
+        Refit on train + validation rows at the chosen penalties (the seed does).
+    seed
+        Seed of the row order of each epoch.
+    table
+        Where the ``n x K`` table lives: ``"memory"``, ``"disk"`` (a
+        memory-mapped file in ``table_dir``) or ``"auto"``.
+    """
+
+    lr: float = 1e-3
+    k: int = 1
+    eps: float = 1e-4
+    max_lambda: float | str | None = None
+    batch_size: int | None = None
+    early_stop_every: int = 3
+    early_stop_eps: float = 1e-10
+    min_lambdas: int = 10
+    max_epochs: int = 1000
+    refit: bool = True
+    seed: int = 0
+    table: str = "auto"
+    table_dir: str | None = None
+    max_table_bytes: int = MAX_TABLE_BYTES
+    cache_bytes: int = CACHE_BYTES
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> RegressionError:
+            return RegressionError(f"saga option {name}={getattr(self, name)!r}: expected {expected}.")
+
+        if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a step size > 0, e.g. 1e-3 (the seed's CIFAR config)")
+        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
+            raise bad("k", "an integer >= 1 (number of penalties on the path)")
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
+            raise bad("eps", "a ratio 0 < eps <= 1 of the smallest to the largest penalty, e.g. 1e-4")
+        if self.max_lambda is not None and self.max_lambda != "auto":
+            try:
+                value = float(self.max_lambda)
+            except (TypeError, ValueError):
+                raise bad("max_lambda", "a number >= 0, 'auto' or None") from None
+            if not (np.isfinite(value) and value >= 0):
+                raise bad("max_lambda", "a number >= 0, 'auto' or None")
+        if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
+            raise bad("batch_size", "a positive number of rows, e.g. 2500")
+        for name in ("early_stop_every", "max_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise bad(name, "an integer >= 1")
+        if not isinstance(self.min_lambdas, (int, np.integer)) or self.min_lambdas < 0:
+            raise bad("min_lambdas", "an integer >= 0")
+        if not (isinstance(self.early_stop_eps, (int, float)) and self.early_stop_eps > 0):
+            raise bad("early_stop_eps", "a tolerance > 0, e.g. 1e-10 (the seed's)")
+        if self.table not in ("auto", "memory", "disk"):
+            raise bad("table", "'auto', 'memory' or 'disk'")
+
+    @property
+    def lam_decay(self) -> float:
+        """Ratio of consecutive penalties on the path: ``eps ** (1 / k)``."""
+        return float(np.exp(np.log(self.eps) / self.k))
+
+    def start_mode(self) -> str | float:
+        """``"auto"`` (lambda_max per target) or a fixed first penalty."""
+        if self.max_lambda is None:
+            return 0.0 if self.k == 1 else "auto"
+        return "auto" if self.max_lambda == "auto" else float(self.max_lambda)
+
+
+def lambda_path(lambda_max: float, k: int, eps: float) -> np.ndarray:
+    """The ``k`` penalties the path visits: ``lambda_max * eps ** (i / k)``, ``i = 0..k-1``.
+
+    Like fast_l1, the smallest visited is ``eps ** ((k-1)/k)`` of the largest.
+
+    >>> lambda_path(1.0, 3, 1e-3).round(6).tolist()
+    [1.0, 0.1, 0.01]
+    """
+    decay = np.exp(np.log(eps) / k)
+    return float(lambda_max) * decay ** np.arange(k)
+
+
+def table_nbytes(n_rows: int, n_targets: int) -> int:
+    """Bytes of SAGA's residual table: ``n_rows x n_targets`` float32.
+
+    >>> table_nbytes(45_000, 10_000) / 1e9
+    1.8
+    """
+    return 4 * int(n_rows) * int(n_targets)
+
+
+# --------------------------------------------------------------------------
+# Data: batches of rows with their positions, every epoch
+# --------------------------------------------------------------------------
+class _Rows:
+    """The rows of a source as torch batches ``(positions, X, Y)`` of exactly
+    ``batch_size`` rows (the last batch of an epoch may be smaller).
+
+    Small sources are cached in RAM (masks as bool) and visited in a fresh
+    random order every epoch, like FFCV's ``OrderOption.RANDOM``; larger ones
+    are streamed in source order and shuffled within a window of
+    ``4 * batch_size`` rows or more.
+    """
+
+    def __init__(self, source: RowSource, batch_size: int, *, seed: int, cache_bytes: int):
+        import torch
+
+        self.source = source
+        self.n = int(source.n_rows)
+        self.P, self.K = int(source.n_features), int(source.n_targets)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.window = max(4 * self.batch_size, batch_rows_for(self.P, self.K))
+        self.cached = self.n * (self.P + 4 * self.K) <= cache_bytes
+        self.X = self.Y = None
+        if self.cached:
+            xs, ys, binary = [], [], True
+            for x, y in iter_batches(source):
+                binary = binary and bool(np.isin(x, (0, 1)).all())
+                xs.append(torch.from_numpy(np.ascontiguousarray(x)))
+                ys.append(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)))
+            X = torch.cat(xs) if xs else torch.zeros(0, self.P)
+            self.X = X.bool() if binary else X.float()
+            self.Y = torch.cat(ys) if ys else torch.zeros(0, self.K)
+            if self.X.shape[0] != self.n:
+                raise RegressionError(f"the row source said {self.n} rows but yielded {self.X.shape[0]}.")
+
+    def batches(self, epoch: int | None) -> Iterator[tuple[Any, Any, Any]]:
+        """Batches of epoch ``epoch`` (shuffled); ``None``: in order, unshuffled."""
+        import torch
+
+        B = self.batch_size
+        rng = None if epoch is None else np.random.default_rng([self.seed, int(epoch)])
+        if self.cached:
+            order = torch.arange(self.n) if rng is None else torch.from_numpy(rng.permutation(self.n))
+            for i in range(0, self.n, B):
+                idx = order[i : i + B]
+                yield idx, self.X[idx], self.Y[idx]
+            return
+        offset = 0
+        carry: tuple[Any, Any, Any] | None = None
+        for x, y in iter_batches(self.source, self.window):
+            pos = torch.arange(offset, offset + x.shape[0])
+            offset += x.shape[0]
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+            if carry is not None:
+                pos, xt, yt = torch.cat([carry[0], pos]), torch.cat([carry[1], xt]), torch.cat([carry[2], yt])
+            if rng is not None:
+                perm = torch.from_numpy(rng.permutation(pos.shape[0]))
+                pos, xt, yt = pos[perm], xt[perm], yt[perm]
+            full = (pos.shape[0] // B) * B
+            for i in range(0, full, B):
+                yield pos[i : i + B], xt[i : i + B], yt[i : i + B]
+            carry = (pos[full:], xt[full:], yt[full:]) if full < pos.shape[0] else None
+        if offset != self.n:
+            raise RegressionError(f"the row source said {self.n} rows but yielded {offset}.")
+        if carry is not None:
+            yield carry
+
+
+def _make_table(n: int, K: int, cfg: SagaConfig, dev: Any) -> tuple[Any, Any]:
+    """The zeroed ``n x K`` float32 residual table in host memory (or a memory-mapped file),
+    and the temporary directory to clean up (or ``None``)."""
+    import torch
+
+    nbytes = table_nbytes(n, K)
+    where = cfg.table if cfg.table != "auto" else ("memory" if nbytes <= cfg.max_table_bytes else "disk")
+    if where == "memory":
+        pin = dev.type == "cuda"
+        table = torch.zeros(n, K, dtype=torch.float32, pin_memory=pin)
+        logger.info("SAGA gradient table: %d rows x %d targets float32 = %.1f MiB in host memory%s",
+                    n, K, nbytes / 2**20, " (pinned)" if pin else "")
+        return table, None
+    tmp = tempfile.TemporaryDirectory(prefix="coar-dask-saga-", dir=cfg.table_dir)
+    path = os.path.join(tmp.name, "table.f32")
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, K))
+    logger.info("SAGA gradient table: %d rows x %d targets float32 = %.1f MiB, memory-mapped at %s",
+                n, K, nbytes / 2**20, path)
+    return torch.from_numpy(mm), (tmp, mm)
+
+
+# --------------------------------------------------------------------------
+# The solver
+# --------------------------------------------------------------------------
+class _Standardiser:
+    """Mean and population standard deviation of the features (and, on demand, lambda_max)."""
+
+    def __init__(self, source: RowSource, dev: Any, need_lambda_max: bool, progress: ProgressFn | None):
+        import torch
+
+        m = _Moments(source.n_features, source.n_targets, dev, gram=False, xy=need_lambda_max)
+        total = int(source.n_rows)
+        for x, y in iter_batches(source):
+            m.update(x, y)
+            _report(progress, "moments", m.n, total, f"{m.n}/{total} rows")
+        if m.n == 0:
+            raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
+        self.n = m.n
+        mu = m.sx / m.n
+        var = torch.clamp(m.dxx / m.n - mu**2, min=0)
+        sd = torch.sqrt(var)
+        ok = sd > 1e-12 * max(float(sd.max()), 1e-300) if sd.numel() else sd > 0
+        self.mu = mu.float()
+        self.sd = torch.where(ok, sd, torch.zeros_like(sd)).float()
+        self.inv_sd = torch.where(ok, 1.0 / torch.where(ok, sd, torch.ones_like(sd)), torch.zeros_like(sd)).float()
+        self.lambda_max = None
+        if need_lambda_max:
+            ybar = m.sy / m.n
+            inner = (m.xy - m.n * torch.outer(mu, ybar)) * self.inv_sd.double()[:, None]
+            self.lambda_max = (inner.abs().max(dim=0).values / m.n).float()
+
+    def apply(self, x):
+        import torch
+
+        return (x.to(self.mu.device, torch.float32, non_blocking=True) - self.mu) * self.inv_sd
+
+
+class _Stage:
+    """One run of fast_l1's ``train_saga``: a path of penalties per target, with early stopping.
+
+    Finished targets leave the active set, so later epochs only compute the
+    rest (fast_l1 swaps them to the end for the same reason).
+    """
+
+    def __init__(self, rows: _Rows, val: _Rows | None, std: _Standardiser, W0, b0, lam0, *, num_lambdas: int,
+                 lam_decay: float, cfg: SagaConfig, dev: Any, stage: str, progress: ProgressFn | None):
+        import torch
+
+        self.rows, self.val, self.std, self.cfg, self.dev = rows, val, std, cfg, dev
+        self.stage, self.progress = stage, progress
+        self.num_lambdas, self.lam_decay = int(num_lambdas), float(lam_decay)
+        P, K = rows.P, rows.K
+        self.K = K
+        f32 = dict(dtype=torch.float32, device=dev)
+        # Results for every target (written when a target improves or finishes).
+        self.out_W = W0.clone()
+        self.out_b = b0.clone()
+        self.out_lam = lam0.clone()
+        self.best_mse = torch.full((K,), float("inf"), **f32)
+        self.best_corr = torch.full((K,), float("nan"), **f32)
+        self.has_best = torch.zeros(K, dtype=torch.bool, device=dev)
+        self.converged = torch.zeros(K, dtype=torch.bool, device=dev)
+        self.lambdas_done = torch.zeros(K, dtype=torch.long, device=dev)
+        # State of the active targets (compacted).
+        self.act = torch.arange(K, device=dev)
+        self.W = W0.clone()
+        self.b = b0.clone()
+        self.lam = lam0.clone()
+        self.gavg = torch.zeros(P, K, **f32)
+        self.bavg = torch.zeros(K, **f32)
+        self.last_mse = torch.full((K,), float("inf"), **f32)
+        self.epochs = 0
+
+    # -- per batch ---------------------------------------------------------
+    def _gather(self, table, idx):
+        if self.act.numel() == self.K:
+            return table.index_select(0, idx)
+        return table[idx[:, None], self.act_cpu[None, :]]
+
+    def _scatter(self, table, idx, r) -> None:
+        if self.act.numel() == self.K:
+            table.index_copy_(0, idx, r)
+        else:
+            table[idx[:, None], self.act_cpu[None, :]] = r
+
+    def _epoch(self, table, epoch: int) -> None:
+        import torch
+
+        n = float(self.rows.n)
+        lr = self.cfg.lr
+        thresholds = lr * self.lam
+        shrink = bool((thresholds > 0).any())
+        cuda = self.dev.type == "cuda"
+        all_active = self.act.numel() == self.K
+        for idx, xb, yb in self.rows.batches(epoch):
+            B = float(idx.shape[0])
+            x = self.std.apply(xb)
+            y = yb if all_active else yb[:, self.act_cpu]
+            y = y.to(self.dev, non_blocking=True)
+            a_prev = self._gather(table, idx).to(self.dev, non_blocking=True)
+            r = torch.addmm(self.b - y, x, self.W)  # residual x w + b - y
+            d = r - a_prev
+            G = x.T @ d
+            db = d.sum(0)
+            # SAGA: step along (this batch's new - old gradient) + average of the table's gradients.
+            self.W.add_(G, alpha=-lr / B).add_(self.gavg, alpha=-lr)
+            self.b.add_(db, alpha=-lr / B).add_(self.bavg, alpha=-lr)
+            self.gavg.add_(G, alpha=1.0 / n)
+            self.bavg.add_(db, alpha=1.0 / n)
+            if shrink:  # proximal step of the L1 penalty: soft-threshold
+                self.W.sub_(torch.clamp(self.W, -thresholds, thresholds))
+            self._scatter(table, idx, r.cpu() if cuda else r)
+
+    def _evaluate(self):
+        """Validation MSE and Pearson correlation of the active targets."""
+        import torch
+
+        Ka = self.act.numel()
+        f64 = dict(dtype=torch.float64, device=self.dev)
+        sq, sp, sa, spp, saa, spa = (torch.zeros(Ka, **f64) for _ in range(6))
+        n = 0
+        all_active = Ka == self.K
+        for _, xb, yb in self.val.batches(None):
+            x = self.std.apply(xb)
+            y = (yb if all_active else yb[:, self.act_cpu]).to(self.dev).double()
+            p = torch.addmm(self.b, x, self.W).double()
+            n += x.shape[0]
+            sq += ((p - y) ** 2).sum(0)
+            sp += p.sum(0)
+            sa += y.sum(0)
+            spp += (p * p).sum(0)
+            saa += (y * y).sum(0)
+            spa += (p * y).sum(0)
+        n = max(n, 1)
+        cov = spa / n - (sp / n) * (sa / n)
+        vp = torch.clamp(spp / n - (sp / n) ** 2, min=0)
+        va = torch.clamp(saa / n - (sa / n) ** 2, min=0)
+        corr = torch.clamp(cov / torch.sqrt(vp * va), -1, 1)
+        return (sq / n).float(), corr.float()
+
+    def _keep(self, keep) -> None:
+        """Drop the targets not in ``keep`` (a bool mask over the active ones) from the state."""
+        self.act = self.act[keep]
+        self.act_cpu = self.act.cpu()
+        self.W = self.W[:, keep].contiguous()
+        self.gavg = self.gavg[:, keep].contiguous()
+        for name in ("b", "lam", "bavg", "last_mse"):
+            setattr(self, name, getattr(self, name)[keep].contiguous())
+
+    def _record(self, mask, mse=None, corr=None) -> None:
+        """Write the current state of the active targets in ``mask`` as their result."""
+        cols = self.act[mask]
+        self.out_W[:, cols] = self.W[:, mask]
+        self.out_b[cols] = self.b[mask]
+        self.out_lam[cols] = self.lam[mask]
+        self.has_best[cols] = True
+        if mse is not None:
+            self.best_mse[cols] = mse[mask]
+            self.best_corr[cols] = corr[mask]
+
+    def run(self, table) -> None:
+        import torch
+
+        cfg = self.cfg
+        self.act_cpu = self.act.cpu()
+        sd2 = (self.std.sd**2)[:, None]
+        every = cfg.early_stop_every
+        for t in range(cfg.max_epochs):
+            prev = self.W.clone()
+            self._epoch(table, t)
+            self.epochs = t + 1
+            prev.sub_(self.W).pow_(2).mul_(sd2)
+            done_inner = prev.max(dim=0).values < cfg.early_stop_eps if prev.shape[0] else torch.ones(
+                self.act.numel(), dtype=torch.bool, device=self.dev)
+            del prev
+            if t % every == every - 1:
+                cols = self.act
+                self.lambdas_done[cols] += done_inner.long()
+                finished = self.lambdas_done[cols] == self.num_lambdas
+                if self.val is not None:
+                    mse, corr = self._evaluate()
+                    got_worse = (mse > self.last_mse) & (self.lambdas_done[cols] >= cfg.min_lambdas)
+                    better = (mse <= self.best_mse[cols]) & done_inner
+                    self._record(better, mse, corr)
+                else:
+                    got_worse = torch.ones_like(done_inner)
+                    self._record(done_inner)  # no validation rows: the last converged lambda is the result
+                finished |= got_worse & done_inner
+                if self.val is not None:
+                    self.last_mse = torch.where(done_inner, mse, self.last_mse)
+                self.converged[cols[finished]] = True
+                self.lam = torch.where(done_inner & ~finished, self.lam * self.lam_decay, self.lam)
+                if bool(finished.any()):
+                    self._keep(~finished)
+            self._progress()
+            if self.act.numel() == 0:
+                break
+        if self.act.numel():
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """``max_epochs`` reached: unfinished targets without a result keep their current weights."""
+        import torch
+
+        logger.warning(
+            "SAGA (%s) stopped at max_epochs=%d with %d of %d targets not converged (weights moved more than "
+            "early_stop_eps=%.1e in the last epoch); raise max_epochs or lr, or use --solver lstsq for plain "
+            "least squares", self.stage, self.cfg.max_epochs, self.act.numel(), self.K, self.cfg.early_stop_eps)
+        missing = ~self.has_best[self.act]
+        if self.val is not None:
+            mse, corr = self._evaluate()
+            self._record(missing, mse, corr)
+        else:
+            self._record(missing)
+        self._keep(torch.zeros(self.act.numel(), dtype=torch.bool, device=self.dev))
+
+    def _progress(self) -> None:
+        if self.progress is None:
+            return
+        done = self.K - self.act.numel()
+        mean_l = float(self.lambdas_done.float().mean()) if self.K else 0.0
+        _report(self.progress, self.stage, self.epochs, self.cfg.max_epochs,
+                f"epoch {self.epochs}, {mean_l:.1f}/{self.num_lambdas} lambdas, {done}/{self.K} targets done")
+
+
+def saga(
+    train: RowSource,
+    val: RowSource | None = None,
+    *,
+    lr: float = 1e-3,
+    k: int = 1,
+    eps: float = 1e-4,
+    max_lambda: float | str | None = None,
+    batch_size: int | None = None,
+    early_stop_every: int = 3,
+    early_stop_eps: float = 1e-10,
+    min_lambdas: int = 10,
+    max_epochs: int = 1000,
+    refit: bool = True,
+    seed: int = 0,
+    table: str = "auto",
+    table_dir: str | None = None,
+    max_table_bytes: int = MAX_TABLE_BYTES,
+    cache_bytes: int = CACHE_BYTES,
+    device: Any = None,
+    progress: ProgressFn | None = None,
+) -> SolverResult:
+    """fast_l1's SAGA lasso path with per-target early stopping, in torch on ``device``.
+
+    The parameters are those of :class:`SagaConfig` (the seed's regression
+    config: ``lr``, ``k``, ``eps``, ``max_lambda`` = ``manual_max_lambda``,
+    ``batch_size``, ``early_stop_every`` = ``check_every``,
+    ``early_stop_eps``); see the module docstring for the algorithm.
+
+    Returns
+    -------
+    SolverResult
+        ``weight`` (P, K) in mask units, ``bias`` (K,), ``lam`` (K,): each
+        target's chosen penalty, in the units of the standardised problem
+        ``1/(2n) ||Xs w + b - y||^2 + lam ||w||_1`` (as fast_l1's ``lam``).
+        ``info`` holds ``val_mse`` and ``val_correlation`` of the path's fit
+        at that penalty (before the refit, so they are held-out figures),
+        epochs, convergence counts and the table size.
+
+    Raises
+    ------
+    RegressionError
+        On bad options, or ``k > 1`` without validation rows (the path's
+        penalty is chosen on them).
+
+    Examples
+    --------
+    >>> res = saga(train_rows, val_rows, k=20, eps=1e-3, lr=0.05)   # doctest: +SKIP
+    """
+    import torch
+
+    from .solvers import _device
+
+    cfg = SagaConfig(lr=lr, k=k, eps=eps, max_lambda=max_lambda, batch_size=batch_size,
+                     early_stop_every=early_stop_every, early_stop_eps=early_stop_eps, min_lambdas=min_lambdas,
+                     max_epochs=max_epochs, refit=refit, seed=seed, table=table, table_dir=table_dir,
+                     max_table_bytes=max_table_bytes, cache_bytes=cache_bytes)
+    dev = _device(device)
+    has_val = val is not None and val.n_rows > 0
+    if cfg.k > 1 and not has_val:
+        raise RegressionError(
+            f"a lambda path (k={cfg.k}) chooses each target's penalty on validation rows; pass num_val > 0 "
+            f"(CLI: --num-val N), or k=1 with a fixed max_lambda."
+        )
+    n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
+    if n == 0:
+        raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
+    B = int(min(cfg.batch_size or 2500, n))
+    mode = cfg.start_mode()
+    std = _Standardiser(train, dev, mode == "auto", progress)
+    if mode == "auto":
+        lam0 = std.lambda_max.clone()
+    else:
+        lam0 = torch.full((K,), float(mode), dtype=torch.float32, device=dev)
+    info: dict[str, Any] = {
+        "solver": "saga", "n_train": n, "batch_size": B,
+        "saga_table_bytes": table_nbytes(n, K),
+        "saga_config": {k_: v for k_, v in asdict(cfg).items() if isinstance(v, (int, float, str)) and v is not None},
+        "lambda_start_mean": float(lam0.mean()) if K else 0.0,
+    }
+    logger.info("SAGA on %d rows x %d features -> %d targets (batch %d, lr %g, k=%d, eps %g, %s), device %s; "
+                "gradient table %.1f MiB in host memory", n, P, K, B, cfg.lr, cfg.k, cfg.eps,
+                "lambda_max per target" if mode == "auto" else f"lambda {mode:g}", dev, table_nbytes(n, K) / 2**20)
+    rows = _Rows(train, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes)
+    vrows = _Rows(val, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes) if has_val else None
+    W0 = torch.zeros(P, K, dtype=torch.float32, device=dev)
+    b0 = torch.zeros(K, dtype=torch.float32, device=dev)
+    path = _Stage(rows, vrows, std, W0, b0, lam0, num_lambdas=cfg.k, lam_decay=cfg.lam_decay, cfg=cfg, dev=dev,
+                  stage="saga", progress=progress)
+    table_, tmp = _make_table(n, K, cfg, dev)
+    try:
+        with _threads_for(4.0 * B * P * K, dev):
+            path.run(table_)
+    finally:
+        del table_
+        _cleanup(tmp)
+    info.update(saga_epochs=path.epochs, saga_converged=int(path.converged.sum()),
+                lambdas_done_mean=float(path.lambdas_done.float().mean()) if K else 0.0)
+    if has_val:
+        info["val_mse"] = path.best_mse.double().cpu().tolist()
+        info["val_correlation"] = path.best_corr.double().cpu().tolist()
+    W, b, lam = path.out_W, path.out_b, path.out_lam
+    del rows, path
+    if has_val and cfg.refit:
+        both = ConcatRows(train, val)
+        std2 = _Standardiser(both, dev, False, progress)
+        w_mask = W * std.inv_sd[:, None]
+        W2 = w_mask * std2.sd[:, None]
+        b2 = b - std.mu @ w_mask + std2.mu @ w_mask
+        rows2 = _Rows(both, min(B, both.n_rows), seed=cfg.seed + 1, cache_bytes=cfg.cache_bytes)
+        stage = _Stage(rows2, None, std2, W2, b2, lam, num_lambdas=1, lam_decay=1.0, cfg=cfg, dev=dev,
+                       stage="saga-refit", progress=progress)
+        table_, tmp = _make_table(both.n_rows, K, cfg, dev)
+        try:
+            with _threads_for(4.0 * B * P * K, dev):
+                stage.run(table_)
+        finally:
+            del table_
+            _cleanup(tmp)
+        W, b, std = stage.out_W, stage.out_b, std2
+        info.update(n_refit=both.n_rows, saga_refit_epochs=stage.epochs, saga_refit_converged=int(stage.converged.sum()))
+    w_mask = W * std.inv_sd[:, None]
+    b_mask = b - std.mu @ w_mask
+    return SolverResult(
+        weight=np.ascontiguousarray(w_mask.cpu().numpy(), dtype=np.float32),
+        bias=np.ascontiguousarray(b_mask.cpu().numpy(), dtype=np.float32),
+        lam=np.ascontiguousarray(lam.cpu().numpy(), dtype=np.float32),
+        info=info,
+    )
+
+
+def _cleanup(tmp: Any) -> None:
+    if tmp is not None:
+        directory, mm = tmp
+        del mm
+        directory.cleanup()
+
+
+# --------------------------------------------------------------------------
+# The real fast_l1
+# --------------------------------------------------------------------------
+FAST_L1_INSTALL = "pip install git+https://github.com/MadryLab/fast_l1 cupy-cuda12x"
+
+
+def _import_fast_l1() -> Any:
+    try:
+        from fast_l1 import regressor  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"solver 'fast_l1' needs the fast_l1 package (and cupy, an NVIDIA GPU), which cannot be imported "
+            f"({exc}). Install it with: {FAST_L1_INSTALL} -- or use --solver saga, the same algorithm in torch "
+            f"on CPU or GPU."
+        ) from None
+    return regressor
+
+
+class _FastL1Loader:
+    """What fast_l1 iterates: ``(X, y, idx)`` CUDA tensors in batches of exactly ``batch_size`` rows.
+
+    fast_l1 preallocates its buffers from the first batch, so every batch must
+    have that size (the seed's loaders assert the same).
+    """
+
+    def __init__(self, source: RowSource, batch_size: int, device: Any, *, seed: int, cache_bytes: int):
+        if source.n_rows % batch_size:
+            raise RegressionError(
+                f"fast_l1 needs a batch size that divides the number of rows ({source.n_rows}); "
+                f"{batch_size} does not. Choose batch_size dividing num_train and num_train + num_val "
+                f"(as the seed's configs do), or use --solver saga."
+            )
+        self.device = device
+        self.rows = _Rows(source, batch_size, seed=seed, cache_bytes=cache_bytes)
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
+        import torch
+
+        self.epoch += 1
+        for idx, x, y in self.rows.batches(self.epoch):
+            yield (x.to(self.device, torch.float32), y.to(self.device, torch.float32), idx.to(self.device))
+
+    def __len__(self) -> int:
+        return -(-self.rows.n // self.rows.batch_size)
+
+
+def fast_l1(
+    train: RowSource,
+    val: RowSource | None = None,
+    *,
+    lr: float = 1e-3,
+    k: int = 1,
+    eps: float = 1e-4,
+    max_lambda: float | str | None = None,
+    batch_size: int | None = None,
+    early_stop_every: int = 3,
+    early_stop_eps: float = 1e-10,
+    seed: int = 0,
+    cache_bytes: int = CACHE_BYTES,
+    device: Any = None,
+    progress: ProgressFn | None = None,
+) -> SolverResult:
+    """Fit with the real fast_l1 package, as the seed's ``run_regression.py`` does.
+
+    Needs fast_l1 (and cupy) importable and a CUDA GPU; otherwise raises
+    :class:`~coar_dask.errors.MissingDependencyError` or
+    :class:`~coar_dask.errors.RegressionError` saying what to do. The path
+    runs on the training rows with validation-based early stopping, then
+    fast_l1 refits on train + validation rows at the best penalties, and the
+    weights (fast_l1 returns them in standardised units) are converted to
+    mask units. Options as in :func:`saga`; the batch size must divide the
+    numbers of train and train + validation rows.
+    """
+    import torch
+
+    regressor = _import_fast_l1()
+    if not torch.cuda.is_available():
+        raise RegressionError(
+            "solver 'fast_l1' runs only on an NVIDIA GPU (it uses cupy kernels), and torch sees no CUDA device. "
+            "Use --solver saga (the same algorithm, on CPU) or --solver lstsq."
+        )
+    if device is not None and torch.device(device).type != "cuda":
+        raise RegressionError(f"solver 'fast_l1' runs only on CUDA; device={device!r} was asked for. Use --device cuda.")
+    cfg = SagaConfig(lr=lr, k=k, eps=eps, max_lambda=max_lambda, batch_size=batch_size,
+                     early_stop_every=early_stop_every, early_stop_eps=early_stop_eps, seed=seed,
+                     cache_bytes=cache_bytes)
+    has_val = val is not None and val.n_rows > 0
+    if cfg.k > 1 and not has_val:
+        raise RegressionError(f"a lambda path (k={cfg.k}) needs validation rows; pass num_val > 0 (CLI: --num-val N).")
+    dev = torch.device(device or "cuda")
+    n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
+    B = int(min(cfg.batch_size or 2500, n))
+    train_loader = _FastL1Loader(train, B, dev, seed=seed, cache_bytes=cache_bytes)
+    val_loader = _FastL1Loader(val, B, dev, seed=seed, cache_bytes=cache_bytes) if has_val else None
+    mode = cfg.start_mode()
+    if mode == "auto":
+        start = regressor.calc_max_lambda(train_loader)
+    else:
+        start = torch.full((K,), float(mode), dtype=torch.float32, device=dev)
+    weight = torch.zeros(P, K, dtype=torch.float32, device=dev)
+    bias = torch.zeros(K, dtype=torch.float32, device=dev)
+    _report(progress, "fast_l1", 0, 2 if has_val else 1, "lambda path")
+    best = regressor.train_saga(weight, bias, train_loader, val_loader, lr=cfg.lr, start_lams=start,
+                                lam_decay=cfg.lam_decay, num_lambdas=cfg.k, early_stop_freq=cfg.early_stop_every,
+                                early_stop_eps=cfg.early_stop_eps)
+    stats_loader = train_loader
+    lam = best if has_val else start
+    if has_val:
+        _report(progress, "fast_l1", 1, 2, "refit on train + validation")
+        full = _FastL1Loader(ConcatRows(train, val), B, dev, seed=seed + 1, cache_bytes=cache_bytes)
+        regressor.train_saga(weight, bias, full, None, lr=cfg.lr, start_lams=best, lam_decay=1.0, num_lambdas=1,
+                             early_stop_freq=cfg.early_stop_every, early_stop_eps=cfg.early_stop_eps)
+        stats_loader = full
+    mu, sd = regressor.calc_stats(stats_loader)
+    mu, sd = mu.float().to(dev), sd.float().to(dev)
+    w_mask = torch.where(sd[:, None] > 0, weight / torch.where(sd > 0, sd, torch.ones_like(sd))[:, None],
+                         torch.zeros_like(weight))
+    b_mask = bias - mu @ w_mask
+    _report(progress, "fast_l1", 2 if has_val else 1, 2 if has_val else 1, "done")
+    result = SolverResult(
+        weight=np.ascontiguousarray(w_mask.cpu().numpy(), dtype=np.float32),
+        bias=np.ascontiguousarray(b_mask.cpu().numpy(), dtype=np.float32),
+        lam=np.ascontiguousarray(torch.as_tensor(lam).float().cpu().numpy().reshape(-1), dtype=np.float32),
+        info={"solver": "fast_l1", "n_train": n, "batch_size": B, "saga_table_bytes": table_nbytes(n, K)},
+    )
+    if has_val:
+        # fast_l1 returns the refit weights only: these metrics are in-sample for the validation rows.
+        from .solvers import validation_metrics
+
+        result.info.update(validation_metrics(result, val))
+        result.info["val_metrics_after_refit"] = 1
+    return result
+
