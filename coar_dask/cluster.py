@@ -987,9 +987,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     Every flag defaults to ``None`` so that :func:`cluster_from_args` can
     leave unset settings to the config file and dask's config.
     """
-    g = parser.add_argument_group("cluster", "where the work runs (see README: Running on SLURM)")
-    g.add_argument("--cluster", choices=CLUSTER_KINDS, default=None,
-                   help="local (default), slurm (dask-jobqueue) or address (existing scheduler)")
+    g = parser.add_argument_group("where to run", "a Dask cluster; see README, Running on SLURM")
+    g.add_argument("--cluster", choices=(*CLUSTER_KINDS, "none"), default=None,
+                   help="local: a Dask cluster on this machine (default; one worker per GPU if any); "
+                        "slurm: workers as SLURM jobs (dask-jobqueue); address: an existing scheduler "
+                        "(--address); none: run in this process without Dask")
     g.add_argument("--address", default=None, help="scheduler address for --cluster address")
     g.add_argument("--workers", type=int, default=None, help="local: CPU worker processes (default: one per core)")
     g.add_argument("--gpus", default=None,
@@ -1014,7 +1016,10 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cluster_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :func:`cluster_client` from the flags of :func:`add_cluster_arguments`."""
+    """Keyword arguments of :func:`cluster_client` from the flags of :func:`add_cluster_arguments`.
+
+    ``{"kind": "none"}`` means: no cluster, run in this process (the CLI's business).
+    """
     kind = getattr(args, "cluster", None) or dask.config.get("coar-dask.cluster.kind", "local")
     out: dict[str, Any] = {"kind": kind}
     if getattr(args, "address", None):

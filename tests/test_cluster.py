@@ -295,6 +295,9 @@ def test_cli_flags_become_cluster_client_arguments():
     assert C.cluster_from_args(_parse([])) == {"kind": "local"}
     assert C.cluster_from_args(_parse(["--gpus", "2", "--workers", "3"])) == {"kind": "local", "n_workers": 3, "gpus": 2}
     assert C.cluster_from_args(_parse(["--gpus", "0,1"]))["gpus"] == "0,1"
+    assert C.cluster_from_args(_parse(["--cluster", "none"])) == {"kind": "none"}
+    assert C.cluster_from_args(_parse(["--cluster", "address", "--address", "tcp://h:8786"])) == {
+        "kind": "address", "address": "tcp://h:8786"}
 
 
 def test_cli_jobs_and_adapt_exclude_each_other():
