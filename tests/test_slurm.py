@@ -162,6 +162,19 @@ def test_a_lost_job_is_resubmitted(slurm):
             assert set(slurm.job_ids()) - first  # a new job id
 
 
+
+def test_workers_leave_at_their_lifetime_and_new_jobs_take_over(slurm):
+    """What happens before a walltime, shortened: the worker retires itself, its job ends, a new job starts."""
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        with cluster_client("slurm", **slurm_kwargs(slurm, jobs=1, lifetime="4s", lifetime_stagger="off")) as client:
+            client.wait_for_workers(1, timeout=60)
+            first = slurm.job_ids()
+            assert len(first) == 1
+            wait_until(lambda: slurm.job_ids() and slurm.job_ids() != first, 60, "the job to end and be replaced")
+            client.wait_for_workers(1, timeout=60)
+    log = "".join(p.read_text(errors="replace") for p in slurm.log_dir.glob(f"*-{first[0]}.err"))
+    assert "worker-lifetime-reached" in log  # the worker left by itself; SLURM did not kill it
+
 # ---------------------------------------------------------------- digits builds
 
 BUILD_ROWS = 240
