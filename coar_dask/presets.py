@@ -34,7 +34,16 @@ from typing import Any, Callable
 from .components import Components, select_components
 from .errors import ExperimentError
 
-__all__ = ["Preset", "PRESETS", "get_preset", "build_model", "preset_components", "experiment_components"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "get_preset",
+    "build_model",
+    "preset_components",
+    "experiment_components",
+    "seeded_model",
+    "random_examples",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +159,36 @@ def experiment_components(source: Any) -> Components:
     experiment = load_experiment(source)
     model = import_object(experiment.model)(**experiment.model_kwargs)
     return select_components(model, include=experiment.include, exclude=experiment.exclude, kinds=experiment.kinds)
+
+
+def seeded_model(factory: str, seed: int = 0, **kwargs: Any) -> Any:
+    """A randomly initialised model, the same in every process: ``factory(**kwargs)`` after ``torch.manual_seed(seed)``.
+
+    Usable as an experiment's model factory for benchmarks and tests, e.g.
+    ``model: {factory: coar_dask.presets:seeded_model, kwargs: {factory:
+    "coar_dask.zoo.architectures:cifar_resnet18"}}``. ``factory`` may also be a
+    preset name.
+    """
+    import torch
+
+    from .experiment import import_object
+
+    builder = get_preset(factory).builder() if factory in PRESETS else import_object(factory)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = builder(**kwargs)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def random_examples(n: int = 64, shape: tuple[int, ...] | list[int] = (3, 32, 32), classes: int = 10,
+                    seed: int = 0) -> tuple[Any, Any]:
+    """``n`` standard-normal inputs of ``shape`` and uniform labels in ``[0, classes)`` (seeded)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn((int(n), *map(int, shape)), generator=gen)
+    labels = torch.randint(0, int(classes), (int(n),), generator=gen)
+    return inputs, labels
