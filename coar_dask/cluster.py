@@ -813,10 +813,16 @@ def _start_respawner(cluster: Any, interval: str | float | None) -> None:
     if not seconds:
         return
 
+    started: set[str] = set()
+
     def check() -> None:
         if getattr(cluster.status, "name", "") != "running":
             return
-        missing = set(cluster.worker_spec) - set(cluster.workers)
+        # Only jobs that had been submitted and are gone: a name just added by
+        # scale() or adapt() and not yet submitted is not lost.
+        started.intersection_update(cluster.worker_spec)
+        missing = (set(cluster.worker_spec) - set(cluster.workers)) & started
+        started.update(cluster.workers)
         if missing:
             logger.info("resubmitting SLURM job(s) for lost worker(s) %s", sorted(missing))
             cluster.scale(jobs=len(cluster.worker_spec))
