@@ -9,20 +9,31 @@ component raises the output (ablating it lowers it).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._version import __version__
 from .errors import RegressionError, StoreMismatchError
-from .solvers import get_solver
+from .solvers import SOLVERS, FitProgress, get_solver, solver_options
 from .store import Store, open_store
 
-__all__ = ["StoreRows", "Attributions", "fit", "split_rows", "infer_names"]
+__all__ = [
+    "StoreRows",
+    "Attributions",
+    "fit",
+    "split_rows",
+    "infer_names",
+    "check_solver_options",
+    "add_fit_solver_arguments",
+    "solver_options_from_args",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +228,17 @@ class Attributions:
             )
 
 
+def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`RegressionError` naming the valid options if ``options`` has one ``solver`` lacks."""
+    allowed = solver_options(solver)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise RegressionError(
+            f"solver {solver!r} has no option(s) {unknown}; its options are {list(allowed)}. "
+            f"(CLI: the flags of another solver were given; check --solver.)"
+        )
+
+
 def fit(
     store: Store | str | os.PathLike,
     *,
@@ -228,6 +250,10 @@ def fit(
     solver: str = "lstsq",
     target_slice: tuple[int, int] | None = None,
     device: str | None = None,
+    progress: Callable[[FitProgress], None] | None = None,
+    slices: int | Sequence[tuple[int, int]] | None = None,
+    client: Any | None = None,
+    max_targets: int | None = None,
     **solver_options: Any,
 ) -> Attributions:
     """Fit per-example attributions on a store's completed rows.
@@ -240,36 +266,67 @@ def fit(
         Mask and output arrays (inferred when the store has one of each).
     num_train, num_val
         Rows for training and validation (seeded split of completed rows by
-        ``split_seed``); ``num_train=None`` uses every non-validation row.
+        ``split_seed``, like the seed's ``data.num_train``/``num_val``/``seed``);
+        ``num_train=None`` uses every non-validation row.
     solver
-        ``"lstsq"`` (exact least squares / ridge) or another registered solver.
+        ``"lstsq"`` (exact least squares / ridge, default), ``"saga"``
+        (fast_l1's lasso path in torch) or ``"fast_l1"`` (the real package,
+        CUDA only); see :mod:`coar_dask.solvers`.
     target_slice
         ``(start, stop)``: fit only these output columns.
     device
         ``"cpu"`` (default) or ``"cuda"``.
+    progress
+        Called with a :class:`~coar_dask.solvers.FitProgress` (rows streamed,
+        epochs, lambdas done, slices finished) -- hook a progress bar on it.
+    slices, client, max_targets
+        Split the targets into ``slices`` contiguous slices (or slices of at
+        most ``max_targets``) fitted separately -- as Dask tasks on ``client``
+        (GPU-annotated when ``device`` is CUDA), or one after the other in
+        this process without a client -- and assembled in order
+        (:mod:`coar_dask.distributed_fit`). Same result as one fit.
     **solver_options
-        Passed to the solver, e.g. ``ridge=1.0``.
+        Passed to the solver, e.g. ``ridge=1.0``, ``ridge_grid="auto"``,
+        ``lr=1e-3, k=1, batch_size=2500`` (see :func:`coar_dask.solvers.lstsq`,
+        :func:`coar_dask.saga.saga`).
 
     Returns
     -------
     Attributions
-        ``weight`` (P, K) in mask units, ``bias``, ``lam`` and metadata.
+        ``weight`` (P, K) in mask units, ``bias``, ``lam`` and metadata,
+        including the validation MSE and correlation per example when
+        ``num_val > 0``.
 
     Examples
     --------
     >>> attrs = fit("store", num_val=200)          # doctest: +SKIP
     >>> attrs.save("attributions.pt")              # doctest: +SKIP
     """
+    if slices is not None or client is not None or max_targets is not None:
+        from .distributed_fit import fit_distributed
+
+        return fit_distributed(
+            store, slices=slices, client=client, progress=progress, max_targets=max_targets, x_name=x_name,
+            y_name=y_name, num_train=num_train, num_val=num_val, split_seed=split_seed, solver=solver,
+            target_slice=target_slice, device=device, **solver_options,
+        )
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
     x_name, y_name = infer_names(store, x_name, y_name)
+    check_solver_options(solver, solver_options)
     completed = np.flatnonzero(store.completed_rows())
     train_rows, val_rows = split_rows(completed, num_train, num_val, split_seed)
     train = StoreRows(store, train_rows, x_name, y_name, target_slice)
     val = StoreRows(store, val_rows, x_name, y_name, target_slice) if val_rows.size else None
     logger.info("fitting %s on %d train / %d val rows, %d components x %d targets",
                 solver, train.n_rows, 0 if val is None else val.n_rows, train.n_features, train.n_targets)
-    result = get_solver(solver)(train, val, device=device, **solver_options)
+    if progress is not None:
+        outer, sl = progress, train.target_slice
+
+        def progress(p: FitProgress) -> None:
+            outer(dataclasses.replace(p, target_slice=p.target_slice or sl))
+
+    result = get_solver(solver)(train, val, device=device, progress=progress, **solver_options)
     metadata = {
         "package_version": __version__,
         "store": str(store.path),
@@ -282,8 +339,103 @@ def fit(
         "n_val": 0 if val is None else int(val.n_rows),
         "split_seed": int(split_seed),
         "solver": solver,
+        "solver_options": {k: v for k, v in solver_options.items() if isinstance(v, (int, float, str, list))},
         "target_slice": list(train.target_slice),
         "sign_convention": SIGN_CONVENTION,
-        **{k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list))},
+        **{k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list, dict))},
     }
     return Attributions(result.weight, result.bias, result.lam, metadata)
+
+
+# --------------------------------------------------------------------------
+# Command line (``coar-dask fit``): the flags of the solvers
+# --------------------------------------------------------------------------
+#: flag -> (dest, type, help, solvers it applies to, seed config alias)
+_SOLVER_FLAGS: tuple[tuple[str, str, Any, str, tuple[str, ...], str | None], ...] = (
+    ("--ridge", "ridge", float, "lstsq: ridge penalty (default 0: plain least squares)", ("lstsq",), None),
+    ("--ridge-grid", "ridge_grid", str,
+     "lstsq: choose the ridge penalty per example on the validation rows among these, e.g. 0,1,10,100 or "
+     "auto (auto:N for N values)", ("lstsq",), None),
+    ("--method", "method", str, "lstsq: gram (X^T X, eigh), cg (conjugate gradients, for huge P) or auto",
+     ("lstsq",), None),
+    ("--lr", "lr", float, "saga: step size (seed CIFAR 1e-3, ViT 5e-4)", ("saga", "fast_l1"), "--cfg.lr"),
+    ("--k", "k", int, "saga: number of penalties on the lasso path (seed: 1)", ("saga", "fast_l1"), "--cfg.k"),
+    ("--eps", "eps", float, "saga: smallest/largest penalty of the path (default 1e-4)", ("saga", "fast_l1"),
+     "--cfg.eps"),
+    ("--max-lambda", "max_lambda", str,
+     "saga: largest penalty: a number, or auto (lambda_max per example); default 0 when k=1 (the seed's "
+     "manual_max_lambda 0), auto otherwise", ("saga", "fast_l1"), "--cfg.manual_max_lambda"),
+    ("--batch-size", "batch_size", int, "saga: rows per step (default min(rows, 2500))", ("saga", "fast_l1"),
+     "--cfg.batch_size"),
+    ("--early-stop-every", "early_stop_every", int, "saga: check convergence every N epochs (seed: 3)",
+     ("saga", "fast_l1"), "--early_stopping.check_every"),
+    ("--early-stop-eps", "early_stop_eps", float, "saga: weight-change tolerance (seed: 1e-10)",
+     ("saga", "fast_l1"), "--early_stopping.eps"),
+    ("--max-epochs", "max_epochs", int, "saga: epochs per stage before giving up (default 1000)", ("saga",), None),
+)
+
+
+def add_fit_solver_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the solver flags of ``coar-dask fit`` to ``parser``.
+
+    ``--solver``, ``--ridge``, ``--ridge-grid``, ``--refit``, ``--method``
+    (lstsq); ``--lr``, ``--k``, ``--eps``, ``--max-lambda``, ``--batch-size``,
+    ``--early-stop-every``, ``--early-stop-eps``, ``--max-epochs``,
+    ``--no-refit`` (saga; with the seed's ``--cfg.*`` / ``--early_stopping.*``
+    spellings as aliases); ``--slices N`` and ``--max-targets M``. Every
+    option defaults to ``None`` (solver default); flags the parser already
+    has (e.g. ``--solver``, ``--ridge``) are left as they are. Read them back
+    with :func:`solver_options_from_args`.
+    """
+    g = parser.add_argument_group("solver", "how the per-example regressions are solved")
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        try:
+            g.add_argument(*flags, **kwargs)
+        except argparse.ArgumentError:
+            logger.debug("parser already has %s", flags[0])
+
+    add("--solver", choices=sorted(SOLVERS), default="lstsq",
+        help="lstsq (exact least squares/ridge, default), saga (fast_l1's lasso path in torch, CPU or GPU), "
+             "fast_l1 (the fast_l1 package, CUDA only)")
+    for flag, dest, typ, text, _, alias in _SOLVER_FLAGS:
+        add(*(f for f in (flag, alias) if f), dest=dest, type=typ, default=None, help=text)
+    add("--refit", dest="refit", action="store_true", default=None,
+        help="lstsq: after choosing ridge penalties, refit on train + validation rows")
+    add("--no-refit", dest="refit", action="store_false", default=None,
+        help="saga: skip the seed's refit on train + validation rows")
+    add("--slices", dest="slices", type=int, default=None,
+        help="split the targets into N slices fitted as separate Dask tasks (GPU tasks with --device cuda)")
+    add("--max-targets", dest="max_targets", type=int, default=None,
+        help="at most M targets per slice (bounds SAGA's rows x targets table per task)")
+
+
+def solver_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``**solver_options`` of :func:`fit` from the flags of :func:`add_fit_solver_arguments`.
+
+    Only flags that were given are passed on. A flag of another solver
+    (``--lr`` with lstsq) raises :class:`RegressionError` saying so.
+    """
+    solver = getattr(args, "solver", None) or "lstsq"
+    out: dict[str, Any] = {}
+    for flag, dest, _, _, solvers, _ in _SOLVER_FLAGS:
+        value = getattr(args, dest, None)
+        if value is None or (dest == "ridge" and value == 0 and solver != "lstsq"):
+            continue
+        if solver not in solvers:
+            raise RegressionError(f"{flag} is an option of solver {' / '.join(solvers)}, not {solver!r}; "
+                                  f"drop it or pass --solver {solvers[0]}.")
+        if dest == "max_lambda" and value != "auto":
+            try:
+                value = float(value)
+            except ValueError:
+                raise RegressionError(f"--max-lambda must be a number or 'auto'; found {value!r}.") from None
+        out[dest] = value
+    refit = getattr(args, "refit", None)
+    if refit is not None:
+        if solver not in ("lstsq", "saga"):
+            raise RegressionError(f"--refit/--no-refit are options of lstsq and saga, not {solver!r}.")
+        out["refit"] = bool(refit)
+    if out.get("ridge") == 0.0:  # the CLI's default: plain least squares, the solver's default too
+        del out["ridge"]
+    return out

@@ -1,0 +1,378 @@
+"""Fit target slices as separate Dask tasks and assemble them in order.
+
+The K outputs of a store are independent regressions, so they split into
+contiguous *target slices* (the seed's ``target_start_ind:target_end_ind``),
+each fitted by one task that streams the same train/validation rows. Plan,
+then execute: :func:`plan_fit` returns a small frozen :class:`FitPlan`;
+:func:`execute_fit` runs it in this process (``client=None``) or as one Dask
+task per slice (GPU-annotated, ``resources={"GPU": 1}``, when the device is
+CUDA), on any cluster of :func:`coar_dask.cluster.cluster_client`, and
+concatenates the slices in target order. The result equals a single fit of
+all targets (the split of rows depends only on the store and the seed).
+
+Progress: tasks running on Dask workers send :class:`~coar_dask.solvers.FitProgress`
+events (epochs, lambdas, CG iterations) to the client under the topic
+:data:`PROGRESS_TOPIC`; the client passes them, and one ``"slices"`` event per
+finished slice, to the ``progress`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import RegressionError
+
+__all__ = [
+    "FitPlan",
+    "plan_slices",
+    "plan_fit",
+    "fit_slice",
+    "execute_fit",
+    "fit_distributed",
+    "assemble",
+    "PROGRESS_TOPIC",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Topic of the worker events that carry a slice's progress to the client.
+PROGRESS_TOPIC = "coar-dask-fit-progress"
+#: At most one progress event per slice per this many seconds (the last one always goes).
+_EVENT_INTERVAL = 0.5
+
+
+def plan_slices(
+    target_range: tuple[int, int], slices: int | Sequence[tuple[int, int]] | None = None, *, max_targets: int | None = None
+) -> list[tuple[int, int]]:
+    """Split the targets ``[start, stop)`` into contiguous slices.
+
+    Parameters
+    ----------
+    target_range
+        ``(start, stop)`` of all the targets to fit.
+    slices
+        A number of slices (sizes differ by at most one, larger first, like
+        ``numpy.array_split``), or explicit ``(start, stop)`` slices that
+        must tile ``target_range`` in order. ``None``: one slice, or as many
+        as ``max_targets`` needs.
+    max_targets
+        Largest slice (e.g. to bound SAGA's ``n x K`` table per task).
+
+    Examples
+    --------
+    >>> plan_slices((0, 10), 3)
+    [(0, 4), (4, 7), (7, 10)]
+    >>> plan_slices((100, 110), max_targets=4)
+    [(100, 104), (104, 107), (107, 110)]
+    """
+    start, stop = int(target_range[0]), int(target_range[1])
+    if not 0 <= start < stop:
+        raise RegressionError(f"target range [{start}, {stop}) is empty or negative.")
+    total = stop - start
+    if slices is not None and not isinstance(slices, (int, np.integer)):
+        out = [(int(a), int(b)) for a, b in slices]
+        expected = start
+        for a, b in out:
+            if a != expected or b <= a:
+                raise RegressionError(
+                    f"target slices {out} must tile [{start}, {stop}) in order without gaps or overlaps."
+                )
+            expected = b
+        if expected != stop:
+            raise RegressionError(f"target slices {out} must end at {stop}.")
+        return out
+    count = 1 if slices is None else int(slices)
+    if max_targets is not None:
+        if int(max_targets) < 1:
+            raise RegressionError(f"max_targets must be >= 1; found {max_targets}.")
+        count = max(count, -(-total // int(max_targets)))
+    if count < 1:
+        raise RegressionError(f"slices must be >= 1; found {slices}.")
+    count = min(count, total)
+    base, extra = divmod(total, count)
+    out, a = [], start
+    for i in range(count):
+        b = a + base + (1 if i < extra else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What to fit: a store, its split, a solver and the target slices (one task each)."""
+
+    store_path: str
+    x_name: str
+    y_name: str
+    num_train: int | None
+    num_val: int | None
+    split_seed: int
+    solver: str
+    device: str | None
+    slices: tuple[tuple[int, int], ...]
+    solver_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    @property
+    def gpu(self) -> bool:
+        return bool(self.device) and str(self.device).startswith("cuda")
+
+    @property
+    def target_range(self) -> tuple[int, int]:
+        return self.slices[0][0], self.slices[-1][1]
+
+    @property
+    def token(self) -> str:
+        import hashlib
+        import json
+
+        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def task_key(self, index: int) -> str:
+        return f"coar-fit-{index}-{self.token}"
+
+    def __repr__(self) -> str:
+        a, b = self.target_range
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.solver_options)
+        return (
+            f"<FitPlan {self.solver}{'(' + opts + ')' if opts else ''} on {self.store_path!r}: targets {a}:{b} "
+            f"in {len(self.slices)} slice(s), {self.num_train} train / {self.num_val} val rows "
+            f"(seed {self.split_seed}), device {self.device or 'cpu'}>"
+        )
+
+
+def plan_fit(
+    store: Any,
+    *,
+    slices: int | Sequence[tuple[int, int]] | None = None,
+    max_targets: int | None = None,
+    x_name: str | None = None,
+    y_name: str | None = None,
+    num_train: int | None = None,
+    num_val: int | None = 0,
+    split_seed: int = 0,
+    solver: str = "lstsq",
+    target_slice: tuple[int, int] | None = None,
+    device: str | None = None,
+    **solver_options: Any,
+) -> FitPlan:
+    """Plan a fit of ``store`` in target slices (see :func:`plan_slices`); nothing runs yet."""
+    from .regression import check_solver_options, infer_names
+    from .store import Store, open_store
+
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    x_name, y_name = infer_names(store, x_name, y_name)
+    check_solver_options(solver, solver_options)
+    k = int(np.prod(store.spec[y_name].shape))
+    start, stop = target_slice or (0, k)
+    if not 0 <= start < stop <= k:
+        raise RegressionError(f"target slice [{start}, {stop}) is outside the {k} outputs of {y_name!r}.")
+    return FitPlan(
+        store_path=str(os.path.abspath(store.path)),
+        x_name=x_name,
+        y_name=y_name,
+        num_train=num_train,
+        num_val=num_val,
+        split_seed=int(split_seed),
+        solver=solver,
+        device=None if device is None else str(device),
+        slices=tuple(plan_slices((start, stop), slices, max_targets=max_targets)),
+        solver_options=tuple(sorted(solver_options.items())),
+    )
+
+
+class _EventSender:
+    """Progress callback of a task on a Dask worker: worker events, at most one per interval."""
+
+    def __init__(self, worker: Any, index: int):
+        self.worker, self.index = worker, index
+        self.last = 0.0
+        self.pending: dict[str, Any] | None = None
+
+    def __call__(self, p: Any) -> None:
+        msg = {**asdict(p), "target_slice": list(p.target_slice) if p.target_slice else None, "slice_index": self.index}
+        now = time.monotonic()
+        if now - self.last >= _EVENT_INTERVAL:
+            self.worker.log_event(PROGRESS_TOPIC, msg)
+            self.last, self.pending = now, None
+        else:
+            self.pending = msg
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.worker.log_event(PROGRESS_TOPIC, self.pending)
+            self.pending = None
+
+
+def _current_worker() -> Any:
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def fit_slice(plan: FitPlan, index: int, progress: Callable[[Any], None] | None = None) -> Any:
+    """Fit slice ``index`` of ``plan`` -> :class:`~coar_dask.regression.Attributions`.
+
+    The task function (module-level, so it pickles). On a Dask worker its
+    progress goes to the client as worker events.
+    """
+    from .regression import fit
+
+    sender = None
+    if progress is None:
+        worker = _current_worker()
+        if worker is not None:
+            sender = progress = _EventSender(worker, index)
+    try:
+        return fit(
+            plan.store_path,
+            x_name=plan.x_name,
+            y_name=plan.y_name,
+            num_train=plan.num_train,
+            num_val=plan.num_val,
+            split_seed=plan.split_seed,
+            solver=plan.solver,
+            target_slice=plan.slices[index],
+            device=plan.device,
+            progress=progress,
+            **dict(plan.solver_options),
+        )
+    finally:
+        if sender is not None:
+            sender.flush()
+
+
+def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
+    """Concatenate the slices' attributions in target order into one :class:`Attributions`.
+
+    Per-target metadata lists (``val_mse``, ``val_correlation``) are
+    concatenated; each slice's scalar metadata is kept under ``slices``.
+    """
+    from .regression import Attributions
+
+    if len(parts) != len(plan.slices):
+        raise RegressionError(f"expected {len(plan.slices)} slices, got {len(parts)}.")
+    for part, sl in zip(parts, plan.slices):
+        got = tuple(part.metadata.get("target_slice", ()))
+        if got != tuple(sl) or part.n_examples != sl[1] - sl[0]:
+            raise RegressionError(f"slice {sl} came back as {got} with {part.n_examples} targets; refit it.")
+    first = dict(parts[0].metadata)
+    per_target = {key for key, v in first.items() if isinstance(v, list) and len(v) == parts[0].n_examples
+                  and key != "target_slice"}
+    meta: dict[str, Any] = {key: v for key, v in first.items() if key not in per_target}
+    for key in sorted(per_target):
+        if all(isinstance(p.metadata.get(key), list) for p in parts):
+            meta[key] = [x for p in parts for x in p.metadata[key]]
+    meta["target_slice"] = list(plan.target_range)
+    meta["slices"] = [
+        {k: v for k, v in p.metadata.items() if k not in per_target and isinstance(v, (int, float, str, list))
+         and k not in ("sign_convention", "store", "package_version", "spec_sha256", "experiment_fingerprint",
+                       "target_fingerprint", "x_name", "y_name", "solver", "split_seed")}
+        for p in parts
+    ]
+    meta["n_slices"] = len(parts)
+    return Attributions(
+        weight=np.concatenate([p.weight for p in parts], axis=1),
+        bias=np.concatenate([p.bias for p in parts]),
+        lam=np.concatenate([p.lam for p in parts]),
+        metadata=meta,
+    )
+
+
+def _forward(progress: Callable[[Any], None]) -> Callable[[Any], None]:
+    from .solvers import FitProgress
+
+    def handler(event: Any) -> None:
+        _, msg = event
+        try:
+            sl = msg.get("target_slice")
+            progress(FitProgress(stage=msg["stage"], done=int(msg["done"]), total=msg.get("total"),
+                                 target_slice=tuple(sl) if sl else None, detail=msg.get("detail", "")))
+        except Exception:  # noqa: BLE001 - a progress display must never break the fit
+            logger.debug("progress callback failed", exc_info=True)
+
+    return handler
+
+
+def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[[Any], None] | None = None,
+                retries: int = 1) -> Any:
+    """Run ``plan``: in this process (``client=None``) or one Dask task per slice.
+
+    Returns the assembled :class:`~coar_dask.regression.Attributions`.
+    """
+    from .solvers import FitProgress
+
+    total = len(plan.slices)
+    logger.info("%r", plan)
+    parts: list[Any] = [None] * total
+    if client is None:
+        for i in range(total):
+            parts[i] = fit_slice(plan, i, progress)
+            if progress:
+                progress(FitProgress("slices", i + 1, total, plan.target_range, f"{i + 1}/{total} slices"))
+        return assemble(plan, parts)
+
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if plan.gpu else None
+    if progress is not None:
+        client.subscribe_topic(PROGRESS_TOPIC, _forward(progress))
+    futures = [
+        client.submit(fit_slice, plan, i, key=plan.task_key(i), resources=resources, retries=retries, pure=False)
+        for i in range(total)
+    ]
+    index = {f.key: i for i, f in enumerate(futures)}
+    done = 0
+    try:
+        for future in as_completed(futures):
+            i = index[future.key]
+            try:
+                parts[i] = future.result()
+            except Exception as exc:
+                raise RegressionError(
+                    f"fitting target slice {plan.slices[i][0]}:{plan.slices[i][1]} failed on the cluster "
+                    f"({type(exc).__name__}: {exc})."
+                ) from exc
+            done += 1
+            if progress:
+                progress(FitProgress("slices", done, total, plan.target_range, f"{done}/{total} slices"))
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+        if progress is not None:
+            try:
+                client.unsubscribe_topic(PROGRESS_TOPIC)
+            except Exception:  # noqa: BLE001 - the client may be closing
+                pass
+    return assemble(plan, parts)
+
+
+def fit_distributed(
+    store: Any,
+    *,
+    slices: int | Sequence[tuple[int, int]] | None = None,
+    client: Any | None = None,
+    progress: Callable[[Any], None] | None = None,
+    max_targets: int | None = None,
+    **fit_kwargs: Any,
+) -> Any:
+    """Plan and execute a sliced fit (the arguments of :func:`coar_dask.regression.fit`).
+
+    Examples
+    --------
+    >>> with cluster_client("local", n_workers=2) as client:                  # doctest: +SKIP
+    ...     attrs = fit_distributed("store", slices=8, client=client, num_val=500)
+    """
+    plan = plan_fit(store, slices=slices, max_targets=max_targets, **fit_kwargs)
+    return execute_fit(plan, client, progress=progress)
+
