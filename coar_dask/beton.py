@@ -215,16 +215,18 @@ class _ZarrSource(_Source):
     def _open(self) -> Any:
         from .store import open_store
 
-        return open_store(self.path, read_only=True)
+        store = open_store(self.path, read_only=True)
+        # Opened once per process: looking an array up reads its metadata.
+        return store, store.array(self.x_name), store.array(self.y_name)
 
     def completed(self) -> np.ndarray:
-        return self._handles().completed_rows()
+        return self._handles()[0].completed_rows()
 
     def read_block(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
-        store = self._handles()
+        _, x, y = self._handles()
         start = index * self.block_rows
         stop = min(start + self.block_rows, self.n_total)
-        return start, store.array(self.x_name)[start:stop], store.array(self.y_name)[start:stop]
+        return start, x[start:stop], y[start:stop]
 
 
 class _NpySource(_Source):

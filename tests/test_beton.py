@@ -326,3 +326,21 @@ def test_torch_blocks_on_cuda_use_todevice(store, exported):
     idx = torch.cat([i for i, _, _ in parts]).cpu().numpy()
     x = torch.cat([x for _, x, _ in parts]).cpu().numpy()
     np.testing.assert_array_equal(x, _zarr_rows(store, idx)[0])
+
+
+@pytest.mark.ffcv
+def test_export_benchmark_runs_and_reports_its_ratio(ffcv, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "beton_export.py"
+    spec = importlib.util.spec_from_file_location("beton_export_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--rows", "300", "--components", "64", "--outputs", "8", "--rounds", "1", "--workers", "1",
+                       "--tmpdir", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("raw_rows_per_s", "export_rows_per_s", "raw_mb_per_s", "export_mb_per_s", "export_over_raw"):
+        assert result[key] > 0
+    assert result["same_file_size"] and result["sizes"]["rows"] == 300
