@@ -15,11 +15,17 @@ and writes ``{weight, bias, lam}`` (+ ``metadata``) to
 ``<cfg.out_dir>/datamodels.pt`` -- ``cfg.out_dir`` is a directory, as in the
 seed, even when it is named ``*.pt``.
 
-The fit is exact least squares with an intercept: what the seed's configs
-(``k: 1``, ``manual_max_lambda: 0``) ask SAGA to approximate. The SAGA
-settings (``cfg.lr``, ``early_stopping.*``) are reported as unused; options
-that need the lasso path (``k > 1``, ``manual_max_lambda != 0``) or no
-intercept (``use_bias: 0``) stop with a message.
+Solvers (``--solver``, default ``auto``): with the seed's configs (``k: 1``,
+``manual_max_lambda: 0``) the fit is exact least squares with an intercept,
+what the seed asks SAGA to approximate, and the SAGA settings (``cfg.lr``,
+``cfg.eps``, ``early_stopping.*``) are reported as unused. Settings that
+need a lasso path (``k > 1``, or ``manual_max_lambda`` -1 = each target's
+lambda_max, or another penalty) run :func:`coar_dask.saga.saga`, fast_l1's
+algorithm in torch, with the seed's settings: path on the train rows,
+penalty chosen on the validation rows, refit on both. ``--solver saga``
+forces it (to reproduce the seed's approximate fit), ``--solver fast_l1``
+uses the fast_l1 package itself on a GPU. ``cfg.use_bias: 0`` is not
+supported.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ __all__ = [
     "build_parser",
     "add_run_regression_parser",
     "open_rows",
+    "solver_for",
     "fit_rows",
     "run_regression",
     "run",
@@ -52,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: File name the seed writes inside ``cfg.out_dir``.
 OUT_FILE = "datamodels.pt"
+#: Solvers that fit the seed's lasso path (they take the validation rows apart).
+_PATH_SOLVERS = ("saga", "fast_l1")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +74,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x-name", default=None, help="mask array, when data_path is a zarr store")
     p.add_argument("--y-name", default=None, help="output array, when data_path is a zarr store")
     p.add_argument("--device", default=None, help="solver device: cpu (default) or cuda")
+    p.add_argument("--solver", default="auto", choices=["auto", "lstsq", *_PATH_SOLVERS],
+                   help="auto (default): exact least squares for k: 1 and manual_max_lambda: 0, "
+                        "else the SAGA lasso path; saga / fast_l1 to force the seed's algorithm")
     p.add_argument("--overwrite", action="store_true", help="replace an existing <out_dir>/datamodels.pt")
 
 
@@ -94,21 +106,46 @@ def add_run_regression_parser(subparsers: Any, name: str = "run-regression") -> 
 # --------------------------------------------------------------------------
 # The work, callable from Python
 # --------------------------------------------------------------------------
-def _check_supported(cfg: SeedRegressionConfig) -> str:
-    """The solver for these settings, or a ConfigError that says what to set."""
+def solver_for(cfg: SeedRegressionConfig, solver: str = "auto") -> tuple[str, dict[str, Any]]:
+    """The solver and its options for the seed's settings.
+
+    ``auto``: exact least squares for ``k: 1, manual_max_lambda: 0`` (the
+    seed's configs), the SAGA lasso path otherwise.
+
+    Raises
+    ------
+    ConfigError
+        For ``use_bias: 0``, or ``--solver lstsq`` with settings that need a path.
+    """
     if cfg.use_bias != 1:
         raise ConfigError(
-            f"cfg.use_bias={cfg.use_bias}: fitting without an intercept is not supported yet; "
-            f"set cfg.use_bias: 1."
+            f"cfg.use_bias={cfg.use_bias}: fitting without an intercept is not supported; set cfg.use_bias: 1."
         )
-    if cfg.k != 1 or cfg.manual_max_lambda != 0:
-        raise ConfigError(
-            f"cfg.k={cfg.k}, cfg.manual_max_lambda={cfg.manual_max_lambda}: a lasso path "
-            f"(k > 1, or lambda from the data when manual_max_lambda is -1) is not supported "
-            f"yet. coar_dask fits the plain least squares that the seed's configs ask for; set "
-            f"cfg.k: 1 and cfg.manual_max_lambda: 0."
-        )
-    return "lstsq"
+    plain = cfg.k == 1 and cfg.manual_max_lambda == 0
+    choices = ("auto", "lstsq", *_PATH_SOLVERS)
+    if solver not in choices:
+        raise ConfigError(f"--solver {solver!r}: choose one of {list(choices)}.")
+    if solver == "auto":
+        solver = "lstsq" if plain else "saga"
+    if solver == "lstsq":
+        if not plain:
+            raise ConfigError(
+                f"cfg.k={cfg.k}, cfg.manual_max_lambda={cfg.manual_max_lambda} ask for a lasso path, which "
+                f"the exact least-squares solver does not fit; use --solver saga (or auto), or set cfg.k: 1 "
+                f"and cfg.manual_max_lambda: 0."
+            )
+        return "lstsq", {}
+    max_lambda: Any = "auto" if cfg.manual_max_lambda == -1 else float(cfg.manual_max_lambda)
+    options = {
+        "lr": cfg.lr,
+        "k": cfg.k,
+        "eps": cfg.eps,
+        "max_lambda": max_lambda,
+        "batch_size": cfg.batch_size,
+        "early_stop_every": cfg.early_stopping_check_every,
+        "early_stop_eps": cfg.early_stopping_eps,
+    }
+    return solver, options
 
 
 def _split(n: int, cfg: SeedRegressionConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -187,23 +224,30 @@ def fit_rows(train: Any, val: Any = None, *, solver: str = "lstsq", device: str 
     """Fit row sources with a registered solver -> :class:`~coar_dask.regression.Attributions`.
 
     As the seed's final refit does, the weights are fitted on the train and
-    validation rows together (with the seed's ``k: 1, manual_max_lambda: 0``
-    the validation rows choose nothing). Held-out quality is measured with
-    ``coar-dask evaluate`` on fresh masks. This is the one place this module
-    calls the regression API.
+    validation rows together. The exact solver (``lstsq``) gets them as one
+    source (with the seed's ``k: 1, manual_max_lambda: 0`` the validation
+    rows choose nothing); a path solver (``saga``, ``fast_l1``) gets them
+    apart, chooses each target's penalty on the validation rows and refits
+    on both. This is the one place this module calls the regression API.
     """
     from .regression import SIGN_CONVENTION, Attributions
     from .solvers import get_solver
 
-    rows = train if val is None else _Concat(train, val)
-    result = get_solver(solver)(rows, None, device=device, **options)
+    fn = get_solver(solver)
+    if solver in _PATH_SOLVERS:
+        result = fn(train, val, device=device, **options)
+        n_fit = train.n_rows + (0 if val is None else val.n_rows)
+    else:
+        rows = train if val is None else _Concat(train, val)
+        result = fn(rows, None, device=device, **options)
+        n_fit = rows.n_rows
     meta = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list))}
     meta.update({
         "package_version": __version__,
         "solver": solver,
         "n_train": int(train.n_rows),
         "n_val": 0 if val is None else int(val.n_rows),
-        "n_fit": int(rows.n_rows),
+        "n_fit": int(n_fit),
         "sign_convention": SIGN_CONVENTION,
         **(metadata or {}),
     })
@@ -231,16 +275,17 @@ def run_regression(
     y_name: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    solver: str = "auto",
 ) -> tuple[Any, Path]:
     """Run the seed's regression on ``cfg``; return the attributions and the file written.
 
     Raises
     ------
     ConfigError
-        When required settings are missing or need a solver not available yet.
+        When required settings are missing or ask for what no solver here does.
     """
     cfg.require("data.data_path", "cfg.out_dir")
-    solver = _check_supported(cfg)
+    solver, options = solver_for(cfg, solver)
     out = Path(cfg.out_dir) / OUT_FILE
     if out.exists() and not overwrite:
         raise ConfigError(
@@ -259,7 +304,7 @@ def run_regression(
         "seed_config_unknown": list(cfg.unknown),
     }
     meta = {k: v for k, v in meta.items() if v is not None}
-    attrs = fit_rows(train, val, solver=solver, device=device, metadata=meta)
+    attrs = fit_rows(train, val, solver=solver, device=device, metadata=meta, **options)
     attrs.save(out)
     return attrs, out
 
@@ -270,10 +315,11 @@ def run_regression(
 def run(args: argparse.Namespace) -> int:
     """Handler: read the YAML and flags, fit, save; print where."""
     overrides = {key: getattr(args, key) for key in KNOWN_KEYS}
-    cfg = load_regression_config(args.config_files, overrides)
+    cfg = load_regression_config(args.config_files, overrides, solver=args.solver)
     t0 = time.perf_counter()
     attrs, out = run_regression(
-        cfg, x_name=args.x_name, y_name=args.y_name, device=args.device, overwrite=args.overwrite
+        cfg, x_name=args.x_name, y_name=args.y_name, device=args.device, overwrite=args.overwrite,
+        solver=args.solver,
     )
     print(
         f"wrote attributions ({attrs.weight.shape[0]} components x {attrs.weight.shape[1]} examples, "

@@ -22,10 +22,11 @@ sections, overridable by dotted command-line flags::
 
 :func:`load_regression_config` reads such files (``yaml.safe_load``; values
 typed like fastargs does, so ``1e-3`` is a float), applies overrides, and
-returns a frozen :class:`SeedRegressionConfig`. Keys this package does not
-use -- the SAGA step size and stopping rule, unknown keys such as
-``true_random`` -- are not dropped silently: a :class:`SeedConfigWarning`
-lists them, and the config keeps them in ``unused``/``unknown``.
+returns a frozen :class:`SeedRegressionConfig`. Keys that the chosen solver
+does not use -- the SAGA step size and stopping rule when the exact
+least-squares fit runs, unknown keys such as ``true_random`` -- are not
+dropped silently: a :class:`SeedConfigWarning` lists them, and the config
+keeps them in ``unused``/``unknown``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "read_config_files",
     "KNOWN_KEYS",
     "UNUSED_KEYS",
+    "solver_kind",
 ]
 
 
@@ -75,14 +77,27 @@ KNOWN_KEYS: dict[str, tuple[type, Any]] = {
     "early_stopping.eps": (float, 1e-5),
 }
 
-#: Known keys the exact least-squares fit does not act on, and why.
-UNUSED_KEYS: dict[str, str] = {
-    "data.seed": "unused by the seed as well",
-    "cfg.lr": "SAGA step size; the exact least-squares solver has none",
-    "cfg.eps": "lambda-path ratio; with k = 1 there is no path",
-    "early_stopping.check_every": "SAGA early stopping; the exact solver needs none",
-    "early_stopping.eps": "SAGA early stopping; the exact solver needs none",
+#: Known keys a solver does not act on, and why: the exact least-squares fit
+#: (``lstsq``, for the seed's ``k: 1, manual_max_lambda: 0``) and the SAGA
+#: lasso path (``saga``, fast_l1's algorithm, for the other settings).
+UNUSED_KEYS: dict[str, dict[str, str]] = {
+    "lstsq": {
+        "data.seed": "unused by the seed as well",
+        "cfg.lr": "SAGA step size; the exact least-squares solver has none",
+        "cfg.eps": "lambda-path ratio; with k = 1 there is no path",
+        "early_stopping.check_every": "SAGA early stopping; the exact solver needs none",
+        "early_stopping.eps": "SAGA early stopping; the exact solver needs none",
+    },
+    "saga": {"data.seed": "unused by the seed as well"},
 }
+
+
+def solver_kind(k: int | None, manual_max_lambda: float, solver: str = "auto") -> str:
+    """``"lstsq"`` or ``"saga"``: which family fits these settings (``auto``: the
+    exact solver for ``k: 1, manual_max_lambda: 0``, else the lasso path)."""
+    if solver == "auto":
+        return "lstsq" if (k in (None, 1) and manual_max_lambda == 0) else "saga"
+    return "lstsq" if solver == "lstsq" else "saga"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,6 +177,7 @@ class SeedRegressionConfig:
     unused: tuple[str, ...] = ()
     unknown: tuple[str, ...] = ()
     values: Mapping[str, Any] = field(default_factory=dict)
+    unused_reasons: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         minimum = {"num_train": 0, "num_val": 0, "k": 1, "batch_size": 1, "num_workers": 1}
@@ -209,6 +225,7 @@ def load_regression_config(
     paths: str | os.PathLike | Sequence[str | os.PathLike] = (),
     overrides: Mapping[str, Any] | None = None,
     *,
+    solver: str = "auto",
     warn: bool = True,
 ) -> SeedRegressionConfig:
     """Read the seed's regression YAML file(s) and dotted overrides.
@@ -223,6 +240,9 @@ def load_regression_config(
         YAML (or JSON) files.
     overrides
         Dotted keys from the command line.
+    solver
+        The solver that will run (``auto``, ``lstsq``, ``saga``, ``fast_l1``):
+        it decides which known keys count as unused (see :data:`UNUSED_KEYS`).
     warn
         Emit a :class:`SeedConfigWarning` listing unused and unknown keys.
 
@@ -257,9 +277,11 @@ def load_regression_config(
     for key, (_, default) in KNOWN_KEYS.items():
         if kwargs.get(_attr(key)) is None and default is not None:
             kwargs[_attr(key)] = default
-    unused = sorted(k for k in UNUSED_KEYS if k in merged and merged[k] is not None)
+    kind = solver_kind(kwargs.get("k"), kwargs.get("manual_max_lambda", -1.0), solver)
+    unused = sorted(k for k in UNUSED_KEYS[kind] if k in merged and merged[k] is not None)
     cfg = SeedRegressionConfig(
-        **kwargs, unused=tuple(unused), unknown=tuple(sorted(unknown)), values=dict(merged)
+        **kwargs, unused=tuple(unused), unknown=tuple(sorted(unknown)), values=dict(merged),
+        unused_reasons={k: UNUSED_KEYS[kind][k] for k in unused},
     )
     if warn and (cfg.unused or cfg.unknown):
         warnings.warn(describe_ignored(cfg), SeedConfigWarning, stacklevel=2)
@@ -271,8 +293,9 @@ def describe_ignored(cfg: SeedRegressionConfig) -> str:
     parts = []
     if cfg.unused:
         parts.append(
-            "settings not used by coar_dask's exact least-squares fit: "
-            + "; ".join(f"{k}={getattr(cfg, _attr(k))!r} ({UNUSED_KEYS[k]})" for k in cfg.unused)
+            "settings read but not used: "
+            + "; ".join(f"{k}={getattr(cfg, _attr(k))!r} ({cfg.unused_reasons.get(k, 'unused')})"
+                        for k in cfg.unused)
         )
     if cfg.unknown:
         parts.append(
