@@ -177,8 +177,8 @@ def test_workers_leave_at_their_lifetime_and_new_jobs_take_over(slurm):
 
 # ---------------------------------------------------------------- digits builds
 
-BUILD_ROWS = 240
-ROWS_PER_BLOCK = 12
+BUILD_ROWS = 200
+ROWS_PER_BLOCK = 10
 
 
 def _digits_store(path, experiment):
