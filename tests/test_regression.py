@@ -239,3 +239,22 @@ def test_fit_solver_flags_and_seed_aliases():
     assert fresh.parse_args([]).solver == "lstsq"
     with pytest.raises(SystemExit):
         fresh.parse_args(["--solver", "sgd"])
+
+
+@pytest.mark.slow
+def test_regression_benchmark_runs_small(tmp_path):
+    """benchmarks/regression.py at small sizes: the JSON keys, and memory that does not grow with rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "regression.py"
+    spec = importlib.util.spec_from_file_location("bench_regression", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--json", "--no-digits", "--workdir", str(tmp_path), "--synthetic-rows", "1500",
+                      "--rss-rows", "1000,10000", "--synthetic-saga-max-epochs", "6"])
+    for key in ("lstsq_seconds", "saga_seconds", "speedup", "lstsq_correlation", "saga_correlation",
+                "rss_10k_mb", "rss_100k_mb"):
+        assert np.isfinite(out[key]), key
+    assert out["synthetic"]["num_train"] == 1200 and out["synthetic"]["saga_max_epochs"] == 6
+    assert out["rss_100k_mb"] < 1.1 * out["rss_10k_mb"]

@@ -438,3 +438,13 @@ def test_solver_options_lists_keyword_options():
     assert "ridge_grid" in solvers.solver_options("lstsq")
     assert {"lr", "k", "eps", "batch_size", "early_stop_every"} <= set(solvers.solver_options("saga"))
     assert "device" not in solvers.solver_options("saga")
+
+
+@pytest.mark.parametrize("method", ["gram", "cg"])
+def test_refit_without_grid_fits_train_and_validation_rows(method):
+    X, Y, _, _ = planted(22, n=240, p=8, k=2, noise=1.0)
+    res = solvers.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), refit=True, method=method)
+    w, b = numpy_lstsq(X, Y)
+    assert rel_err(res.weight, w) < 1e-6 and res.info["n_refit"] == 240
+    held = solvers.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), method=method)
+    np.testing.assert_allclose(res.info["val_mse"], held.info["val_mse"], rtol=1e-6)
