@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_initialize_store_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_initialize_store_parser(subparsers: Any, name: str = "initialize-store",
+                                aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``initialize-store`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
     p = subparsers.add_parser(
-        "initialize-store",
+        name,
+        aliases=list(aliases),
         help="the seed's initialize_store command (--logging.logdir, --logging.spec)",
         description="Initialize a zarr store from the seed's JSON spec.",
     )

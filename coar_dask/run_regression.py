@@ -91,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_run_regression_parser(subparsers: Any, name: str = "run-regression") -> argparse.ArgumentParser:
+def add_run_regression_parser(subparsers: Any, name: str = "run-regression",
+                              aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``run-regression`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
     p = subparsers.add_parser(
         name,
+        aliases=list(aliases),
         help="the seed's run_regression command (--config YAML, --data.data_path, --cfg.out_dir)",
         description="Fit attributions from a .beton or a store with the seed's regression YAML.",
     )

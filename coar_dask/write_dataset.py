@@ -59,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_export_beton_parser(subparsers: Any, name: str = "export-beton") -> argparse.ArgumentParser:
+def add_export_beton_parser(subparsers: Any, name: str = "export-beton",
+                            aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``export-beton`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
     p = subparsers.add_parser(
         name,
+        aliases=list(aliases),
         help="write a store's rows to an FFCV .beton (seed flags --cfg.data_dir/--cfg.out_path/... accepted)",
         description="Write a store's rows to an FFCV .beton with the seed's fields mask/targets/idx.",
     )
