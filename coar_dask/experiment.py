@@ -269,13 +269,23 @@ class Experiment:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"experiment file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"experiment file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
         return cls.from_dict(data or {}, source=f"experiment file {str(path)!r}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line (PyYAML's own message spans several, with a source excerpt)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = ("only plain YAML is read (yaml.safe_load): no python tags"
+            if "constructor" in problem else "fix the syntax there")
+    return f"{problem}{where}; {hint}."
 
 
 def load_experiment(source: Experiment | Mapping[str, Any] | str | os.PathLike) -> Experiment:
