@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-chunk", type=int, default=None, help="store chunking (default: the store's)")
     parser.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
     parser.add_argument("--page-size", type=int, default=None, help="FFCV page size (default: export_beton's)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tmpdir", default=None, help="where to write the store and files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
