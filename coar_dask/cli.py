@@ -44,23 +44,22 @@ def _quiet_dask(verbose: int) -> None:
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where to run")
-    g.add_argument("--cluster", default="local", choices=["local", "address", "none"],
-                   help="local: a Dask LocalCluster on this machine (default); address: an existing "
-                        "scheduler (--address); none: run in this process without Dask")
-    g.add_argument("--address", help="scheduler address for --cluster address, e.g. tcp://host:8786")
-    g.add_argument("--workers", type=int, default=None,
-                   help="worker processes of the local cluster (default: one per core)")
+    from .cluster import add_cluster_arguments
+
+    add_cluster_arguments(p)
 
 
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator[Any]:
-    if args.cluster == "none":
+    """A Dask client for the cluster flags, or ``None`` for ``--cluster none``."""
+    from .cluster import cluster_client, cluster_from_args
+
+    kwargs = cluster_from_args(args)
+    if kwargs.pop("kind") == "none":
         yield None
         return
-    from .cluster import cluster_client
-
-    with cluster_client(args.cluster, address=args.address, n_workers=args.workers) as client:
+    kind = args.cluster or "local"
+    with cluster_client(kind, **kwargs) as client:
         _out(f"Dask dashboard: {client.dashboard_link}")
         yield client
 
@@ -165,22 +164,59 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .regression import fit
+    from .regression import fit, solver_options_from_args
 
+    options = solver_options_from_args(args)
     t0 = time.perf_counter()
-    options = {"ridge": args.ridge} if args.ridge else {}
-    attrs = fit(args.store, x_name=args.x_name, y_name=args.y_name, num_train=args.num_train,
-                num_val=args.num_val, split_seed=args.split_seed, solver=args.solver,
-                target_slice=_parse_slice(args.target_slice), device=args.device, **options)
+    bar = None
+
+    def progress(p: Any) -> None:
+        nonlocal bar
+        from tqdm.auto import tqdm
+
+        if bar is None or bar.desc != p.stage:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=p.total, desc=p.stage, file=sys.stderr, disable=None)
+        bar.n = p.done
+        if p.total is not None and p.done > (bar.total or 0):
+            bar.total = p.done
+        if p.detail:
+            bar.set_postfix_str(p.detail, refresh=False)
+        bar.refresh()
+
+    use_cluster = bool(options.get("slices")) and (args.cluster or "local") != "none"
+    with (_client(args) if use_cluster else contextlib.nullcontext()) as client:
+        try:
+            attrs = fit(args.store, x_name=args.x_name, y_name=args.y_name, num_train=args.num_train,
+                        num_val=args.num_val, split_seed=args.split_seed, target_slice=_parse_slice(args.target_slice),
+                        device=args.device, progress=progress, client=client, **options)
+        finally:
+            if bar is not None:
+                bar.close()
     path = attrs.save(args.out)
-    _out(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples on "
-         f"{attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
+    _out(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples with {attrs.metadata['solver']} "
+         f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
     corr = attrs.metadata.get("val_correlation")
     if corr:
         import numpy as np
 
         _out(f"validation correlation: mean {np.nanmean(corr):.3f} over {attrs.metadata['n_val']} rows")
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster import cluster_dry_run_main
+
+    if args.dry_run:
+        return cluster_dry_run_main(args)
+    with _client(args) as client:
+        if client is None:
+            raise ConfigError("`coar-dask cluster` starts a cluster; --cluster none has nothing to start.")
+        _out(f"Scheduler: {client.scheduler.address}\nUse it with --cluster address --address "
+             f"{client.scheduler.address}. Ctrl-C stops the cluster.")
+        while True:
+            time.sleep(3600)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -291,10 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train rows (default: all completed rows not used for validation)")
     p.add_argument("--num-val", "--data.num_val", dest="num_val", type=int, default=0, help="validation rows (default 0)")
     p.add_argument("--split-seed", "--data.seed", dest="split_seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--solver", default="lstsq", help="solver name (default lstsq)")
-    p.add_argument("--ridge", type=float, default=0.0, help="ridge penalty (default 0: plain least squares)")
     p.add_argument("--target-slice", default=None, help="fit only outputs START:STOP")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    from .regression import add_fit_solver_arguments
+
+    add_fit_solver_arguments(p)
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="correlation of predicted and actual outputs on held-out masks",
@@ -310,6 +348,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    from .components import add_components_parser
+    from .initialize_store import add_initialize_store_parser
+    from .run_regression import add_run_regression_parser
+    from .seed_io import add_export_npy_parser, add_import_npy_parser
+    from .verify import add_verify_parser
+    from .write_dataset import add_export_beton_parser
+
+    add_components_parser(sub)
+    add_verify_parser(sub)
+
+    p = sub.add_parser("cluster", help="show the SLURM job script (--dry-run), or start a cluster and wait",
+                       description="With --dry-run, print the settings and the job script SLURM would run. "
+                                   "Without, start the cluster described by the flags, print its scheduler "
+                                   "address and dashboard, and keep it up until Ctrl-C.")
+    p.add_argument("--dry-run", action="store_true", help="print the SLURM job script and exit")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_cluster)
+
+    add_export_beton_parser(sub, aliases=("write-dataset",))
+    add_import_npy_parser(sub)
+    add_export_npy_parser(sub)
+    add_initialize_store_parser(sub)
+    add_run_regression_parser(sub)
     return parser
 
 
