@@ -677,6 +677,13 @@ class BetonRows:
     idx_available : bool
         Whether the file has the ``idx`` field (store row of each position).
 
+    Notes
+    -----
+    Each source compiles one FFCV loader per device on first use (~1 s) and
+    reuses it; a copy made by pickling compiles its own. When a loader is
+    freed after another compiled the same kernels, numba (0.68) may print
+    "Exception ignored ... KeyError" from a finalizer: harmless.
+
     Examples
     --------
     >>> src = BetonRows("component_datasets.beton", rows=range(45_000))  # doctest: +SKIP
