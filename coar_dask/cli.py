@@ -194,7 +194,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    path = attrs.save(args.out)
+    out = Path(args.out)
+    if out.is_dir():  # the seed's cfg.out_dir is a directory holding datamodels.pt
+        out = out / "datamodels.pt"
+    path = attrs.save(out)
     _out(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples with {attrs.metadata['solver']} "
          f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
     corr = attrs.metadata.get("val_correlation")
@@ -320,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-example linear models of outputs on masks, streamed over row blocks. "
                                    "Weights are in mask units: prediction = mask @ weight + bias (1 = kept).")
     p.add_argument("--store", "--data.data_path", dest="store", required=True, help="store directory")
-    p.add_argument("--out", "--cfg.out_dir", dest="out", required=True, help="output .pt file")
+    p.add_argument("--out", "--cfg.out_dir", dest="out", required=True, help="output .pt file (an existing directory gets DIR/datamodels.pt, as the seed)")
     p.add_argument("--x-name", "--cfg.x_name", dest="x_name", default=None, help="mask array (default: the bool one)")
     p.add_argument("--y-name", "--cfg.y_name", dest="y_name", default=None, help="output array (default: the other one)")
     p.add_argument("--num-train", "--data.num_train", dest="num_train", type=int, default=None,
