@@ -401,7 +401,7 @@ def add_fit_solver_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, dest, typ, text, _, alias in _SOLVER_FLAGS:
         add(*(f for f in (flag, alias) if f), dest=dest, type=typ, default=None, help=text)
     add("--refit", dest="refit", action="store_true", default=None,
-        help="lstsq: after choosing ridge penalties, refit on train + validation rows")
+        help="lstsq: refit on train + validation rows (after choosing penalties with --ridge-grid)")
     add("--no-refit", dest="refit", action="store_false", default=None,
         help="saga: skip the seed's refit on train + validation rows")
     add("--slices", dest="slices", type=int, default=None,
@@ -411,13 +411,21 @@ def add_fit_solver_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def solver_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``**solver_options`` of :func:`fit` from the flags of :func:`add_fit_solver_arguments`.
+    """Keyword arguments of :func:`fit` from the flags of :func:`add_fit_solver_arguments`.
 
-    Only flags that were given are passed on. A flag of another solver
+    Always ``solver``; ``slices`` and ``max_targets`` when given; and the
+    solver's options whose flags were given (so ``fit(store, **options)``
+    uses the solver's defaults for the rest). A flag of another solver
     (``--lr`` with lstsq) raises :class:`RegressionError` saying so.
+
+    Examples
+    --------
+    >>> p = argparse.ArgumentParser(); add_fit_solver_arguments(p)
+    >>> solver_options_from_args(p.parse_args(["--solver", "saga", "--cfg.lr", "1e-3", "--slices", "4"]))
+    {'solver': 'saga', 'lr': 0.001, 'slices': 4}
     """
     solver = getattr(args, "solver", None) or "lstsq"
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"solver": solver}
     for flag, dest, _, _, solvers, _ in _SOLVER_FLAGS:
         value = getattr(args, dest, None)
         if value is None or (dest == "ridge" and value == 0 and solver != "lstsq"):
@@ -436,6 +444,12 @@ def solver_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if solver not in ("lstsq", "saga"):
             raise RegressionError(f"--refit/--no-refit are options of lstsq and saga, not {solver!r}.")
         out["refit"] = bool(refit)
-    if out.get("ridge") == 0.0:  # the CLI's default: plain least squares, the solver's default too
+    if out.get("ridge") == 0.0:  # plain least squares: the solver's default too
         del out["ridge"]
+    for name in ("slices", "max_targets"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 1:
+                raise RegressionError(f"--{name.replace('_', '-')} must be >= 1; found {value}.")
+            out[name] = int(value)
     return out

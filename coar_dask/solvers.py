@@ -166,7 +166,7 @@ def batch_rows_for(n_features: int, n_targets: int, batch_bytes: int = _BATCH_BY
     """Rows per batch so that a float32 batch of X and Y takes about ``batch_bytes``.
 
     >>> batch_rows_for(2304, 1000)
-    2539
+    2538
     """
     row = 4 * (int(n_features) + int(n_targets))
     return int(max(64, batch_bytes // max(row, 1)))

@@ -222,23 +222,35 @@ def test_fit_solver_flags_and_seed_aliases():
     args = p.parse_args(["--solver", "saga", "--cfg.lr", "5e-4", "--k", "1", "--cfg.batch_size", "500",
                          "--early_stopping.check_every", "3", "--early-stop-eps", "1e-10",
                          "--cfg.manual_max_lambda", "0", "--slices", "4", "--no-refit"])
-    assert solver_options_from_args(args) == {"lr": 5e-4, "k": 1, "batch_size": 500, "early_stop_every": 3,
-                                              "early_stop_eps": 1e-10, "max_lambda": 0.0, "refit": False}
-    assert args.slices == 4
-    assert solver_options_from_args(p.parse_args([])) == {}
-    assert solver_options_from_args(p.parse_args(["--ridge-grid", "auto", "--refit"])) == {
-        "ridge_grid": "auto", "refit": True}
+    assert solver_options_from_args(args) == {
+        "solver": "saga", "lr": 5e-4, "k": 1, "batch_size": 500, "early_stop_every": 3, "early_stop_eps": 1e-10,
+        "max_lambda": 0.0, "refit": False, "slices": 4}
+    assert solver_options_from_args(p.parse_args([])) == {"solver": "lstsq"}
+    assert solver_options_from_args(p.parse_args(["--ridge-grid", "auto", "--refit", "--max-targets", "9"])) == {
+        "solver": "lstsq", "ridge_grid": "auto", "refit": True, "max_targets": 9}
     assert solver_options_from_args(p.parse_args(["--solver", "saga", "--max-lambda", "auto"])) == {
-        "max_lambda": "auto"}
+        "solver": "saga", "max_lambda": "auto"}
     with pytest.raises(RegressionError, match="--solver saga"):
         solver_options_from_args(p.parse_args(["--lr", "0.1"]))
     with pytest.raises(RegressionError, match="--max-lambda"):
         solver_options_from_args(p.parse_args(["--solver", "saga", "--max-lambda", "big"]))
+    with pytest.raises(RegressionError, match="--slices"):
+        solver_options_from_args(p.parse_args(["--slices", "0"]))
     fresh = argparse.ArgumentParser()
     add_fit_solver_arguments(fresh)
     assert fresh.parse_args([]).solver == "lstsq"
     with pytest.raises(SystemExit):
         fresh.parse_args(["--solver", "sgd"])
+
+
+def test_fit_accepts_the_cli_options(synthetic):
+    """What ``coar-dask fit`` does: ``fit(store, **solver_options_from_args(args))``."""
+    store, _, _ = synthetic
+    args = _cli_like_parser().parse_args(["--solver", "saga", "--lr", "0.05", "--batch-size", "100",
+                                          "--max-epochs", "20", "--slices", "2"])
+    attrs = fit(store, num_val=50, **solver_options_from_args(args))
+    assert attrs.metadata["solver"] == "saga" and attrs.metadata["n_slices"] == 2
+    assert attrs.metadata["solver_options"]["lr"] == 0.05
 
 
 @pytest.mark.slow
