@@ -64,24 +64,10 @@ def chunk(store, name: str, b: int) -> Path:
     return store.chunk_path(name, b)
 
 
-def _cli_has(command: str) -> bool:
-    from coar_dask import cli
-
-    parser = cli.build_parser()
-    for action in parser._subparsers._group_actions:  # noqa: SLF001 - only to see what is wired
-        if command in getattr(action, "choices", {}):
-            return True
-    return False
-
-
 def run_cli(argv: list[str]) -> int:
-    """``coar-dask verify|repair ...``: through ``coar_dask.cli.main`` once the lead has
-    wired the commands there, else through ``coar_dask.verify.main`` (same parser,
-    same error conventions)."""
-    if _cli_has(argv[0]):
-        from coar_dask.cli import main
-    else:
-        from coar_dask.verify import main
+    """``coar-dask verify|repair ...``, in this process."""
+    from coar_dask.cli import main
+
     return main(argv)
 
 
@@ -97,6 +83,15 @@ def test_intact_complete_store_is_ok(store, capsys):
     assert run_cli(["verify", str(store.path)]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and f"{N} / {N} completed" in out
+
+
+def test_module_entry_point_has_the_same_commands(store, capsys):
+    from coar_dask.verify import main as verify_main
+
+    assert verify_main(["verify", str(store.path)]) == 0
+    assert verify_main(["repair", str(store.path), "--dry-run"]) == 0
+    assert verify_main(["verify", str(store.path / "nowhere")]) == 2
+    assert "no coar_dask store" in capsys.readouterr().err
 
 
 def test_json_report_is_machine_readable(store, capsys):
