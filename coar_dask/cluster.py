@@ -94,7 +94,8 @@ def default_local_workers() -> int:
 
 #: Environment of worker processes: one BLAS/OpenMP thread each, so that
 #: N single-threaded workers use N cores without oversubscription.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# malloc: dask's MALLOC_TRIM_THRESHOLD_=65536 pins mmap at 128 KiB -> 3x CPU per digits model (BENCHMARKS.md); applied in workers by coar_dask.ablation.apply_malloc_env
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
 # ------------------------------------------------------------------ local GPUs
