@@ -320,6 +320,18 @@ def _device_of(module: Any) -> Any:
     return None
 
 
+def _in_dask_worker() -> bool:
+    import sys
+
+    if "distributed" not in sys.modules:  # never imported: not a worker (and the core stays Dask-free)
+        return False
+    try:
+        sys.modules["distributed"].get_worker()
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
 # ----------------------------------------------------------- per-state runner
 
 
@@ -359,7 +371,7 @@ _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_TH
 _MALLOC_APPLIED: dict[str, int] | None = None
 
 
-def apply_malloc_env() -> dict[str, int]:
+def apply_malloc_env(*, only_in_dask_worker: bool = True) -> dict[str, int]:
     """Apply the ``MALLOC_*`` environment variables of this process with ``mallopt`` (glibc; once).
 
     glibc reads ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
@@ -371,13 +383,24 @@ def apply_malloc_env() -> dict[str, int]:
     them at run time, before the first ablated forward pass. Why it matters:
     with dask's setting, every activation above 128 KiB is a fresh ``mmap``
     whose pages fault in and are zeroed on every forward pass; on the digits
-    model that halves throughput (BENCHMARKS.md). Does nothing without glibc.
+    model that triples the CPU time per model (BENCHMARKS.md). Does nothing
+    without glibc.
+
+    Parameters
+    ----------
+    only_in_dask_worker
+        Act only inside a Dask worker (default). Elsewhere the variables may be
+        left over from a nanny that started workers from this process (it
+        writes dask's ``MALLOC_TRIM_THRESHOLD_=65536`` into its own
+        environment), which must not be applied.
 
     Returns
     -------
     dict
         The settings applied (``{env name: value}``).
     """
+    if only_in_dask_worker and not _in_dask_worker():
+        return {}
     global _MALLOC_APPLIED
     if _MALLOC_APPLIED is not None:
         return _MALLOC_APPLIED

@@ -1,0 +1,481 @@
+"""Ablated models per second: the seed's way, in-place zeroing, masks per pass, the forward floor, a real build.
+
+On the same model, examples and mask count, in one run:
+
+(a) ``seed``      the seed's way: ``copy.deepcopy`` the model and zero the slices, per mask
+(b) ``inplace``   zero the slices in place and restore them (``masks_per_pass=1``)
+(c) ``batched-M`` M masks per forward pass (forward hooks on a batch repeated M times)
+    ``auto``      what :func:`coar_dask.ablation.compute_outputs` picks by itself (the build's path)
+(d) ``floor``     plain forward passes of the unablated model on the same examples
+(e) ``build``     ``coar_dask.build.run_build`` on a LocalCluster of single-threaded workers
+
+Same total cores for all: (a)-(d) run in ``--workers`` processes at once, each
+with one torch thread and the workers' environment (``coar_dask.cluster.WORKER_ENV``,
+malloc settings included), started together behind a barrier; their rates are
+summed. (e) uses ``--workers`` single-threaded Dask workers, warmed up (model
+and examples loaded) before the timed build; its time is the build's
+execution (planning excluded), so it includes mask sampling, zarr writes and
+Dask's task overhead. Each of (a)-(d) is measured ``--rounds`` times,
+interleaved, and the best round is kept (the machine may be shared).
+
+    python benchmarks/build_throughput.py                          # digits, table
+    python benchmarks/build_throughput.py --model cifar_resnet18   # CIFAR-sized ResNet-18, random 32x32 inputs
+    python benchmarks/build_throughput.py --json                   # one JSON object
+    python benchmarks/build_throughput.py --malloc dask            # workers with Dask's malloc default
+
+``--malloc``: ``package`` (default: the ``MALLOC_*`` of ``WORKER_ENV``), ``dask``
+(Dask's nanny default, ``MALLOC_TRIM_THRESHOLD_=65536``), ``glibc`` (no
+``MALLOC_*`` at all), or ``NAME=VALUE,...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_ROOT))
+
+_MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                "MALLOC_ARENA_MAX")
+
+
+# ------------------------------------------------------------ experiments
+
+
+def subset_examples(n: int, factory: str, **kwargs: Any) -> tuple[Any, Any]:
+    """The first ``n`` examples of another examples factory (importable by workers)."""
+    from coar_dask.experiment import import_object
+
+    inputs, labels = import_object(factory)(**kwargs)
+    return inputs[:n], labels[:n]
+
+
+def make_experiment(name: str, examples: int | None, batch_size: int | None) -> Any:
+    """The benchmark's experiment: ``digits`` or ``cifar_resnet18`` (random weights, random 32x32 inputs)."""
+    from coar_dask.experiment import Experiment
+    from coar_dask.zoo import digits
+
+    if name == "digits":
+        exp = digits.experiment()
+        if examples:
+            exp = exp.replace(examples=f"{Path(__file__).stem}:subset_examples",
+                              examples_kwargs={"n": examples, "factory": exp.examples})
+        return exp.replace(batch_size=batch_size or exp.batch_size)
+    if name == "cifar_resnet18":
+        n = examples or 64
+        return Experiment(
+            model="coar_dask.presets:seeded_model",
+            model_kwargs={"factory": "coar_dask.zoo.architectures:cifar_resnet18", "seed": 0},
+            examples="coar_dask.presets:random_examples",
+            examples_kwargs={"n": n, "shape": [3, 32, 32], "classes": 10, "seed": 0},
+            include=("conv",), kinds=("conv2d",), alpha=0.05, batch_size=batch_size or n,
+        )
+    raise SystemExit(f"unknown --model {name!r}; choose digits or cifar_resnet18")
+
+
+# ------------------------------------------------------------- environments
+
+
+def malloc_env(choice: str) -> dict[str, str]:
+    """The ``MALLOC_*`` variables of a ``--malloc`` choice."""
+    from coar_dask.cluster import WORKER_ENV
+
+    if choice == "package":
+        return {k: v for k, v in WORKER_ENV.items() if k in _MALLOC_KEYS}
+    if choice == "dask":
+        return {"MALLOC_TRIM_THRESHOLD_": "65536"}
+    if choice == "glibc":
+        return {}
+    out = {}
+    for item in filter(None, choice.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _MALLOC_KEYS or not value:
+            raise SystemExit(f"--malloc: {item!r} is not NAME=VALUE with NAME in {_MALLOC_KEYS}")
+        out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def process_env(malloc: dict[str, str]) -> Iterator[dict[str, str]]:
+    """This process's environment, as children started inside inherit it: workers' env with ``malloc``."""
+    from coar_dask.cluster import WORKER_ENV
+
+    env = {k: v for k, v in WORKER_ENV.items() if k not in _MALLOC_KEYS}
+    env.update(malloc)
+    saved = dict(os.environ)
+    for key in _MALLOC_KEYS:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def cluster_env(malloc: dict[str, str]) -> Iterator[None]:
+    """Make the LocalCluster's workers start with exactly ``malloc`` (pre-spawn and worker env)."""
+    import dask
+    import distributed  # noqa: F401 - loads distributed's config defaults
+
+    from coar_dask import cluster
+
+    saved_worker_env = dict(cluster.WORKER_ENV)
+    saved_environ = {k: os.environ.pop(k) for k in _MALLOC_KEYS if k in os.environ}
+    for key in _MALLOC_KEYS:
+        cluster.WORKER_ENV.pop(key, None)
+    cluster.WORKER_ENV.update(malloc)
+    # The nanny exports pre-spawn-environ before starting a worker (None drops a key).
+    pre = {"MALLOC_TRIM_THRESHOLD_": None, **malloc}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {
+                **dask.config.get("distributed.nanny.pre-spawn-environ"), **pre}}):
+            yield
+    finally:
+        cluster.WORKER_ENV.clear()
+        cluster.WORKER_ENV.update(saved_worker_env)
+        for key in _MALLOC_KEYS:
+            os.environ.pop(key, None)
+        os.environ.update(saved_environ)
+
+
+# ---------------------------------------------------- in-process measurements
+
+
+def _methods(ms: list[int]) -> list[str]:
+    return ["floor", "seed", "inplace"] + [f"batched-{m}" for m in ms] + ["auto"]
+
+
+def _run_method(state: Any, method: str, masks: Any) -> None:
+    import numpy as np
+    import torch
+
+    from coar_dask.ablation import compute_outputs, reference_model
+
+    bs = state.experiment.batch_size
+    if method in ("floor", "seed"):
+        out = np.empty((len(masks), state.n_examples), dtype=np.float32)
+        with torch.inference_mode():
+            for i, mask in enumerate(masks):
+                model = reference_model(state.model, state.components, mask) if method == "seed" else state.model
+                for s in range(0, state.n_examples, bs):
+                    logits = model(state.inputs[s : s + bs])
+                    out[i, s : s + bs] = state.output_fn(logits.float(), state.labels[s : s + bs]).cpu().numpy()
+        return
+    if method == "inplace":
+        compute_outputs(state, masks, masks_per_pass=1)
+    elif method == "auto":
+        compute_outputs(state, masks)
+    else:
+        compute_outputs(state, masks, masks_per_pass=int(method.split("-")[1]))
+
+
+def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds: int, barrier: Any, queue: Any) -> None:
+    try:
+        import resource
+
+        import torch
+
+        from coar_dask.ablation import apply_malloc_env, compute_outputs
+        from coar_dask.experiment import load_state
+        from coar_dask.masks import sample_masks
+
+        torch.set_num_threads(1)
+        apply_malloc_env(only_in_dask_worker=False)  # as in the build's workers
+        state = load_state(experiment)
+        masks = sample_masks(experiment.mask_seed, range(rank * n_masks, (rank + 1) * n_masks),
+                             state.n_components, experiment.alpha)
+        for method in methods:  # warm-up: kernels, allocator, the batched path's one-time check
+            _run_method(state, method, masks[: min(len(masks), 2)])
+        auto_m = None
+        from coar_dask.ablation import _runner
+
+        records = []
+        for r in range(rounds):
+            for method in methods:
+                barrier.wait()
+                u0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                _run_method(state, method, masks)
+                wall = time.perf_counter() - t0
+                u1 = resource.getrusage(resource.RUSAGE_SELF)
+                records.append({"round": r, "method": method, "wall": wall,
+                                "user": u1.ru_utime - u0.ru_utime, "sys": u1.ru_stime - u0.ru_stime})
+        runner = _runner(state)
+        if runner.batched is not None:
+            from coar_dask.ablation import AUTO_TARGET_ELEMENTS, auto_masks_per_pass
+
+            auto_m = auto_masks_per_pass(min(experiment.batch_size, state.n_examples), runner.probe(state),
+                                         n_masks, target_elements=AUTO_TARGET_ELEMENTS["cpu"])
+        queue.put({"rank": rank, "records": records, "n_components": state.n_components,
+                   "n_examples": state.n_examples, "auto_masks_per_pass": auto_m or 1,
+                   "batched_reason": runner.reason})
+    except BaseException as exc:  # noqa: BLE001 - report to the parent, which raises
+        import traceback
+
+        queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"})
+        barrier.abort()
+
+
+def measure_in_process(experiment: Any, workers: int, methods: list[str], n_masks: int, rounds: int,
+                       malloc: dict[str, str]) -> dict[str, Any]:
+    """(a)-(d) in ``workers`` concurrent single-threaded processes; best round per method, rates summed."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    queue = ctx.Queue()
+    with process_env(malloc):
+        procs = [ctx.Process(target=_child, args=(r, experiment, methods, n_masks, rounds, barrier, queue))
+                 for r in range(workers)]
+        for p in procs:
+            p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError("a measuring process failed:\n" + errors[0])
+    rates: dict[str, float] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    for method in methods:
+        best = 0.0
+        for r in range(rounds):
+            recs = [rec for res in results for rec in res["records"] if rec["method"] == method and rec["round"] == r]
+            rate = sum(n_masks / rec["wall"] for rec in recs)
+            if rate > best:
+                best = rate
+                total = n_masks * len(recs)
+                cpu[method] = {"user_ms_per_model": 1e3 * sum(x["user"] for x in recs) / total,
+                               "sys_ms_per_model": 1e3 * sum(x["sys"] for x in recs) / total}
+        rates[method] = best
+    first = results[0]
+    return {"rates": rates, "cpu": cpu, "n_components": first["n_components"], "n_examples": first["n_examples"],
+            "auto_masks_per_pass": first["auto_masks_per_pass"], "batched_reason": first["batched_reason"]}
+
+
+# ------------------------------------------------------------------ the build
+
+
+def _warm(experiment: Any) -> int:
+    import numpy as np
+
+    from coar_dask.ablation import compute_outputs
+    from coar_dask.experiment import load_state
+
+    state = load_state(experiment)
+    compute_outputs(state, np.ones((2, state.n_components), dtype=bool))
+    return state.n_components
+
+
+def _rusage() -> tuple[float, float]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int, malloc: dict[str, str],
+                  n_components: int, n_examples: int, repeats: int, worker_profile: str = "default") -> dict[str, Any]:
+    """(e): ``run_build`` on a fresh store, on a warmed-up LocalCluster; best of ``repeats`` builds."""
+    from coar_dask.build import run_build
+    from coar_dask.cluster import cluster_client
+    from coar_dask.evaluate import eval_store_for
+
+    import dask
+
+    best: dict[str, Any] = {}
+    profile = {} if worker_profile == "default" else {"distributed.worker.profile.enabled": worker_profile == "on"}
+    with dask.config.set(profile), cluster_env(malloc), cluster_client("local", n_workers=workers) as client, \
+            tempfile.TemporaryDirectory(prefix="coar-bench-") as tmp:
+        client.run(_warm, experiment)
+        worker_env = client.run(lambda: {k: os.environ.get(k) for k in _MALLOC_KEYS if os.environ.get(k)})
+        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        for i in range(repeats):
+            store = eval_store_for(Path(tmp) / f"store{i}", experiment, rows, n_components, n_examples,
+                                   rows_per_chunk=rows_per_chunk)
+            u0 = client.run(_rusage)
+            t0 = time.perf_counter()
+            report = run_build(store, experiment, client=client)
+            wall = time.perf_counter() - t0
+            u1 = client.run(_rusage)
+            user = sum(u1[w][0] - u0[w][0] for w in u1)
+            sys_ = sum(u1[w][1] - u0[w][1] for w in u1)
+            rate = report.rows_done / report.seconds
+            if rate > best.get("models_per_s", 0.0):
+                best = {"models_per_s": rate, "seconds": report.seconds, "wall_with_planning": wall,
+                        "rows": report.rows_done, "blocks": report.blocks_done,
+                        "user_ms_per_model": 1e3 * user / report.rows_done,
+                        "sys_ms_per_model": 1e3 * sys_ / report.rows_done}
+    best["worker_malloc_env"] = next(iter(worker_env.values()), {})
+    best["worker_profiler"] = next(iter(profiling.values()), None)
+    return best
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def machine() -> dict[str, Any]:
+    import dask
+    import distributed
+    import numpy
+    import torch
+    import zarr
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+        "glibc": " ".join(platform.libc_ver()), "torch": torch.__version__, "dask": dask.__version__,
+        "distributed": distributed.__version__, "zarr": zarr.__version__, "numpy": numpy.__version__,
+    }
+
+
+def _cpu_ms(rec: dict[str, float]) -> float:
+    return rec["user_ms_per_model"] + rec["sys_ms_per_model"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ms = [int(m) for m in args.ms.split(",") if m]
+    methods = _methods(ms)
+    experiment = make_experiment(args.model, args.examples, args.batch_size)
+    malloc = malloc_env(args.malloc)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    inproc = measure_in_process(experiment, args.workers, methods, args.masks, args.rounds, malloc)
+    rates = inproc["rates"]
+    build = ({} if args.no_build else
+             measure_build(experiment, args.workers, args.rows, args.rows_per_chunk, malloc,
+                           inproc["n_components"], inproc["n_examples"], args.build_repeats, args.worker_profile))
+    floor, seed = rates["floor"], rates["seed"]
+    out: dict[str, Any] = {
+        "model": args.model,
+        "n_components": inproc["n_components"],
+        "n_examples": inproc["n_examples"],
+        "batch_size": experiment.batch_size,
+        "alpha": experiment.alpha,
+        "workers": args.workers,
+        "masks_per_process": args.masks,
+        "rounds": args.rounds,
+        "malloc": args.malloc,
+        "malloc_env": malloc,
+        "auto_masks_per_pass": inproc["auto_masks_per_pass"],
+        "floor_definition": (f"plain forward passes of the unablated model over the {inproc['n_examples']} examples "
+                             f"(batch {experiment.batch_size}), in {args.workers} concurrent single-threaded "
+                             f"processes with the workers' environment; rates summed"),
+        "models_per_s": dict(rates),
+        "cpu_ms_per_model": inproc["cpu"],
+        "floor_models_per_s": floor,
+        "seed_style_models_per_s": seed,
+        "inplace_models_per_s": rates["inplace"],
+        "auto_models_per_s": rates["auto"],
+        "batched_models_per_s": {m: rates[f"batched-{m}"] for m in ms},
+    }
+    if build:
+        out.update({
+            "build_models_per_s": build["models_per_s"],
+            "build_over_floor": build["models_per_s"] / floor,
+            "build_over_seed_style": build["models_per_s"] / seed,
+            "build_over_floor_cpu_time": _cpu_ms(inproc["cpu"]["floor"]) / _cpu_ms(build),
+            "build_over_seed_style_cpu_time": _cpu_ms(inproc["cpu"]["seed"]) / _cpu_ms(build),
+            "build": build,
+            "build_rows": args.rows,
+            "rows_per_chunk": args.rows_per_chunk,
+        })
+    out["seconds"] = time.perf_counter() - t0
+    out["load_average_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
+    out["machine"] = machine()
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    floor, seed = res["floor_models_per_s"], res["seed_style_models_per_s"]
+    rows = [("(d) floor: plain forward", floor)]
+    rows.append(("(a) seed: deepcopy + zero", seed))
+    rows.append(("(b) in-place zero/restore", res["inplace_models_per_s"]))
+    for m, rate in res["batched_models_per_s"].items():
+        rows.append((f"(c) {m} masks per pass", rate))
+    rows.append((f"    auto ({res['auto_masks_per_pass']} per pass)", res["auto_models_per_s"]))
+    if "build_models_per_s" in res:
+        rows.append((f"(e) build, {res['workers']} Dask workers", res["build_models_per_s"]))
+    m = res["machine"]
+    lines = [
+        f"# build_throughput: {res['model']}, {res['n_components']} components, {res['n_examples']} examples "
+        f"(batch {res['batch_size']}), alpha {res['alpha']}",
+        f"# {m['cpu']} ({m['cores']} cores), Python {m['python']}, torch {m['torch']}, dask {m['dask']}, "
+        f"zarr {m['zarr']}, {m['glibc']}",
+        f"# malloc: {res['malloc']} {res['malloc_env'] or '(none)'}; load average before/after "
+        f"{res['load_average_before_after']}",
+        f"# floor: {res['floor_definition']}",
+        f"# (a)-(d): {res['masks_per_process']} masks per process, best of {res['rounds']} rounds"
+        + (f"; (e): {res['build_rows']} rows in blocks of {res['rows_per_chunk']}, warm workers, "
+           f"execution time, worker profiler {'on' if res['build']['worker_profiler'] else 'off'}"
+           if "build_models_per_s" in res else ""),
+        "",
+        f"{'way':<34} {'models/s':>9} {'x floor':>8} {'x seed':>7} {'cpu ms/model (user+sys)':>24}",
+    ]
+    keys = ["floor", "seed", "inplace"] + [f"batched-{k}" for k in res["batched_models_per_s"]] + ["auto", None]
+    for (name, rate), key in zip(rows, keys):
+        cpu = res["cpu_ms_per_model"].get(key) if key else res.get("build")
+        cpu_text = f"{cpu['user_ms_per_model']:.2f} + {cpu['sys_ms_per_model']:.2f}" if cpu else ""
+        lines.append(f"{name:<34} {rate:>9.1f} {rate / floor:>8.2f} {rate / seed:>7.2f} {cpu_text:>24}")
+    if "build_models_per_s" in res:
+        cpu_ms = {k: v["user_ms_per_model"] + v["sys_ms_per_model"] for k, v in res["cpu_ms_per_model"].items()}
+        b = res["build"]
+        build_ms = b["user_ms_per_model"] + b["sys_ms_per_model"]
+        lines += ["", f"# CPU time per model (robust to other load on the machine): build {build_ms:.2f} ms, floor "
+                      f"{cpu_ms['floor']:.2f} ms, seed {cpu_ms['seed']:.2f} ms -> build at "
+                      f"{cpu_ms['floor'] / build_ms:.2f}x floor, {cpu_ms['seed'] / build_ms:.2f}x seed (CPU-time basis)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="digits", help="digits (default) or cifar_resnet18")
+    p.add_argument("--examples", type=int, default=None, help="examples (digits: first N of 360; resnet: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: the experiment's)")
+    p.add_argument("--workers", type=int, default=2, help="processes / Dask workers (default 2)")
+    p.add_argument("--masks", type=int, default=None, help="masks per process and way (default: digits 48, resnet 4)")
+    p.add_argument("--ms", default="2,4,8", help="masks per pass to measure for (c), e.g. 2,4,8")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a)-(d); the best is kept")
+    p.add_argument("--rows", type=int, default=None, help="rows of the build (default: digits 1200, resnet 16)")
+    p.add_argument("--rows-per-chunk", type=int, default=None, help="rows per block (default: digits 50, resnet 2)")
+    p.add_argument("--build-repeats", type=int, default=2, help="builds; the best is kept (default 2)")
+    p.add_argument("--no-build", action="store_true", help="skip (e)")
+    p.add_argument("--malloc", default="package", help="package (default), dask, glibc or NAME=VALUE,...")
+    p.add_argument("--worker-profile", choices=["default", "on", "off"], default="default",
+                   help="Dask's statistical profiler in the build's workers (default: as configured)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    small = args.model == "digits"
+    args.masks = args.masks or (48 if small else 4)
+    args.rows = args.rows or (1200 if small else 16)
+    args.rows_per_chunk = args.rows_per_chunk or (50 if small else 2)
+    import dask
+
+    dask.config.set({"logging": {"distributed": "error", "bokeh": "error", "tornado": "error"}})
+    logging.basicConfig(level=logging.WARNING)
+    res = run(args)
+    print(json.dumps(res, indent=2) if args.json else table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
