@@ -78,6 +78,7 @@ PROBLEM_KINDS = {
 #: Suffix of the temporary files zarr writes a chunk to before renaming it into place.
 _TEMP_SUFFIX = ".partial"
 _MAX_LISTED = 10
+_MAX_FORMAT_LINES = 50
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -209,9 +210,15 @@ class VerifyReport:
         for p in self.problems:
             if p.block is not None:
                 by_block.setdefault(p.block, []).append(p)
+        shown = 0
         for b in sorted(by_block):
             for p in by_block[b]:
-                lines.append(f"BAD BLOCK {b}: {p.message}")
+                if shown < _MAX_FORMAT_LINES:
+                    lines.append(f"BAD BLOCK {b}: {p.message}")
+                shown += 1
+        if shown > _MAX_FORMAT_LINES:
+            lines.append(f"...         and {shown - _MAX_FORMAT_LINES} more problem(s) in blocks "
+                         f"{_ranges(self.bad_blocks)} (all of them with --json)")
         if self.incomplete_blocks:
             lines.append(f"incomplete: {len(self.incomplete_blocks)} block(s): {_ranges(self.incomplete_blocks)}")
         if self.partial_blocks:
@@ -236,8 +243,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _chunk_file(store: Store, name: str, block: int) -> Path:
-    return store.chunk_path(name, block)
+def _chunk_file(store: Store, name: str, block: int, arr: Any = None) -> Path:
+    """The file of block ``block`` of array ``name`` (``arr``: the array, if already open)."""
+    if arr is None:
+        return store.chunk_path(name, block)
+    coords = (int(block),) + (0,) * (len(arr.shape) - 1)
+    return store.path / name / arr.metadata.encode_chunk_key(coords)
 
 
 def _check_metadata(store: Store) -> tuple[list[Problem], list[str], dict[str, Any]]:
@@ -369,6 +380,8 @@ def verify_store(
     partial: list[int] = []
     completed_rows = rows_checked = 0
     completed_arr = None if COMPLETED in layout_bad else store.array(COMPLETED)
+    # Opened once: each lookup through the group reads the array's zarr.json again.
+    arrays = {name: store.array(name) for name in data_names}
     for b in range(store.n_blocks):
         block = store.block(b)
         if completed_arr is None:
@@ -379,8 +392,8 @@ def verify_store(
         except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
             problems.append(Problem(
                 "unreadable",
-                f"the {COMPLETED} chunk {_chunk_file(store, COMPLETED, b).relative_to(store.path)} cannot be "
-                f"decoded ({type(exc).__name__}: {exc}); the block's completion is unknown.",
+                f"the {COMPLETED} chunk {_chunk_file(store, COMPLETED, b, completed_arr).relative_to(store.path)} "
+                f"cannot be decoded ({type(exc).__name__}: {exc}); the block's completion is unknown.",
                 block=b, array=COMPLETED,
             ))
             incomplete.append(b)
@@ -399,7 +412,7 @@ def verify_store(
         rows = block.start + local
         data: dict[str, np.ndarray] = {}
         for name in data_names:
-            path = _chunk_file(store, name, b)
+            path = _chunk_file(store, name, b, arrays[name])
             if not path.is_file():
                 problems.append(Problem(
                     "missing",
@@ -409,7 +422,7 @@ def verify_store(
                 ))
                 continue
             try:
-                data[name] = np.asarray(store.array(name)[block.start : block.stop])[local]
+                data[name] = np.asarray(arrays[name][block.start : block.stop])[local]
             except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
                 problems.append(Problem(
                     "unreadable",

@@ -75,6 +75,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_intact_complete_store_is_ok(store, capsys):
+    before = snapshot(store.path)
     report = verify_store(store.path)
     assert report.ok and report.intact and report.complete
     assert report.masks_checked and report.rows_checked == N
@@ -83,6 +84,20 @@ def test_intact_complete_store_is_ok(store, capsys):
     assert run_cli(["verify", str(store.path)]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and f"{N} / {N} completed" in out
+    assert snapshot(store.path) == before, "verify must only read"
+
+
+def test_many_bad_blocks_are_summarised_in_text_and_listed_in_json(tmp_path, capsys):
+    s = init_store(tmp_path / "s", Spec.for_experiment(200, 4, 2), rows_per_chunk=2, mask_seed=SEED, alpha=ALPHA)
+    for b in range(s.n_blocks):  # every block written with the masks of another seed
+        rows = s.block(b).rows
+        s.write_block(b, {"masks": sample_masks(SEED + 1, rows, 4, 0.5), "margins": np.zeros((2, 2))})
+    report = verify_store(s)
+    assert len(report.bad_blocks) > 60
+    text = report.format()
+    assert sum(line.startswith("BAD BLOCK ") for line in text.splitlines()) == 50 and "more problem(s)" in text
+    assert run_cli(["verify", str(s.path), "--json"]) == 1
+    assert len(json.loads(capsys.readouterr().out)["bad_blocks"]) == len(report.bad_blocks)
 
 
 def test_module_entry_point_has_the_same_commands(store, capsys):
