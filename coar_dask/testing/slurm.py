@@ -367,6 +367,19 @@ def harness_processes(root: Path | str) -> list[int]:
     return sorted(found)
 
 
+def _job_processes(root: Path) -> list[int]:
+    """Harness processes that belong to jobs: job steps (``slurmstepd``) and what they run."""
+    out = []
+    for pid in harness_processes(root):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"slurmstepd") or "SLURM_JOB_ID" in _proc_environ(pid):
+            out.append(pid)
+    return out
+
+
 def _wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -525,6 +538,11 @@ def stop_local_slurm(root: Path | str, *, job_timeout: float = 20.0, grace: floa
                                capture_output=True, timeout=30)
                 if not _wait_for(queue_empty, job_timeout, 0.2):
                     logger.warning("jobs still listed %.0f s after scancel; stopping the daemons anyway", job_timeout)
+            # A job leaves the queue before its processes have exited (a Dask
+            # worker closing under load, KillWait): let slurmstepd finish them
+            # and exit itself.
+            if not _wait_for(lambda: not _job_processes(root), job_timeout, 0.2):
+                logger.warning("job processes still running %.0f s after their jobs ended", job_timeout)
         except (OSError, subprocess.SubprocessError) as err:
             logger.warning("could not cancel jobs before stopping SLURM: %s", err)
     for name in ("slurmd", "slurmctld", "munged"):
