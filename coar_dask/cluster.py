@@ -937,6 +937,11 @@ def cluster_client(
             client.close()
         return
     if kind == "slurm":
+        if n_workers is not None or gpus is not None:
+            raise ConfigError(
+                "n_workers and gpus are for cluster kind 'local'; for SLURM give jobs=N (or adapt='MIN:MAX') "
+                "and gpus_per_job=N"
+            )
         respawn = kwargs.pop("respawn_interval", None)
         if respawn is None:
             respawn = dask.config.get("coar-dask.slurm.respawn-interval", "5s")

@@ -369,6 +369,12 @@ def test_local_cluster_with_gpus_runs_gpu_tasks_one_per_device(monkeypatch):
     assert seen == ["0", "1"]
 
 
+def test_local_only_arguments_are_refused_for_slurm_with_the_slurm_names():
+    with pytest.raises(ConfigError, match="jobs=N"):
+        with C.cluster_client("slurm", n_workers=4, cores=1, memory="1GB"):
+            pass
+
+
 def test_unknown_kind_lists_the_kinds():
     with pytest.raises(ConfigError, match="local"):
         with C.cluster_client("kubernetes"):
