@@ -446,11 +446,21 @@ class _Runner:
         self.amp = bool(getattr(experiment, "amp", False))
         self.channels_last = bool(getattr(experiment, "channels_last", False))
         self._rep_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
+        self.folded = False
+        self.prepare(state)
         try:
             self.batched = BatchedAblation(state.model, state.components)
         except NotBatchableError as exc:
             self.reason = str(exc)
             logger.info("masks per pass unavailable: %s", exc)
+            return
+        folded = _fold_batchnorm(state.model)
+        if folded is not None:
+            try:
+                self.batched = BatchedAblation(folded, state.components)
+                self.folded = True
+            except NotBatchableError as exc:  # pragma: no cover - same modules, same kinds
+                logger.debug("folded model not batchable: %s", exc)
 
     def prepare(self, state: Any) -> None:
         import torch
@@ -478,7 +488,7 @@ class _Runner:
                        for s in self.batched.sites] if self.batched else []
             try:
                 with torch.inference_mode(), self.autocast(state):
-                    state.model(state.inputs[:1])
+                    (self.batched.model if self.batched else state.model)(state.inputs[:1])
             finally:
                 for h in handles:
                     h.remove()
@@ -501,6 +511,37 @@ class _Runner:
                 self._rep_cache.clear()
             self._rep_cache[key] = (x, y)
         return x, y
+
+
+def _fold_batchnorm(model: Any) -> Any:
+    """A copy of ``model`` with eval-mode BatchNorm folded into the Conv2d/Linear before it, or ``None``.
+
+    Only for the batched path, whose hooks never change weights: an ablated
+    unit of the folded layer outputs the folded bias, ``BN(bias)``, which is
+    what the original outputs when the unit's weights are zeroed (BN kept);
+    kept units differ by float rounding. Uses ``torch.fx`` (tracing may fail:
+    then ``None``, and the model is used as it is). Saves one pass over every
+    folded activation (about 10% of the digits model's time).
+    """
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats
+               for m in model.modules()):
+        return None
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch.fx imports deprecated torch.jit pieces
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.fx.experimental.optimization import fuse
+
+            folded = fuse(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: keep the model as it is
+        logger.debug("BatchNorm folding skipped (%s: %s)", type(exc).__name__, exc)
+        return None
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded.eval()
 
 
 def _channels_last() -> Any:
@@ -527,7 +568,6 @@ def _runner(state: Any) -> _Runner:
         if runner is None:
             runner = _RUNNERS[key] = _Runner(state)
             weakref.finalize(state, _RUNNERS.pop, key, None)
-            runner.prepare(state)
         return runner
 
 
@@ -556,7 +596,7 @@ def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Ru
                 stop = min(s + bs, state.n_examples)
                 x, y = runner.repeated(state, s, stop, m_count)
                 batched.set_masks(chunk, stop - s, state.device)
-                logits = state.model(x)
+                logits = batched.model(x)
                 batched.check_calls()
                 values = state.output_fn(logits.float(), y).reshape(m_count, stop - s)
                 out[i : i + m_count, s:stop] = values.cpu().numpy()

@@ -167,7 +167,9 @@ def test_masks_per_pass_equal_reference(make, kinds, bias, m):
     masks = _masks(len(state.components))
     ref = _reference(state, masks)
     got = compute_outputs(state, masks, masks_per_pass=m)
-    assert ablation._runner(state).batched is not None  # the hooks did the work
+    runner = ablation._runner(state)
+    assert runner.batched is not None  # the hooks did the work
+    assert runner.folded == isinstance(state.model, ConvNet)  # ... on a copy with BatchNorm folded in
     assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
 
 
