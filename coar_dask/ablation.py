@@ -454,6 +454,11 @@ class _Runner:
             self.reason = str(exc)
             logger.info("masks per pass unavailable: %s", exc)
             return
+        self._fold(state)
+
+    def _fold(self, state: Any) -> None:
+        """Use a BatchNorm-folded copy of the model for the batched path, if folding applies."""
+        self._source_version = _version(state.model)
         folded = _fold_batchnorm(state.model)
         if folded is not None:
             try:
@@ -461,6 +466,12 @@ class _Runner:
                 self.folded = True
             except NotBatchableError as exc:  # pragma: no cover - same modules, same kinds
                 logger.debug("folded model not batchable: %s", exc)
+
+    def refresh(self, state: Any) -> None:
+        """Fold again if the model's parameters changed in place since the copy was made."""
+        if self.folded and self.batched is not None and _version(state.model) != self._source_version:
+            logger.debug("model changed since BatchNorm folding; folding again")
+            self._fold(state)
 
     def prepare(self, state: Any) -> None:
         import torch
@@ -511,6 +522,11 @@ class _Runner:
                 self._rep_cache.clear()
             self._rep_cache[key] = (x, y)
         return x, y
+
+
+def _version(model: Any) -> int:
+    """Sum of the in-place modification counters of a model's tensors (changes when any is written)."""
+    return sum(t._version for t in model.parameters()) + sum(t._version for t in model.buffers())
 
 
 def _fold_batchnorm(model: Any) -> Any:
@@ -657,6 +673,7 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
             raise ExperimentError(f"masks_per_pass must be a positive integer; found {m_per_pass}.")
         m_per_pass = min(m_per_pass, masks.shape[0])
         if m_per_pass > 1 and runner.batched is not None:
+            runner.refresh(state)
             try:
                 _batched_outputs(state, masks, out, runner, m_per_pass)
                 if not runner.verified:

@@ -324,6 +324,19 @@ def test_experiment_masks_per_pass_and_auto_are_used():
     assert ablation._runner(auto).probe(auto) == 5 * 6 * 6  # conv1's map, the largest hooked activation
 
 
+def test_folded_copy_follows_changes_to_the_model():
+    state = _state(ConvNet(True), ("conv2d", "linear"))
+    masks = _masks(len(state.components))
+    compute_outputs(state, masks, masks_per_pass=3)
+    assert ablation._runner(state).folded
+    with torch.no_grad():  # an edit made to the model after the first call (e.g. COAR-Edit)
+        state.model.conv1.weight[0] = 0
+        state.model.bn.running_mean += 0.25
+    ref = _reference(state, masks)
+    got = compute_outputs(state, masks, masks_per_pass=3)
+    assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
+
+
 def test_channels_last_and_amp_run_and_stay_close():
     masks = _masks(9 + 0, n=4)
     base = _state(ConvNet(True), ("conv2d",))
