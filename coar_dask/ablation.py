@@ -591,12 +591,15 @@ def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Ru
     import torch
 
     bs = state.experiment.batch_size
+    unchanged = runner.folded and _version(state.model) == runner._source_version
     with torch.inference_mode(), runner.autocast(state):
         for i, mask in enumerate(masks):
             with ablated(state.model, state.components, mask):
                 for s in range(0, state.n_examples, bs):
                     logits = state.model(state.inputs[s : s + bs])
                     out[i, s : s + bs] = state.output_fn(logits.float(), state.labels[s : s + bs]).cpu().numpy()
+    if unchanged:  # ablated() restored every value bitwise: the folded copy is still current
+        runner._source_version = _version(state.model)
 
 
 def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_per_pass: int) -> None:
