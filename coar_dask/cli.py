@@ -137,6 +137,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .store import open_store
 
     store = open_store(args.store)
+    if args.repair:
+        from .verify import repair_store
+
+        repaired = repair_store(store.path)
+        _out(repaired.format())
+        if not repaired.ok:
+            return 1
+        store = open_store(args.store)
     with _client(args) as client:
         report = _build(store, args.experiment, client, "build")
     status = open_store(args.store).status()
@@ -311,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run one task per pending block; rerun to resume after an interruption.")
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--experiment", required=True, help="experiment YAML (e.g. configs/digits.yaml)")
+    p.add_argument("--repair", action="store_true",
+                   help="first reset the blocks `coar-dask verify` finds bad, so this build recomputes them")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_build)
 
