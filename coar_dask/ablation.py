@@ -21,22 +21,30 @@ outputs:
     the ablated entries are written (a sparse index-put), so a pass costs one
     forward pass of ``M x batch`` rows.
 
-Equality: in-place zeroing gives bitwise the same outputs as the deep copy.
-The batched path writes bitwise the same activations at the ablated units,
-but runs the layers on a batch ``M`` times larger, for which the math
-libraries may sum in another order: outputs agree to float32 rounding (the
-tests bound the difference by ``1e-4`` of the output scale on CPU float32; see
-``tests/test_ablation.py``). The first batched pass of every process is also
-checked against in-place zeroing, and a model that does not fit the hooks'
-assumptions (hooked modules not called, a batch dimension that is not first)
-falls back to in-place zeroing with a warning.
+The batched path runs on a copy of the model with eval-mode BatchNorm folded
+into the Conv2d/Linear before it (``torch.fx``; skipped when tracing fails):
+its weights never change, and an ablated unit of a folded layer outputs the
+folded bias, which is ``BN(bias)`` -- what the original model computes with
+that unit's weights zeroed and BatchNorm kept.
+
+Equality: in-place zeroing gives bitwise the same outputs as the deep copy
+(same batches). The batched path writes the ablated activations exactly, but
+runs the layers on a batch ``M`` times larger (the math libraries may sum in
+another order) and with BatchNorm folded: outputs agree to float32 rounding.
+The tests bound the difference by ``1e-5`` of the output scale on CPU float32
+for every kind, with and without bias (``tests/test_ablation.py``). The first
+batched pass of every process is also checked against in-place zeroing (at
+``1e-4`` of the scale), and a model that does not fit the hooks' assumptions
+(hooked modules not called, a batch dimension that is not first, rows of a
+batch that interact) falls back to in-place zeroing with a warning.
 
 Kinds without a hook expression (``nn.MultiheadAttention``'s packed
 ``in_proj_weight``, and ``out_proj`` Linears, which ``MultiheadAttention``
 applies without calling their ``forward``) use in-place zeroing. Masks per
-pass pay when one mask's examples are too few to keep the device busy (the
-digits model: 360 8x8 images); with thousands of large examples per mask
-(ViT-B/16's 5,000 images) a pass is already full and ``M = 1``.
+pass pay when one mask's examples are too few to fill a pass (the digits
+model: 360 8x8 images); with thousands of large examples per mask (ViT-B/16's
+5,000 images) a pass is already full and ``M = 1`` (see
+:func:`auto_masks_per_pass`).
 """
 
 from __future__ import annotations
@@ -44,11 +52,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
