@@ -159,9 +159,11 @@ def compare(store: Any, *, num_train: int, num_val: int, saga_batch: int, saga_m
 def rss_child(store_path: str, device: str | None) -> None:
     """Runs in a fresh process: fit the store with lstsq, print peak RSS."""
     from coar_dask.regression import fit
+    from coar_dask.store import open_store
 
+    n = int(open_store(store_path, read_only=True).completed_rows().sum())
     t0 = time.perf_counter()
-    fit(store_path, num_val=1000, device=device)
+    fit(store_path, num_val=min(1000, n // 10), device=device)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_mb": peak_kb / 1024, "seconds": seconds}))

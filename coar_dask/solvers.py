@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Default size of one batch of rows handed to the BLAS (X and Y, float32).
-_BATCH_BYTES = 32 * 2**20
+_BATCH_BYTES = 16 * 2**20
 #: Largest ``P x P`` float64 matrix the ``lstsq`` Gram method forms by default;
 #: above it, ``method="auto"`` uses conjugate gradients.
 MAX_GRAM_BYTES = 4 * 2**30
@@ -166,38 +166,52 @@ def batch_rows_for(n_features: int, n_targets: int, batch_bytes: int = _BATCH_BY
     """Rows per batch so that a float32 batch of X and Y takes about ``batch_bytes``.
 
     >>> batch_rows_for(2304, 1000)
-    2538
+    1269
     """
     row = 4 * (int(n_features) + int(n_targets))
     return int(max(64, batch_bytes // max(row, 1)))
 
 
-def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Concatenate consecutive blocks into batches of at least ``rows`` rows (the last may be smaller).
+def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int, pool: int = 0
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Regroup consecutive blocks into batches of exactly ``rows`` rows (the last may be smaller).
 
     A row source's blocks are a store's chunks (often 100 rows); the BLAS is
-    much faster on thousands.
+    much faster on thousands. With ``pool > 0`` the batches are written into
+    ``pool`` preallocated buffers used in turn, so streaming allocates nothing
+    once they exist (fresh ~30 MB arrays per batch fragment the heap, and the
+    process's memory creeps up with the number of rows); a batch is then only
+    valid until ``pool - 1`` further batches have been drawn.
     """
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    have = 0
+    buffers: list[tuple[np.ndarray, np.ndarray]] = []
+    drawn = 0
+    cur: tuple[np.ndarray, np.ndarray] | None = None
+    fill = 0
     for x, y in blocks:
         x, y = np.asarray(x), np.asarray(y)
         if x.shape[0] != y.shape[0]:
             raise RegressionError(f"a row block has {x.shape[0]} rows of X but {y.shape[0]} of Y.")
-        if x.shape[0] == 0:
-            continue
-        if not xs and x.shape[0] >= rows:
-            yield x, y
-            continue
-        xs.append(x)
-        ys.append(y)
-        have += x.shape[0]
-        if have >= rows:
-            yield np.concatenate(xs), np.concatenate(ys)
-            xs, ys, have = [], [], 0
-    if xs:
-        yield (xs[0], ys[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ys))
+        start = 0
+        while start < x.shape[0]:
+            if cur is None:
+                if pool and len(buffers) == pool:
+                    cur = buffers[drawn % pool]
+                else:
+                    cur = (np.empty((rows, *x.shape[1:]), x.dtype), np.empty((rows, *y.shape[1:]), y.dtype))
+                    if pool:
+                        buffers.append(cur)
+                fill = 0
+            take = min(rows - fill, x.shape[0] - start)
+            cur[0][fill : fill + take] = x[start : start + take]
+            cur[1][fill : fill + take] = y[start : start + take]
+            fill += take
+            start += take
+            if fill == rows:
+                yield cur
+                drawn += 1
+                cur = None
+    if cur is not None and fill:
+        yield cur[0][:fill], cur[1][:fill]
 
 
 _DONE = object()
@@ -246,16 +260,24 @@ def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         thread.join(timeout=5)
 
 
-def iter_batches(source: RowSource, rows: int | None = None, *, prefetch: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(X, Y)`` batches of ``source`` of about ``rows`` rows each, read ahead in a thread.
+_PREFETCH_DEPTH = 1
 
-    Checks that the blocks have the source's widths and finite targets.
+
+def iter_batches(source: RowSource, rows: int | None = None, *, prefetch: bool = True, reuse: bool = False
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(X, Y)`` batches of ``source`` of ``rows`` rows each, read ahead in a thread.
+
+    Checks that the blocks have the source's widths and finite targets. With
+    ``reuse=True`` the batches live in a few recycled buffers: use each batch
+    before drawing the next (memory then stays flat however many rows).
     """
     P, K = int(source.n_features), int(source.n_targets)
     rows = rows or batch_rows_for(P, K)
+    # Buffers alive at once: the consumer's, the queue's, and the one being filled.
+    pool = _PREFETCH_DEPTH + 3 if reuse else 0
 
     def checked() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for x, y in _rebatch(source.blocks(), rows):
+        for x, y in _rebatch(source.blocks(), rows, pool):
             x = x.reshape(x.shape[0], -1)
             y = y.reshape(y.shape[0], -1)
             if x.shape[1] != P or y.shape[1] != K:
@@ -271,7 +293,7 @@ def iter_batches(source: RowSource, rows: int | None = None, *, prefetch: bool =
             yield x, y
 
     it = checked()
-    return _prefetch(it) if prefetch else it
+    return _prefetch(it, _PREFETCH_DEPTH) if prefetch else it
 
 
 class ConcatRows:
@@ -330,6 +352,7 @@ class _Moments:
         self.dxx = torch.zeros(P, **f64)
         self.xy = torch.zeros(P, K, **f64) if xy else None
         self.dtype: np.dtype | None = None
+        self._buffers: dict[Any, Any] = {}
 
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
         import torch
@@ -341,28 +364,49 @@ class _Moments:
         self.n += x.shape[0]
         xt = torch.from_numpy(x).to(self.dev)
         yt = torch.from_numpy(y).to(self.dev)
-        self.sx += xt.sum(0, dtype=torch.float64)
-        self.sy += yt.sum(0, dtype=torch.float64)
-        self.syy += (yt * yt).sum(0, dtype=torch.float64)
-        self.dxx += (xt * xt).sum(0, dtype=torch.float64)
+        # Per-batch sums in the batch's precision (exact for 0/1 masks), accumulated in float64;
+        # products go to reused scratch buffers, so a batch allocates nothing large.
+        self.sx += xt.sum(0).double()
+        self.sy += yt.sum(0).double()
+        self.syy += torch.mul(yt, yt, out=self._scratch("yy", tuple(yt.shape), yt.dtype)).sum(0).double()
+        if not self.gram:
+            self.dxx += torch.mul(xt, xt, out=self._scratch("xsq", tuple(xt.shape), xt.dtype)).sum(0).double()
         if self.xy is not None:
-            self.xy += (xt.T @ yt).double()
+            self.xy += torch.mm(xt.T, yt, out=self._scratch("xy", (xt.shape[1], yt.shape[1]), xt.dtype))
         if self.gram:
             if self.dev.type == "cpu":
                 from scipy.linalg import blas
 
                 syrk = blas.dsyrk if dt == np.float64 else blas.ssyrk
-                # x.T is Fortran-ordered, so syrk reads it without a copy.
-                upper = syrk(1.0, x.T, trans=0, lower=0)
+                c = self._scratch("xx", (x.shape[1], x.shape[1]), xt.dtype, fortran=True).numpy().T
+                # x.T is Fortran-ordered, so syrk reads it without a copy and writes into c.
+                upper = syrk(1.0, x.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
                 self.xx += torch.from_numpy(upper)
             else:
-                self.xx += (xt.T @ xt).double()
+                self.xx += torch.mm(xt.T, xt, out=self._scratch("xx", (xt.shape[1], xt.shape[1]), xt.dtype))
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any, fortran: bool = False):
+        import torch
+
+        key = (name, dtype)
+        buf = self._buffers.get(key)
+        want = shape[::-1] if fortran else shape
+        if buf is not None and tuple(buf.shape) != tuple(want):
+            if name in ("yy", "xsq") and buf.shape[0] >= want[0] and tuple(buf.shape[1:]) == tuple(want[1:]):
+                return buf[: want[0]]  # the last, shorter batch
+            buf = None
+        if buf is None:
+            # A Fortran-ordered matrix is the transpose of a C-ordered one.
+            buf = torch.empty(want, dtype=dtype, device=self.dev)
+            self._buffers[key] = buf
+        return buf
 
     def add(self, other: "_Moments") -> "_Moments":
         """Sums of both (e.g. train + validation)."""
         out = _Moments.__new__(_Moments)
         out.dev, out.gram, out.dtype = self.dev, self.gram and other.gram, self.dtype
         out.n = self.n + other.n
+        out._buffers = {}
         for name in ("sx", "sy", "syy", "dxx"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.xx = self.xx + other.xx if out.gram else None
@@ -374,19 +418,21 @@ class _Moments:
         import torch
 
         if self.dev.type == "cpu":
-            return torch.triu(self.xx) + torch.triu(self.xx, 1).T
-        return self.xx
+            full = torch.triu(self.xx)
+            full += torch.triu(self.xx, 1).T
+            return full
+        return self.xx.clone()
 
     def means(self):
         return self.sx / self.n, self.sy / self.n
 
     def centred(self):
         """Centred Gram ``sum (x - mx)(x - mx)^T`` and cross moments ``sum (x - mx)(y - my)^T``."""
-        import torch
-
         mx, my = self.means()
-        cxx = self.full_gram() - self.n * torch.outer(mx, mx)
-        cxy = self.xy - self.n * torch.outer(mx, my)
+        cxx = self.full_gram()
+        cxx.addr_(mx, mx, alpha=-self.n)
+        cxy = self.xy.clone()
+        cxy.addr_(mx, my, alpha=-self.n)
         return cxx, cxy
 
 
@@ -395,7 +441,7 @@ def _stream_moments(
 ) -> _Moments:
     m = _Moments(source.n_features, source.n_targets, dev, gram=gram)
     total = int(source.n_rows)
-    for x, y in iter_batches(source, rows):
+    for x, y in iter_batches(source, rows, reuse=True):
         m.update(x, y)
         _report(progress, stage, m.n, total, f"{m.n}/{total} rows")
     if m.n == 0:
@@ -499,7 +545,7 @@ def lstsq(
         ``cg_tol`` times its right-hand side's (default 1e-10 for float64
         rows, 1e-6 for float32), or after ``cg_max_iter`` iterations.
     batch_rows
-        Rows per BLAS batch (default: about 32 MiB of rows).
+        Rows per BLAS batch (default: about 16 MiB of rows).
     progress
         Called with a :class:`FitProgress` per batch, CG iteration or grid value.
 
@@ -529,11 +575,11 @@ def lstsq(
     if refit and not has_val:
         raise RegressionError("refit=True refits on train + validation rows; pass num_val > 0 (CLI: --num-val N).")
     dev = _device(device)
-    if refit and ridge_grid is None:
-        ridge_grid = [float(ridge)]  # one candidate: the grid path does the refit
     P = int(train.n_features)
     if method == "auto":
         method = "gram" if P * P * 8 <= max_gram_bytes else "cg"
+    if method == "cg" and refit and ridge_grid is None:
+        ridge_grid = [float(ridge)]  # one candidate: the grid path does the refit
     logger.info("lstsq (%s) on %d rows x %d features -> %d targets, device %s",
                 method, train.n_rows, P, train.n_targets, dev)
     solve = _lstsq_gram if method == "gram" else _lstsq_cg
@@ -578,53 +624,92 @@ def _eig_weights(evals, evecs, C, lam, rcond: float):
     return evecs @ (inv[:, None] * C)
 
 
+#: Cholesky is trusted when its smallest pivot (squared) is at least this
+#: fraction of the largest; otherwise the eigendecomposition decides the rank.
+_CHOLESKY_PIVOT_RATIO = 1e-8
+
+
+def _direct_solve(cxx, cxy, lam: float, rcond: float):
+    """``(cxx + lam I)^-1 cxy`` by Cholesky, about 25x cheaper than an eigendecomposition.
+
+    Zero-variance features (a component never ablated in the sample) are
+    left out and get zero weight, as the minimum-norm solution gives them.
+    When what remains is singular or ill-conditioned, falls back to the
+    eigendecomposition's minimum-norm solution.
+
+    Returns ``(weights, rank, how)``.
+    """
+    import torch
+
+    diag = torch.diagonal(cxx)
+    keep = diag > rcond * max(float(diag.max()), 1e-300)
+    idx = torch.nonzero(keep).flatten()
+    A = cxx.clone() if bool(keep.all()) else cxx[idx][:, idx]
+    A.diagonal().add_(lam)
+    with _threads_for(float(A.shape[0]) ** 3, A.device):
+        L, err = torch.linalg.cholesky_ex(A)
+    if int(err) == 0 and idx.numel():
+        piv = torch.diagonal(L) ** 2
+        if float(piv.min()) >= _CHOLESKY_PIVOT_RATIO * float(piv.max()):
+            w = torch.zeros_like(cxy)
+            w[idx] = torch.cholesky_solve(cxy[idx], L)
+            return w, int(idx.numel()), "cholesky"
+    del L, A
+    evals, evecs = _eigh(cxx)
+    tol = rcond * max(float(evals.abs().max()), 1e-300)
+    w = _eig_weights(evals, evecs, evecs.T @ cxy, lam, rcond)
+    return w, int((evals + lam > tol).sum()), "eigh"
+
+
 def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progress, **_: Any) -> SolverResult:
     import torch
 
+    K = train.n_targets
     tm = _stream_moments(train, dev, gram=True, rows=rows, progress=progress)
+    vm = None
+    if ridge_grid is not None or refit:
+        vm = _stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)")
     mx, my = tm.means()
     cxx, cxy = tm.centred()
-    evals, evecs = _eigh(cxx)
-    del cxx
-    C = evecs.T @ cxy
-    info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n}
-    tol = rcond * max(float(evals.abs().max()), 1e-300)
-    info["rank"] = int((evals > tol).sum())
-    K = train.n_targets
+    info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
     if ridge_grid is None:
         lam = torch.full((K,), ridge, dtype=torch.float64, device=dev)
-        w = _eig_weights(evals, evecs, C, ridge, rcond)
+        w, info["rank"], info["factorization"] = _direct_solve(cxx, cxy, ridge, rcond)
+        del cxx
         b = my - mx @ w
-        return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
-
-    scale = float(torch.clamp(evals, min=0).sum()) / max(train.n_features, 1)
-    grid = ridge_grid_values(ridge_grid, scale)
-    vm = _stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)")
-    mse = _grid_mse(tm, vm, evals, evecs, C, grid, rcond, progress)  # (L, K)
-    choice = torch.argmin(mse, dim=0)  # grid is descending: ties go to the larger penalty
-    grid_t = torch.tensor(grid, dtype=torch.float64, device=dev)
-    lam = grid_t[choice]
-    w = torch.empty_like(C)
-    for i, value in enumerate(grid):
-        cols = torch.nonzero(choice == i).flatten()
-        if cols.numel():
-            w[:, cols] = _eig_weights(evals, evecs, C[:, cols], value, rcond)
-    b = my - mx @ w
-    info.update(ridge_grid=list(grid), refit=bool(refit))
-    if not refit:
-        return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
+        if not refit:
+            return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
+        choice, grid = torch.zeros(K, dtype=torch.long, device=dev), [float(ridge)]
+    else:
+        evals, evecs = _eigh(cxx)
+        del cxx
+        C = evecs.T @ cxy
+        tol = rcond * max(float(evals.abs().max()), 1e-300)
+        info["rank"], info["factorization"] = int((evals > tol).sum()), "eigh"
+        scale = float(torch.clamp(evals, min=0).sum()) / max(train.n_features, 1)
+        grid = ridge_grid_values(ridge_grid, scale)
+        mse = _grid_mse(tm, vm, evals, evecs, C, grid, rcond, progress)  # (L, K)
+        choice = torch.argmin(mse, dim=0)  # grid is descending: ties go to the larger penalty
+        lam = torch.tensor(grid, dtype=torch.float64, device=dev)[choice]
+        w = torch.empty_like(C)
+        for i, value in enumerate(grid):
+            cols = torch.nonzero(choice == i).flatten()
+            if cols.numel():
+                w[:, cols] = _eig_weights(evals, evecs, C[:, cols], value, rcond)
+        del evals, evecs, C
+        b = my - mx @ w
+        info["ridge_grid"] = list(grid)
+        if not refit:
+            return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
     pre = SolverResult(w.float().cpu().numpy(), b.float().cpu().numpy(), lam.float().cpu().numpy())
     both = tm.add(vm)
-    del tm, vm, evals, evecs, C
+    del tm, vm
     mx, my = both.means()
     cxx, cxy = both.centred()
-    evals, evecs = _eigh(cxx)
-    del cxx
-    C = evecs.T @ cxy
-    for i, value in enumerate(grid):
+    for i, value in enumerate(grid):  # one factorization per penalty that some target chose
         cols = torch.nonzero(choice == i).flatten()
         if cols.numel():
-            w[:, cols] = _eig_weights(evals, evecs, C[:, cols], value, rcond)
+            w[:, cols] = _direct_solve(cxx, cxy[:, cols], value, rcond)[0]
     b = my - mx @ w
     info["n_refit"] = both.n
     return _finish(w, b, lam, info, val, pre_refit=pre, rows=rows, dtype=both.dtype)
@@ -679,7 +764,7 @@ class _NormalOperator:
         import torch
 
         acc = torch.zeros_like(V)
-        for x, _ in iter_batches(self.source, self.rows):
+        for x, _ in iter_batches(self.source, self.rows, reuse=True):
             dt = _compute_dtype(x)
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dt)).to(self.dev)
             tdt = torch.float64 if dt == np.float64 else torch.float32
@@ -801,7 +886,7 @@ def _stream_mse(weight, bias, val: RowSource, rows: int | None) -> np.ndarray:
     b = bias.double().cpu().numpy()
     sq = np.zeros(w.shape[1])
     n = 0
-    for x, y in iter_batches(val, rows):
+    for x, y in iter_batches(val, rows, reuse=True):
         err = np.asarray(x, dtype=np.float64) @ w + b - y
         sq += (err * err).sum(0)
         n += x.shape[0]
@@ -818,12 +903,14 @@ def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = 
     """
     stats = _PearsonAccumulator(val.n_targets)
     sq = np.zeros(val.n_targets)
-    w = result.weight.astype(np.float64)
-    for X, Y in iter_batches(val, rows):
-        pred = np.asarray(X, dtype=np.float64) @ w + result.bias
-        actual = np.asarray(Y, dtype=np.float64)
+    for X, Y in iter_batches(val, rows, reuse=True):
+        # Predictions in the rows' precision (float32 for masks); the sums are float64.
+        dt = _compute_dtype(np.asarray(X))
+        pred = np.asarray(X, dtype=dt) @ result.weight.astype(dt, copy=False) + result.bias.astype(dt, copy=False)
+        actual = np.asarray(Y, dtype=dt)
         stats.update(pred, actual)
-        sq += ((pred - actual) ** 2).sum(0)
+        err = pred - actual
+        sq += np.einsum("ij,ij->j", err, err, dtype=np.float64)
     return {"val_mse": (sq / max(stats.n, 1)).tolist(), "val_correlation": stats.result().tolist()}
 
 
@@ -840,11 +927,11 @@ class _PearsonAccumulator:
 
     def update(self, pred: np.ndarray, actual: np.ndarray) -> None:
         self.n += pred.shape[0]
-        self.sp += pred.sum(0)
-        self.sa += actual.sum(0)
-        self.spp += (pred * pred).sum(0)
-        self.saa += (actual * actual).sum(0)
-        self.spa += (pred * actual).sum(0)
+        self.sp += pred.sum(0, dtype=np.float64)
+        self.sa += actual.sum(0, dtype=np.float64)
+        self.spp += np.einsum("ij,ij->j", pred, pred, dtype=np.float64)
+        self.saa += np.einsum("ij,ij->j", actual, actual, dtype=np.float64)
+        self.spa += np.einsum("ij,ij->j", pred, actual, dtype=np.float64)
 
     def result(self) -> np.ndarray:
         n = max(self.n, 1)

@@ -168,6 +168,40 @@ def test_rebatch_keeps_rows_and_order(sizes, rows):
     assert all(len(x) >= rows for x, _ in out[:-1]) and all(len(x) > 0 for x, _ in out)
 
 
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=15), rows=st.integers(1, 20), pool=st.integers(1, 4))
+def test_rebatch_pool_recycles_a_few_buffers(sizes, rows, pool):
+    n = sum(sizes)
+    X, Y = np.arange(3 * n, dtype=np.float32).reshape(n, 3), np.arange(n, dtype=np.float32).reshape(n, 1)
+    got, buffers = [], []
+    for x, y in solvers._rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows, pool):
+        got.append((x.copy(), y.copy()))  # valid until the next batches are drawn
+        buffers.append(x if x.base is None else x.base)
+    if n:
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), X)
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), Y)
+    assert len({id(b) for b in buffers}) <= pool
+
+
+def test_iter_batches_reuse_recycles_few_buffers_through_the_reader_thread():
+    """Streaming allocates a handful of batch buffers, not one per batch, and a buffer is
+    never refilled while the consumer still uses it (slow consumer, reader thread ahead)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(3000, 4)).astype(np.float32)
+    buffers, got = [], []
+    for i, (x, y) in enumerate(solvers.iter_batches(ArrayRows(X, Y, block=70), 100, reuse=True)):
+        first = x.copy()
+        if i % 5 == 0:
+            time.sleep(0.02)  # let the reader fill the queue meanwhile
+        np.testing.assert_array_equal(x, first)
+        got.append(first)
+        buffers.append(x if x.base is None else x.base)  # kept alive: fresh arrays would all differ
+    np.testing.assert_array_equal(np.concatenate(got), X)
+    assert len({id(b) for b in buffers}) <= solvers._PREFETCH_DEPTH + 3 < len(buffers)
+
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(1, 25), min_size=1, max_size=8), seed=st.integers(0, 100))
 def test_streamed_validation_metrics_equal_numpy(sizes, seed):
