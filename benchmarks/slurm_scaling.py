@@ -106,7 +106,7 @@ def _versions() -> dict[str, str]:
             "distributed": distributed.__version__, "dask_jobqueue": dask_jobqueue.__version__, "slurm": slurm}
 
 
-def run(rows: int = 600, rows_per_block: int = 20, queue: str | None = None, repeats: int = 1,
+def run(rows: int = 1200, rows_per_block: int = 40, queue: str | None = None, repeats: int = 1,
         echo=print) -> dict[str, float]:
     """Measure 1 then 2 workers (``repeats`` times, interleaved, best of each); return ``--json``'s figures."""
     from coar_dask.experiment import load_state
@@ -139,11 +139,11 @@ def run(rows: int = 600, rows_per_block: int = 20, queue: str | None = None, rep
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=600, help="rows (ablated models) per build (default 600)")
-    parser.add_argument("--rows-per-block", type=int, default=20, help="rows per block/task (default 20)")
+    parser.add_argument("--rows", type=int, default=1200, help="rows (ablated models) per build (default 1200)")
+    parser.add_argument("--rows-per-block", type=int, default=40, help="rows per block/task (default 40)")
     parser.add_argument("--queue", default=None, help="partition on an existing cluster")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="measure each size this many times, interleaved, and keep the best (default 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measure each size this many times, interleaved, and keep the best (default 3)")
     parser.add_argument("--json", action="store_true", help="print only the JSON figures")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
