@@ -443,9 +443,9 @@ class SlurmSettings:
             worker_args = _add_resource(worker_args, "GPU", self.gpus_per_job)
         worker_args += self.lifetime_args()
         prologue = list(self.job_script_prologue)
-        if not any("OMP_NUM_THREADS" in line for line in prologue):
-            # One BLAS thread per Dask thread, as on a local cluster.
-            prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items()]
+        # The local workers' environment (one BLAS thread per Dask thread, ...),
+        # except what the site's prologue sets itself.
+        prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items() if not any(k in line for line in prologue)]
         scheduler_options = dict(self.scheduler_options)
         if self.dashboard_address is not None:
             scheduler_options["dashboard_address"] = self.dashboard_address

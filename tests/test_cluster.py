@@ -240,7 +240,8 @@ def test_job_script_extra_directives_prologue_and_existing_resources():
     lines = script.splitlines()
     assert lines.index("#SBATCH --constraint=a100") < lines.index("#SBATCH --gres=gpu:2")
     assert "module load cuda/12" in lines and "export OMP_NUM_THREADS=4" in lines
-    assert "export MKL_NUM_THREADS=1" not in lines  # the user's own thread setting is kept
+    assert "export OMP_NUM_THREADS=1" not in lines  # the user's own setting is kept...
+    assert "export MKL_NUM_THREADS=1" in lines  # ...and the rest of the workers' environment added
     assert "--resources MEM=1,GPU=2" in lines[-1]
     assert "--lifetime" not in script
 
