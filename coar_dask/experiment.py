@@ -318,7 +318,7 @@ class ExperimentState:
         return int(self.labels.shape[0])
 
 
-_STATE_CACHE: dict[tuple[str, str], ExperimentState] = {}
+_STATE_CACHE: dict[tuple[Any, ...], ExperimentState] = {}
 _STATE_LOCK = threading.Lock()
 
 
@@ -377,7 +377,10 @@ def _check_forward(state: ExperimentState) -> None:
 
 def load_state(experiment: Experiment) -> ExperimentState:
     """The experiment's model, examples and components, loaded once per process."""
-    key = (experiment.fingerprint, str(experiment.device))
+    # Run settings change the loaded state (device, AMP, memory format) or how it is
+    # used, so they belong in the key even though they are not in the fingerprint.
+    key = (experiment.fingerprint, str(experiment.device), experiment.masks_per_pass, experiment.amp,
+           experiment.channels_last, experiment.batch_size)
     with _STATE_LOCK:
         state = _STATE_CACHE.get(key)
         if state is None:
