@@ -305,6 +305,19 @@ def _forward(progress: Callable[[Any], None]) -> Callable[[Any], None]:
     return handler
 
 
+def _check_gpu_workers(client: Any) -> None:
+    """GPU tasks wait for a worker with a GPU resource: fail now if the cluster has workers but none has one."""
+    workers = client.scheduler_info().get("workers", {})
+    if workers and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+        raise RegressionError(
+            f"device 'cuda' makes each slice a GPU task (resources={{'GPU': 1}}), but none of the cluster's "
+            f"{len(workers)} worker(s) advertises a GPU. Start GPU workers (coar-dask: --gpus auto, or "
+            f"--gpus-per-job N on SLURM), or fit on the CPU with --device cpu."
+        )
+    if not workers:
+        logger.info("no workers yet: the GPU slices wait for workers with a GPU resource")
+
+
 def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[[Any], None] | None = None,
                 retries: int = 1) -> Any:
     """Run ``plan``: in this process (``client=None``) or one Dask task per slice.
@@ -326,6 +339,8 @@ def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[
     from distributed import as_completed
 
     resources = {"GPU": 1} if plan.gpu else None
+    if resources:
+        _check_gpu_workers(client)
     if progress is not None:
         client.subscribe_topic(PROGRESS_TOPIC, _forward(progress))
     futures = [

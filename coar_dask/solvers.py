@@ -338,11 +338,12 @@ class _Moments:
     general product); on CUDA from torch.
     """
 
-    def __init__(self, P: int, K: int, dev: Any, *, gram: bool, xy: bool = True):
+    def __init__(self, P: int, K: int, dev: Any, *, gram: bool, xy: bool = True, precise: bool = False):
         import torch
 
         self.dev = dev
         self.gram = gram
+        self.precise = precise
         self.n = 0
         f64 = dict(dtype=torch.float64, device=dev)
         self.sx = torch.zeros(P, **f64)
@@ -357,7 +358,7 @@ class _Moments:
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
         import torch
 
-        dt = _compute_dtype(x)
+        dt = np.dtype(np.float64) if self.precise else _compute_dtype(x)
         self.dtype = dt if self.dtype is None else np.promote_types(self.dtype, dt)
         x = np.ascontiguousarray(x, dtype=dt)
         y = np.ascontiguousarray(y, dtype=dt)
@@ -404,7 +405,7 @@ class _Moments:
     def add(self, other: "_Moments") -> "_Moments":
         """Sums of both (e.g. train + validation)."""
         out = _Moments.__new__(_Moments)
-        out.dev, out.gram, out.dtype = self.dev, self.gram and other.gram, self.dtype
+        out.dev, out.gram, out.dtype, out.precise = self.dev, self.gram and other.gram, self.dtype, False
         out.n = self.n + other.n
         out._buffers = {}
         for name in ("sx", "sy", "syy", "dxx"):
@@ -437,9 +438,12 @@ class _Moments:
 
 
 def _stream_moments(
-    source: RowSource, dev: Any, *, gram: bool, rows: int | None, progress: ProgressFn | None, stage: str = "moments"
+    source: RowSource, dev: Any, *, gram: bool, rows: int | None, progress: ProgressFn | None, stage: str = "moments",
+    precise: bool = False,
 ) -> _Moments:
-    m = _Moments(source.n_features, source.n_targets, dev, gram=gram)
+    """Moments of ``source``; ``precise=True`` computes every product in float64 (for validation
+    rows, whose MSE comes out of a cancellation of much larger sums)."""
+    m = _Moments(source.n_features, source.n_targets, dev, gram=gram, precise=precise)
     total = int(source.n_rows)
     for x, y in iter_batches(source, rows, reuse=True):
         m.update(x, y)
@@ -591,8 +595,30 @@ def lstsq(
                      progress=progress)
 
 
+def _moment_metrics(vm: "_Moments", weight, bias) -> dict[str, Any]:
+    """Validation MSE and Pearson correlation of ``x @ weight + bias`` from validation moments
+    (no pass over the rows): with ``p = x w + b``, ``sum p = sx.w + n b``, ``sum p^2 =
+    diag(w^T XX w) + 2 b sx.w + n b^2`` and ``sum p y = diag(w^T XY) + b sy``."""
+    import torch
+
+    n = vm.n
+    w, b = weight.double(), bias.double()
+    xw = vm.sx @ w
+    ww = (w * (vm.full_gram() @ w)).sum(0)
+    sp = xw + n * b
+    spp = ww + 2 * b * xw + n * b**2
+    spa = (w * vm.xy).sum(0) + b * vm.sy
+    mse = (vm.syy - 2 * spa + spp) / n
+    cov = spa / n - (sp / n) * (vm.sy / n)
+    vp = torch.clamp(spp / n - (sp / n) ** 2, min=0)
+    va = torch.clamp(vm.syy / n - (vm.sy / n) ** 2, min=0)
+    corr = torch.clamp(cov / torch.sqrt(vp * va), -1, 1)
+    return {"val_mse": torch.clamp(mse, min=0).cpu().tolist(), "val_correlation": corr.cpu().tolist()}
+
+
 def _finish(weight, bias, lam, info: dict[str, Any], val: RowSource | None, pre_refit: SolverResult | None = None,
-            rows: int | None = None, dtype: np.dtype | None = None) -> SolverResult:
+            rows: int | None = None, dtype: np.dtype | None = None, metrics: dict[str, Any] | None = None
+            ) -> SolverResult:
     # float32 like the seed's files, unless the rows themselves were float64.
     dt = np.float64 if dtype == np.float64 else np.float32
     result = SolverResult(
@@ -601,7 +627,9 @@ def _finish(weight, bias, lam, info: dict[str, Any], val: RowSource | None, pre_
         lam=np.ascontiguousarray(lam.cpu().numpy(), dtype=np.float32),
         info=info,
     )
-    if val is not None:
+    if metrics is not None:
+        result.info.update(metrics)
+    elif val is not None:
         result.info.update(validation_metrics(pre_refit or result, val, rows=rows))
     return result
 
@@ -668,7 +696,8 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
     tm = _stream_moments(train, dev, gram=True, rows=rows, progress=progress)
     vm = None
     if ridge_grid is not None or refit:
-        vm = _stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)")
+        vm = _stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)",
+                             precise=True)
     mx, my = tm.means()
     cxx, cxy = tm.centred()
     info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
@@ -700,8 +729,8 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
         b = my - mx @ w
         info["ridge_grid"] = list(grid)
         if not refit:
-            return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
-    pre = SolverResult(w.float().cpu().numpy(), b.float().cpu().numpy(), lam.float().cpu().numpy())
+            return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype, metrics=_moment_metrics(vm, w, b))
+    metrics = _moment_metrics(vm, w, b)  # of the train-only fit: held out
     both = tm.add(vm)
     del tm, vm
     mx, my = both.means()
@@ -712,7 +741,7 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
             w[:, cols] = _direct_solve(cxx, cxy[:, cols], value, rcond)[0]
     b = my - mx @ w
     info["n_refit"] = both.n
-    return _finish(w, b, lam, info, val, pre_refit=pre, rows=rows, dtype=both.dtype)
+    return _finish(w, b, lam, info, val, rows=rows, dtype=both.dtype, metrics=metrics)
 
 
 def _grid_mse(tm: _Moments, vm: _Moments, evals, evecs, C, grid: list[float], rcond: float,
@@ -903,11 +932,11 @@ def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = 
     """
     stats = _PearsonAccumulator(val.n_targets)
     sq = np.zeros(val.n_targets)
+    w = result.weight.astype(np.float64)
     for X, Y in iter_batches(val, rows, reuse=True):
-        # Predictions in the rows' precision (float32 for masks); the sums are float64.
-        dt = _compute_dtype(np.asarray(X))
-        pred = np.asarray(X, dtype=dt) @ result.weight.astype(dt, copy=False) + result.bias.astype(dt, copy=False)
-        actual = np.asarray(Y, dtype=dt)
+        # float64: the MSE is a small difference of large numbers when the fit is good.
+        pred = np.asarray(X, dtype=np.float64) @ w + result.bias
+        actual = np.asarray(Y, dtype=np.float64)
         stats.update(pred, actual)
         err = pred - actual
         sq += np.einsum("ij,ij->j", err, err, dtype=np.float64)

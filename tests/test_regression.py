@@ -142,6 +142,8 @@ def test_slices_as_dask_tasks_on_a_local_cluster_equal_a_single_fit(synthetic):
     with cluster_client("local", n_workers=2) as client:
         sliced = fit(store, slices=4, client=client, progress=seen.append, **kw)
         assert len(client.scheduler_info()["workers"]) == 2
+        with pytest.raises(RegressionError, match="advertises a GPU"):
+            fit(store, slices=2, client=client, device="cuda", num_val=50)
     np.testing.assert_allclose(sliced.weight, whole.weight, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sliced.bias, whole.bias, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sliced.metadata["val_correlation"], whole.metadata["val_correlation"], atol=1e-5)

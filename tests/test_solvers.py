@@ -219,6 +219,24 @@ def test_streamed_validation_metrics_equal_numpy(sizes, seed):
         np.testing.assert_allclose(np.array(m["val_correlation"])[ok], ref[ok], atol=1e-7)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), n=st.integers(3, 120))
+def test_metrics_from_moments_equal_streamed_metrics(seed, n):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    X, Y = masks(rng, n, 6, 0.3), rng.normal(size=(n, 3)) + 5.0
+    res = solvers.SolverResult(rng.normal(size=(6, 3)), rng.normal(size=3), np.zeros(3))
+    vm = solvers._stream_moments(ArrayRows(X, Y, block=7), solvers._device("cpu"), gram=True, rows=None,
+                                 progress=None)
+    got = solvers._moment_metrics(vm, torch.from_numpy(res.weight), torch.from_numpy(res.bias))
+    ref = solvers.validation_metrics(res, ArrayRows(X, Y))
+    np.testing.assert_allclose(got["val_mse"], ref["val_mse"], rtol=1e-8)
+    ok = np.isfinite(ref["val_correlation"])
+    np.testing.assert_allclose(np.array(got["val_correlation"])[ok], np.array(ref["val_correlation"])[ok],
+                               atol=1e-7)
+
+
 def test_ridge_grid_values_parsing():
     assert solvers.ridge_grid_values(None) is None
     assert solvers.ridge_grid_values([1, 0, 1]) == [1.0, 0.0]
