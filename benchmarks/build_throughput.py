@@ -220,7 +220,7 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
 
         import torch
 
-        from coar_dask.ablation import apply_malloc_env, compute_outputs
+        from coar_dask.ablation import apply_malloc_env
         from coar_dask.experiment import load_state
         from coar_dask.masks import sample_masks
 
@@ -280,7 +280,6 @@ def measure_in_process(experiment: Any, workers: int, methods: list[str], n_mask
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError("a measuring process failed:\n" + errors[0])
-    import numpy as np
 
     rates: dict[str, float] = {}
     cpu: dict[str, dict[str, float]] = {}

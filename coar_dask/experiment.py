@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from .components import Components, select_components
 from .errors import ConfigError, ExperimentError

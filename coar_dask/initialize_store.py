@@ -17,7 +17,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from .errors import CoarError, ConfigError
+from ._seed_cli import register, run_main, standalone_parser
+from .errors import ConfigError
 from .seed_config import read_config_files
 
 __all__ = ["build_parser", "add_initialize_store_parser", "run", "main"]
@@ -39,26 +40,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m coar_dask.initialize_store``."""
-    p = argparse.ArgumentParser(
-        prog="python -m coar_dask.initialize_store",
-        description="Initialize a zarr store from the seed's JSON spec (the seed's initialize_store.py).",
-    )
-    _add_arguments(p)
-    return p
+    return standalone_parser("initialize_store", "Initialize a zarr store from the seed's JSON spec (the seed's initialize_store.py).", _add_arguments)
 
 
 def add_initialize_store_parser(subparsers: Any, name: str = "initialize-store",
                                 aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``initialize-store`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
-    p = subparsers.add_parser(
-        name,
-        aliases=list(aliases),
-        help="the seed's initialize_store command (--logging.logdir, --logging.spec)",
-        description="Initialize a zarr store from the seed's JSON spec.",
-    )
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return register(subparsers, name, aliases, "the seed's initialize_store command (--logging.logdir, --logging.spec)",
+                    "Initialize a zarr store from the seed's JSON spec.", _add_arguments, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,14 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m coar_dask.initialize_store``."""
-    args = build_parser().parse_args(argv)
-    try:
-        code = run(args)
-    except CoarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print("Done!")
-    return code
+    return run_main(build_parser(), run, argv, done="Done!")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ __all__ = ["margin", "correct_logit", "OUTPUTS", "get_output"]
 
 def margin(logits: Any, labels: Any) -> Any:
     """Correct-class logit minus the largest other logit (the seed's margin)."""
-    import torch
 
     correct = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._version import __version__
-from .errors import CoarError, ConfigError, RegressionError
+from ._seed_cli import register, run_main, standalone_parser
+from .errors import ConfigError, RegressionError
 from .seed_config import KNOWN_KEYS, SeedRegressionConfig, load_regression_config
 
 __all__ = [
@@ -82,27 +83,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m coar_dask.run_regression``."""
-    p = argparse.ArgumentParser(
-        prog="python -m coar_dask.run_regression",
-        description="Fit attributions from a .beton or a store with the seed's regression YAML.",
-        epilog="Every key of the YAML is also a flag: --data.num_train N, --cfg.batch_size B, ...",
-    )
-    _add_arguments(p)
-    return p
+    return standalone_parser("run_regression", "Fit attributions from a .beton or a store with the seed's regression YAML.", _add_arguments, epilog="Every key of the YAML is also a flag: --data.num_train N, --cfg.batch_size B, ...")
 
 
 def add_run_regression_parser(subparsers: Any, name: str = "run-regression",
                               aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``run-regression`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
-    p = subparsers.add_parser(
-        name,
-        aliases=list(aliases),
-        help="the seed's run_regression command (--config YAML, --data.data_path, --cfg.out_dir)",
-        description="Fit attributions from a .beton or a store with the seed's regression YAML.",
-    )
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return register(subparsers, name, aliases, "the seed's run_regression command (--config YAML, --data.data_path, --cfg.out_dir)",
+                    "Fit attributions from a .beton or a store with the seed's regression YAML.", _add_arguments, run)
 
 
 # --------------------------------------------------------------------------
@@ -332,12 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m coar_dask.run_regression``."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except CoarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

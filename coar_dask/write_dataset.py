@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .errors import CoarError, ConfigError
+from ._seed_cli import register, run_main, standalone_parser
+from .errors import ConfigError
 from .seed_config import read_config_files
 
 __all__ = ["build_parser", "add_export_beton_parser", "run", "main"]
@@ -51,26 +52,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m coar_dask.write_dataset``."""
-    p = argparse.ArgumentParser(
-        prog="python -m coar_dask.write_dataset",
-        description="Write a store's rows to an FFCV .beton (the seed's write_dataset.py).",
-    )
-    _add_arguments(p)
-    return p
+    return standalone_parser("write_dataset", "Write a store's rows to an FFCV .beton (the seed's write_dataset.py).", _add_arguments)
 
 
 def add_export_beton_parser(subparsers: Any, name: str = "export-beton",
                             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Register ``export-beton`` on a ``coar-dask`` subparsers object (handler: :func:`run`)."""
-    p = subparsers.add_parser(
-        name,
-        aliases=list(aliases),
-        help="write a store's rows to an FFCV .beton (seed flags --cfg.data_dir/--cfg.out_path/... accepted)",
-        description="Write a store's rows to an FFCV .beton with the seed's fields mask/targets/idx.",
-    )
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return register(subparsers, name, aliases, "write a store's rows to an FFCV .beton (seed flags --cfg.data_dir/--cfg.out_path/... accepted)",
+                    "Write a store's rows to an FFCV .beton with the seed's fields mask/targets/idx.", _add_arguments, run)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,12 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m coar_dask.write_dataset``."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except CoarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
