@@ -39,6 +39,16 @@ def tiny_examples(n: int = 12):
     return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Tests use tiny models: extra OpenMP threads only spin against each other
+    # (and against the cluster workers the tests start) on a small machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

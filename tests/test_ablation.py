@@ -40,15 +40,6 @@ TOL = 1e-5
 ALL_KINDS = ("conv2d", "linear", "mha_in_proj", "conv1d")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP threads only spin against each other (and other load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Conv1D(nn.Module):
     """GPT-2's Conv1D layout (weight (in, out), y = x @ W + b), optionally without bias."""
 

@@ -28,15 +28,6 @@ from coar_dask.components import (  # noqa: E402
 from coar_dask.errors import ExperimentError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP threads only spin against each other (and other load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Conv1D(nn.Module):
     """GPT-2's Conv1D layout: weight (in, out), y = x @ W + b."""
 

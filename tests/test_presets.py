@@ -19,14 +19,6 @@ from coar_dask.presets import (  # noqa: E402
 from coar_dask.zoo import architectures  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP threads only spin against each other (and other load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # The paper's counts (notes/seed-models.md) and, as a check that the written-out
 # architectures are the originals, their parameter counts (torchvision's
 # resnet50 / vit_b_16, Hugging Face's GPT2LMHeadModel with tied embeddings).
