@@ -57,15 +57,6 @@ def reference(tmp_path_factory, digits_experiment):
     return open_store(store.path, read_only=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process builds run with one thread, like the workers and the CLI subprocesses here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same_store(path: Path, reference) -> None:
     """Every row completed, masks bitwise and outputs exactly those of the reference's
     rows (a row depends only on the experiment and its index), and verify OK."""
