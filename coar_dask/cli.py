@@ -176,21 +176,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     options = solver_options_from_args(args)
     t0 = time.perf_counter()
-    bar = None
+    from tqdm.auto import tqdm
 
-    def progress(p: Any) -> None:
-        nonlocal bar
-        from tqdm.auto import tqdm
+    bar = tqdm(file=sys.stderr, disable=None, unit="step")
 
-        if bar is None or bar.desc != p.stage:
-            if bar is not None:
-                bar.close()
-            bar = tqdm(total=p.total, desc=p.stage, file=sys.stderr, disable=None)
+    def progress(p: Any) -> None:  # a coar_dask.solvers.FitProgress
+        bar.total = p.total
         bar.n = p.done
-        if p.total is not None and p.done > (bar.total or 0):
-            bar.total = p.done
-        if p.detail:
-            bar.set_postfix_str(p.detail, refresh=False)
+        bar.set_description_str(p.describe(), refresh=False)
         bar.refresh()
 
     use_cluster = bool(options.get("slices")) and (args.cluster or "local") != "none"
@@ -200,8 +193,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                         num_val=args.num_val, split_seed=args.split_seed, target_slice=_parse_slice(args.target_slice),
                         device=args.device, progress=progress, client=client, **options)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     out = Path(args.out)
     if out.is_dir():  # the seed's cfg.out_dir is a directory holding datamodels.pt
         out = out / "datamodels.pt"
