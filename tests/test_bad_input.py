@@ -442,7 +442,7 @@ def test_attributions_file_that_is_not_one_is_refused_safely(tmp_path, capsys, t
     """``torch.load(weights_only=True)``: a pickle that would run code is refused unrun."""
     marker = tmp_path / "pwned"
     path = _not_attributions(tmp_path / "attrs.pt", content, marker)
-    # One line is checked separately below (xfail until regression.py condenses torch's message).
+    # One line, without torch's unsafe advice: checked separately below.
     cli_error(["evaluate", "--attributions", path, "--store", tiny_store.path], capsys, tmp_path,
               "attrs.pt", "is not an attributions file" if content != "no-weight" else "has no 'weight'",
               one_line=False)
@@ -451,8 +451,6 @@ def test_attributions_file_that_is_not_one_is_refused_safely(tmp_path, capsys, t
         Attributions.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="coar_dask/regression.py (not this issue's file): Attributions.load "
-                   "quotes torch's 6-line weights_only message, which also advises weights_only=False")
 @pytest.mark.parametrize("content", ["pickle", "garbage"])
 def test_attributions_file_refusal_is_one_line_without_unsafe_advice(tmp_path, capsys, tiny_store, content):
     path = _not_attributions(tmp_path / "attrs.pt", content, tmp_path / "pwned")
