@@ -196,12 +196,14 @@ class Attributions:
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
             # torch's own message spans several lines and suggests weights_only=False,
             # which would run arbitrary code: keep only its first line, and say why.
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            reason = reason.split(" Re-running `torch.load`")[0]
+            text = str(exc).strip()
+            if "Weights only load failed" in text:
+                reason = "it holds Python objects other than tensors and plain data"
+            else:
+                reason = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'unreadable'}"
             raise RegressionError(
-                f"{str(path)!r} is not an attributions file this package can load safely "
-                f"({type(exc).__name__}: {reason[:200]}); only tensors and plain metadata are read, "
-                f"so pass a file written by `coar-dask fit`."
+                f"{str(path)!r} is not an attributions file this package can load safely ({reason}); "
+                f"pass a file written by `coar-dask fit`."
             ) from None
         if not isinstance(data, dict) or not {"weight", "bias"} <= set(data):
             raise RegressionError(f"{str(path)!r} has no 'weight' and 'bias'; is it an attributions file?")
