@@ -46,6 +46,7 @@ import dask
 import dask.config
 import yaml
 
+from ._yaml import read_yaml_file
 from .errors import ConfigError, missing_dependency
 
 __all__ = [
@@ -633,12 +634,7 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, Any]:
         The file is missing, is not YAML, or has an unknown key.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"SLURM config file {path} does not exist; see configs/slurm.yaml for an example") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"SLURM config file {path} is not valid YAML: {err}") from None
+    data = read_yaml_file(path, "SLURM config file", "see configs/slurm.yaml for an example") or {}
     if isinstance(data, Mapping):
         if isinstance(data.get("jobqueue"), Mapping):
             data = data["jobqueue"].get("slurm") or {}

@@ -260,31 +260,15 @@ class Experiment:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Experiment":
         """Load an experiment YAML file (with ``yaml.safe_load``)."""
-        import yaml
+        from ._yaml import read_yaml_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"experiment file {str(path)!r} does not exist.")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"experiment file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
-        return cls.from_dict(data or {}, source=f"experiment file {str(path)!r}")
+        data = read_yaml_file(path, "experiment file")
+        return cls.from_dict(data or {}, source=f"experiment file {str(Path(path))!r}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """A YAML error on one line (PyYAML's own message spans several, with a source excerpt)."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    hint = ("only plain YAML is read (yaml.safe_load): no python tags"
-            if "constructor" in problem else "fix the syntax there")
-    return f"{problem}{where}; {hint}."
 
 
 def load_experiment(source: Experiment | Mapping[str, Any] | str | os.PathLike) -> Experiment:

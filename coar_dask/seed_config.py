@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ._yaml import read_yaml_file
 from .errors import ConfigError
 
 __all__ = [
@@ -308,17 +309,10 @@ def describe_ignored(cfg: SeedRegressionConfig) -> str:
 def read_config_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
     """Flattened ``{dotted key: value}`` of YAML/JSON config files, later files winning
     (the seed's ``--config-file``/``-C``, accepted by every seed command)."""
-    import yaml
-
     merged: dict[str, Any] = {}
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path.")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        data = read_yaml_file(path, "config file", "check the --config path")
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
