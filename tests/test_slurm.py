@@ -118,15 +118,18 @@ def test_two_gpu_jobs_each_run_gpu_tasks_on_their_own_device(slurm):
         import time
 
         time.sleep(0.2)
-        return os.environ["CUDA_VISIBLE_DEVICES"], os.environ["SLURM_JOB_ID"]
+        return os.environ["CUDA_VISIBLE_DEVICES"], os.environ["SLURM_JOB_ID"], tuple(sorted(os.sched_getaffinity(0)))
 
     with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2, gpus_per_job=1)) as client:
         client.wait_for_workers(2, timeout=60)
         workers = client.scheduler_info()["workers"].values()
         assert [w["resources"] for w in workers] == [{"GPU": 1}, {"GPU": 1}]
         placed = set(client.gather(client.map(where, range(12), resources={"GPU": 1}, pure=False)))
-        assert {device for device, _ in placed} == {"0", "1"}
-        assert len({job for _, job in placed}) == 2
+        assert {device for device, _, _ in placed} == {"0", "1"}
+        assert len({job for _, job, _ in placed}) == 2
+        # Each 1-core job is bound to its own core (TaskPlugin=task/affinity), as on a production cluster.
+        cpus = {job: cpu for _, job, cpu in placed}
+        assert all(len(cpu) == 1 for cpu in cpus.values()) and len(set(cpus.values())) == 2, cpus
         assert len(slurm.job_ids()) == 2
     wait_until(lambda: not slurm.job_ids(), 30, "the jobs to leave the queue after close")
 

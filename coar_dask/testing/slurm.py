@@ -224,7 +224,10 @@ def render_slurm_conf(
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            # Bind each job to the cores it was given, as a production cluster does
+            # (task/affinity or task/cgroup): a 1-core job must not borrow idle
+            # cores, or scaling measured here flatters the 1-worker run.
+            "TaskPlugin=task/affinity",
             "JobAcctGatherType=jobacct_gather/none",
             # No AccountingStorageTRES=gres/gpu: slurmctld exits without slurmdbd (gotcha 4).
             "AccountingStorageType=accounting_storage/none",
