@@ -233,7 +233,7 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
         seed_dir = _seed_store(Path(tmp.name), n_masks, state.n_components, state.n_examples)
         for method in methods:  # warm-up: kernels, allocator, the batched path's one-time check
             _run_method(state, method, masks[: min(len(masks), 2)], seed_dir)
-        auto_m = None
+        auto_m = auto_e = None
         from coar_dask.ablation import _runner
 
         records = []
@@ -249,12 +249,14 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
                                 "user": u1.ru_utime - u0.ru_utime, "sys": u1.ru_stime - u0.ru_stime})
         runner = _runner(state)
         if runner.batched is not None:
-            from coar_dask.ablation import AUTO_TARGET_ELEMENTS, auto_masks_per_pass
+            from coar_dask.ablation import AUTO_MIN_ROWS, AUTO_TARGET_ELEMENTS, auto_pass_shape
 
-            auto_m = auto_masks_per_pass(min(experiment.batch_size, state.n_examples), runner.probe(state),
-                                         n_masks, target_elements=AUTO_TARGET_ELEMENTS["cpu"])
+            auto_m, auto_e = auto_pass_shape(min(experiment.batch_size, state.n_examples), runner.probe(state),
+                                             n_masks, target_elements=AUTO_TARGET_ELEMENTS["cpu"],
+                                             min_rows=AUTO_MIN_ROWS)
         queue.put({"rank": rank, "records": records, "n_components": state.n_components,
                    "n_examples": state.n_examples, "auto_masks_per_pass": auto_m or 1,
+                   "auto_examples_per_pass": auto_e or min(experiment.batch_size, state.n_examples),
                    "batched_reason": runner.reason})
     except BaseException as exc:  # noqa: BLE001 - report to the parent, which raises
         import traceback
@@ -295,7 +297,8 @@ def measure_in_process(experiment: Any, workers: int, methods: list[str], n_mask
         cpu[method] = {"user_ms_per_model": best_cpu[1], "sys_ms_per_model": best_cpu[2]}
     first = results[0]
     return {"rates": rates, "cpu": cpu, "n_components": first["n_components"], "n_examples": first["n_examples"],
-            "auto_masks_per_pass": first["auto_masks_per_pass"], "batched_reason": first["batched_reason"]}
+            "auto_masks_per_pass": first["auto_masks_per_pass"],
+            "auto_examples_per_pass": first["auto_examples_per_pass"], "batched_reason": first["batched_reason"]}
 
 
 # ------------------------------------------------------------------ the build
@@ -410,6 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "malloc": args.malloc,
         "malloc_env": malloc,
         "auto_masks_per_pass": inproc["auto_masks_per_pass"],
+        "auto_examples_per_pass": inproc["auto_examples_per_pass"],
         "floor_definition": (f"plain forward passes of the unablated model over the {inproc['n_examples']} examples "
                              f"(batch {experiment.batch_size}), in {args.workers} concurrent single-threaded "
                              f"processes with the workers' environment; rates summed"),
@@ -449,7 +453,8 @@ def table(res: dict[str, Any]) -> str:
             ("seed-compute", "    seed without row writes", res["seed_compute_models_per_s"]),
             ("inplace", "(b) in-place zero/restore", res["inplace_models_per_s"])]
     rows += [(f"batched-{m}", f"(c) {m} masks per pass", r) for m, r in res["batched_models_per_s"].items()]
-    rows.append(("auto", f"    auto ({res['auto_masks_per_pass']} per pass)", res["auto_models_per_s"]))
+    rows.append(("auto", f"    auto ({res['auto_masks_per_pass']} per pass of {res['auto_examples_per_pass']})",
+                 res["auto_models_per_s"]))
     if "build_models_per_s" in res:
         rows.append(("build", f"(e) build, {res['workers']} Dask workers", res["build_models_per_s"]))
     cpu = dict(res["cpu_ms_per_model"])

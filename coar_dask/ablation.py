@@ -44,7 +44,7 @@ applies without calling their ``forward``) use in-place zeroing. Masks per
 pass pay when one mask's examples are too few to fill a pass (the digits
 model: 360 8x8 images); with thousands of large examples per mask (ViT-B/16's
 5,000 images) a pass is already full and ``M = 1`` (see
-:func:`auto_masks_per_pass`).
+:func:`auto_pass_shape`).
 """
 
 from __future__ import annotations
@@ -71,19 +71,28 @@ __all__ = [
     "auto_masks_per_pass",
     "AUTO_MAX_ROWS",
     "AUTO_TARGET_ELEMENTS",
+    "AUTO_MIN_ROWS",
+    "auto_pass_shape",
     "apply_malloc_env",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Auto masks per pass: batch masks until the largest hooked activation of a
-#: pass holds about this many elements (1 M floats = 4 MB, about a cache's
-#: worth on CPU). Batching pays where per-operation overhead dominates, i.e.
-#: for small activations; past this size a pass is compute-bound and larger
-#: passes only spill caches (measured: BENCHMARKS.md).
-AUTO_TARGET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+#: pass holds about this many elements. Batching pays where per-operation
+#: overhead dominates, i.e. for small activations; past this size a pass is
+#: compute-bound and larger passes only spill caches. On CPU the bound is
+#: 512 K floats (2 MB, about one core's L2 cache): on the digits model, two
+#: processes at once ran 360-row passes (2 masks x 180 examples) at a median
+#: 296 models/s against 278 for 720-row passes (2 x 360), 8 interleaved
+#: rounds; one process alone, 151 against 155, within the noise. Concurrent
+#: workers share the L3 cache, so smaller passes scale better (BENCHMARKS.md).
+AUTO_TARGET_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
 #: ... and never more than this many rows (masks x examples) in one pass.
 AUTO_MAX_ROWS = 8192
+#: Auto splits one mask's examples into smaller passes (to fit two masks in a
+#: pass) only while a pass keeps at least this many rows.
+AUTO_MIN_ROWS = 256
 
 
 # --------------------------------------------------------------- in place
@@ -359,16 +368,53 @@ def auto_masks_per_pass(n_examples_per_pass: int, elements_per_example: int, n_m
 
     Examples
     --------
-    >>> auto_masks_per_pass(360, 16 * 8 * 8, 100)    # digits: 360 8x8 maps of 16 channels
+    >>> auto_masks_per_pass(180, 16 * 8 * 8, 100)    # 180 8x8 maps of 16 channels
     2
-    >>> auto_masks_per_pass(40, 16 * 8 * 8, 100)     # ... with only 40 examples
-    25
+    >>> auto_masks_per_pass(40, 16 * 8 * 8, 100)     # ... only 40 of them
+    12
     >>> auto_masks_per_pass(512, 64 * 32 * 32, 100)  # CIFAR ResNet-18: a pass is already full
     1
     """
     per_mask = max(1, n_examples_per_pass) * max(1, elements_per_example)
     m = min(target_elements // per_mask, max_rows // max(1, n_examples_per_pass), n_masks)
     return int(max(1, m))
+
+
+def auto_pass_shape(n_examples_per_pass: int, elements_per_example: int, n_masks: int,
+                    *, target_elements: int = AUTO_TARGET_ELEMENTS["cpu"], max_rows: int = AUTO_MAX_ROWS,
+                    min_rows: int = AUTO_MIN_ROWS) -> tuple[int, int]:
+    """Masks and examples per forward pass: ``(masks, examples)``.
+
+    As :func:`auto_masks_per_pass`, but where one mask's examples already
+    fill more than half a pass, they are split into equal smaller passes that
+    hold two masks each, as long as a pass keeps ``min_rows`` rows: two
+    masks of 180 examples run on a BatchNorm-folded copy, where one mask of
+    360 would fall back to in-place zeroing. ``masks == 1`` means in-place
+    zeroing over the examples in passes of ``n_examples_per_pass``.
+
+    Examples
+    --------
+    >>> auto_pass_shape(360, 16 * 8 * 8, 100)    # digits: 360 8x8 maps of 16 channels
+    (2, 180)
+    >>> auto_pass_shape(40, 16 * 8 * 8, 100)     # ... only 40 of them
+    (12, 40)
+    >>> auto_pass_shape(512, 64 * 32 * 32, 100)  # CIFAR ResNet-18: too few rows to split
+    (1, 512)
+    """
+    n = max(1, n_examples_per_pass)
+    m = auto_masks_per_pass(n, elements_per_example, n_masks, target_elements=target_elements, max_rows=max_rows)
+    if m > 1 or n_masks < 2:
+        return m, n
+    # Smallest number of parts whose passes hold two masks within both bounds.
+    limit = min(target_elements // (2 * max(1, elements_per_example)), max_rows // 2)
+    if limit < 1:
+        return 1, n
+    parts = -(-n // limit)
+    examples = -(-n // parts)
+    if parts < 2 or 2 * examples < min_rows:
+        return 1, n
+    return auto_masks_per_pass(examples, elements_per_example, n_masks, target_elements=target_elements,
+                               max_rows=max_rows), examples
 
 
 # ------------------------------------------------------------------- malloc
@@ -609,11 +655,12 @@ def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Ru
         runner._source_version = _version(state.model)
 
 
-def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_per_pass: int) -> None:
+def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_per_pass: int,
+                     examples_per_pass: int) -> None:
     import torch
 
     batched = runner.batched
-    bs = min(state.experiment.batch_size, state.n_examples)
+    bs = min(examples_per_pass, state.n_examples)
     with torch.inference_mode(), runner.autocast(state), batched.hooks():
         for i in range(0, masks.shape[0], m_per_pass):
             chunk = masks[i : i + m_per_pass]
@@ -674,10 +721,11 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
     runner = _runner(state)
     with runner.lock:  # hooks and in-place zeroing both change the shared model
         m_per_pass = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
+        examples_per_pass = min(state.experiment.batch_size, state.n_examples)
         if m_per_pass is None and runner.batched is not None:
-            per_pass = min(state.experiment.batch_size, state.n_examples)
             target = AUTO_TARGET_ELEMENTS.get(_device_type(state), AUTO_TARGET_ELEMENTS["cpu"])
-            m_per_pass = auto_masks_per_pass(per_pass, runner.probe(state), masks.shape[0], target_elements=target)
+            m_per_pass, examples_per_pass = auto_pass_shape(examples_per_pass, runner.probe(state), masks.shape[0],
+                                                            target_elements=target, min_rows=AUTO_MIN_ROWS)
         m_per_pass = 1 if m_per_pass is None else int(m_per_pass)
         if m_per_pass < 1:
             raise ExperimentError(f"masks_per_pass must be a positive integer; found {m_per_pass}.")
@@ -685,7 +733,7 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         if m_per_pass > 1 and runner.batched is not None:
             runner.refresh(state)
             try:
-                _batched_outputs(state, masks, out, runner, m_per_pass)
+                _batched_outputs(state, masks, out, runner, m_per_pass, examples_per_pass)
                 if not runner.verified:
                     _verify(state, masks, out, runner)
                 return out

@@ -27,6 +27,7 @@ from coar_dask.ablation import (  # noqa: E402
     NotBatchableError,
     ablated,
     auto_masks_per_pass,
+    auto_pass_shape,
     compute_outputs,
     reference_model,
 )
@@ -310,7 +311,8 @@ def test_experiment_masks_per_pass_and_auto_are_used():
     masks = _masks(len(state.components))
     ref = _reference(state, masks)
     assert np.abs(compute_outputs(state, masks) - ref).max() <= TOL * max(1.0, np.abs(ref).max())
-    auto = _state(ConvNet(True), ("conv2d",))
+    auto = _state(ConvNet(True), ("conv2d",))  # another random model: compare with its own reference
+    ref = _reference(auto, masks)
     assert np.abs(compute_outputs(auto, masks) - ref).max() <= TOL * max(1.0, np.abs(ref).max())
     assert ablation._runner(auto).probe(auto) == 5 * 6 * 6  # conv1's map, the largest hooked activation
 
@@ -360,6 +362,40 @@ def test_auto_masks_per_pass_bounds(k, e, n, target, rows):
     assert 1 <= m <= n
     if m > 1:  # more than one mask only within both bounds
         assert m * k * e <= target and m * k <= rows
+
+
+@settings(max_examples=200, deadline=None)
+@given(k=st.integers(1, 5000), e=st.integers(1, 10**6), n=st.integers(1, 200),
+       target=st.integers(1, 1 << 26), rows=st.integers(1, 1 << 14), min_rows=st.integers(1, 4096))
+def test_auto_pass_shape_bounds(k, e, n, target, rows, min_rows):
+    m, examples = auto_pass_shape(k, e, n, target_elements=target, max_rows=rows, min_rows=min_rows)
+    assert 1 <= m <= n and 1 <= examples <= k
+    if m > 1:  # a batched pass stays within both bounds
+        assert m * examples * e <= target and m * examples <= rows
+    if examples < k:  # examples are split only to fit two masks, into equal passes of at least min_rows rows
+        assert m >= 2 and 2 * examples >= min_rows
+        parts = -(-k // examples)
+        assert (parts - 1) * examples < k <= parts * examples and k - (parts - 1) * examples > examples - parts
+    if m == 1 and n >= 2:  # in place only when equal passes of two masks each would be under min_rows rows
+        limit = min(target // (2 * e), rows // 2)  # examples of a pass that holds two masks
+        assert limit < 1 or 2 * -(-k // -(-k // limit)) < min_rows
+
+
+def test_auto_splits_examples_and_still_equals_reference(monkeypatch):
+    """Where one mask's examples overfill a pass, auto runs two masks on halves of them; outputs are unchanged."""
+    state = _state(ConvNet(True), ("conv2d", "linear"), batch_size=7)
+    per_example = ablation._runner(state).probe(state)  # 5 * 6 * 6
+    monkeypatch.setitem(ablation.AUTO_TARGET_ELEMENTS, "cpu", 6 * per_example)  # a pass holds 6 rows
+    monkeypatch.setattr(ablation, "AUTO_MIN_ROWS", 2)
+    shapes = []
+    real = ablation._batched_outputs
+    monkeypatch.setattr(ablation, "_batched_outputs",
+                        lambda st_, masks, out, runner, m, e: shapes.append((m, e)) or real(st_, masks, out, runner, m, e))
+    masks = _masks(len(state.components), n=5)
+    got = compute_outputs(state, masks)
+    assert shapes == [(2, 3)]  # 7 examples -> passes of 3, 3, 1 examples, two masks each
+    ref = _reference(state, masks)
+    assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
 
 
 def test_malloc_env_is_applied_at_run_time(monkeypatch):
