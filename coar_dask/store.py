@@ -174,9 +174,13 @@ class Store:
         done = self.completed_blocks()
         return [self.block(int(i)) for i in np.flatnonzero(~done)]
 
-    def chunk_path(self, name: str, index: int) -> Path:
-        """The file holding block ``index`` of array ``name`` (its zarr v3 chunk key)."""
-        arr = self.array(name)
+    def chunk_path(self, name: str, index: int, *, array: Any = None) -> Path:
+        """The file holding block ``index`` of array ``name`` (its zarr v3 chunk key).
+
+        ``array``: the opened zarr array ``name``, if the caller has it (saves
+        reading its metadata again).
+        """
+        arr = self.array(name) if array is None else array
         coords = (int(index),) + (0,) * (len(arr.shape) - 1)
         return self.path / name / arr.metadata.encode_chunk_key(coords)
 
@@ -191,6 +195,7 @@ class Store:
         missing = set(self.spec.names) - set(data)
         if missing:
             raise StoreError(f"write_block needs every schema array; missing {sorted(missing)}.")
+        arrays = {}  # each array's metadata is read once per block
         for name in self.spec.names:
             a = self.spec[name]
             values = np.asarray(data[name])
@@ -199,10 +204,12 @@ class Store:
                 raise StoreError(
                     f"block {index} of {name!r} must have shape {expected}; got {values.shape}."
                 )
-            self._group[name][block.start : block.stop] = values.astype(a.np_dtype, copy=False)
-        _fsync([self.chunk_path(name, index) for name in self.spec.names])
-        self._group[COMPLETED][block.start : block.stop] = True
-        _fsync([self.chunk_path(COMPLETED, index)])
+            arrays[name] = self._group[name]
+            arrays[name][block.start : block.stop] = values.astype(a.np_dtype, copy=False)
+        _fsync([self.chunk_path(name, index, array=arr) for name, arr in arrays.items()])
+        completed = self._group[COMPLETED]
+        completed[block.start : block.stop] = True
+        _fsync([self.chunk_path(COMPLETED, index, array=completed)])
 
     def read_block(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         block = self.block(index)
