@@ -304,17 +304,6 @@ def measure_in_process(experiment: Any, workers: int, methods: list[str], n_mask
 # ------------------------------------------------------------------ the build
 
 
-def _warm(experiment: Any) -> int:
-    import numpy as np
-
-    from coar_dask.ablation import compute_outputs
-    from coar_dask.experiment import load_state
-
-    state = load_state(experiment)
-    compute_outputs(state, np.ones((2, state.n_components), dtype=bool))
-    return state.n_components
-
-
 def _rusage() -> tuple[float, float]:
     import resource
 
@@ -328,6 +317,7 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
     from coar_dask.build import run_build
     from coar_dask.cluster import cluster_client
     from coar_dask.evaluate import eval_store_for
+    from coar_dask.experiment import warm_up
 
     builds = []
     import dask
@@ -335,7 +325,7 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
     profile = {} if worker_profile == "default" else {"distributed.worker.profile.enabled": worker_profile == "on"}
     with dask.config.set(profile), cluster_env(malloc), cluster_client("local", n_workers=workers) as client, \
             tempfile.TemporaryDirectory(prefix="coar-bench-") as tmp:
-        client.run(_warm, experiment)
+        client.run(warm_up, experiment)
         worker_env = client.run(lambda: {k: os.environ.get(k) for k in _MALLOC_KEYS if os.environ.get(k)})
         profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
         for i in range(repeats):

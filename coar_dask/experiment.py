@@ -46,7 +46,7 @@ from .errors import ConfigError, ExperimentError
 from .masks import check_alpha
 from .outputs import get_output
 
-__all__ = ["Experiment", "ExperimentState", "load_experiment", "load_state", "import_object"]
+__all__ = ["Experiment", "ExperimentState", "load_experiment", "load_state", "warm_up", "import_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -371,3 +371,13 @@ def load_state(experiment: Experiment) -> ExperimentState:
             state = _make_state(experiment)
             _STATE_CACHE[key] = state
         return state
+
+
+def warm_up(experiment: Experiment) -> int:
+    """Load the experiment's state into this process's cache; return its number of components.
+
+    For ``client.run(warm_up, experiment)``: every Dask worker loads the model
+    and examples before a build, so the first blocks (and timings) do not pay
+    for it.
+    """
+    return load_state(experiment).n_components

@@ -263,16 +263,15 @@ def test_build_survives_scancel_of_a_busy_worker(slurm, tmp_path, digits_experim
     _assert_same_store(store, reference_store)
 
 
-def test_scaling_benchmark_runs_on_the_harness(slurm):
-    """benchmarks/slurm_scaling.py, tiny: it reuses the running cluster and reports both rates."""
-    import importlib.util
+def test_scaling_benchmark_runs_on_the_harness(slurm, monkeypatch):
+    """benchmarks/slurm_scaling.py, tiny: it reuses the running cluster and reports both rates and the ceiling."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # spawned children import it
+    import slurm_scaling as bench
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "slurm_scaling.py"
-    spec = importlib.util.spec_from_file_location("slurm_scaling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     lines: list[str] = []
     figures = bench.run(rows=24, rows_per_block=6, echo=lines.append)
     assert set(figures) == {"one_worker_models_per_s", "two_workers_models_per_s", "speedup"}
     assert figures["one_worker_models_per_s"] > 0 and figures["two_workers_models_per_s"] > 0
     assert "existing SLURM cluster" in lines[1]  # the module's harness, found through SLURM_CONF
+    assert sum("plain process(es)" in line for line in lines) == 2
+    assert any(line.startswith("ceiling of this machine") and "efficiency" in line for line in lines)
