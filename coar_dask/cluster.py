@@ -99,6 +99,15 @@ def default_local_workers() -> int:
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
+def local_worker_preload() -> list[str]:
+    """Preloads of local workers: dask config ``distributed.worker.preload`` plus
+    :mod:`coar_dask._worker_preload`, which makes them ignore Ctrl-C (the CLI
+    handles it and closes them)."""
+    configured = dask.config.get("distributed.worker.preload", None) or []
+    configured = [configured] if isinstance(configured, str) else list(configured)
+    return configured + [m for m in ("coar_dask._worker_preload",) if m not in configured]
+
+
 # ------------------------------------------------------------------ local GPUs
 
 
@@ -170,6 +179,7 @@ def local_gpu_worker_specs(
                 "memory_limit": memory_limit,
                 "env": {**base_env, "CUDA_VISIBLE_DEVICES": str(device)},
                 "resources": {"GPU": 1},
+                "preload": local_worker_preload(),
             },
         }
     return specs
@@ -643,10 +653,36 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, Any]:
     return _normalise_keys(data, where=f"SLURM config file {path}")
 
 
+def import_jobqueue() -> Any:
+    """Import ``dask_jobqueue``, keeping this process's Ctrl-C handler.
+
+    Importing dask-jobqueue (0.9) replaces the SIGINT handler of the importing
+    process with ``sys.exit()`` (its ``runner`` module does so for its own
+    runners). In the CLI, Ctrl-C of a SLURM build would then end the process
+    with exit status 0, silently, instead of reporting the interrupt and
+    exiting 130. The handler in place before the import is put back.
+
+    Raises
+    ------
+    ImportError
+        When dask-jobqueue is not installed.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    import dask_jobqueue
+
+    if main and before is not None and signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
+    return dask_jobqueue
+
+
 def _jobqueue_defaults_loaded() -> None:
     """Import dask_jobqueue if present: it puts ``jobqueue.*`` defaults into dask's config."""
     with contextlib.suppress(ImportError):
-        import dask_jobqueue  # noqa: F401
+        import_jobqueue()
 
 
 def resolve_slurm_settings(config_file: str | os.PathLike | None = None, **kwargs: Any) -> SlurmSettings:
@@ -722,10 +758,9 @@ def resolve_slurm_settings(config_file: str | os.PathLike | None = None, **kwarg
 
 def _slurm_job_class():
     try:
-        from dask_jobqueue.slurm import SLURMJob
+        return import_jobqueue().slurm.SLURMJob
     except ImportError:
         raise missing_dependency("dask-jobqueue", "slurm", "SLURM clusters") from None
-    return SLURMJob
 
 
 def slurm_job_script(
@@ -832,7 +867,7 @@ def _start_respawner(cluster: Any, interval: str | float | None) -> None:
 @contextlib.contextmanager
 def _slurm_client(settings: SlurmSettings, respawn_interval: str | float | None) -> Iterator[Any]:
     try:
-        from dask_jobqueue import SLURMCluster
+        SLURMCluster = import_jobqueue().SLURMCluster
     except ImportError:
         raise missing_dependency("dask-jobqueue", "slurm", "SLURM clusters") from None
     from distributed import Client
@@ -974,6 +1009,7 @@ def cluster_client(
             processes=True,
             dashboard_address=dashboard_address,
             env=dict(WORKER_ENV),
+            preload=local_worker_preload(),
             **kwargs,
         )
         described = f"{len(cluster.worker_spec)} CPU worker(s)"

@@ -370,6 +370,38 @@ def test_local_cluster_with_gpus_runs_gpu_tasks_one_per_device(monkeypatch):
     assert seen == ["0", "1"]
 
 
+def test_local_workers_ignore_ctrl_c_and_keep_configured_preloads():
+    """Ctrl-C reaches the whole process group; the CLI handles it and closes the workers."""
+    import signal
+
+    with dask.config.set({"distributed.worker.preload": ["json"]}):
+        assert C.local_worker_preload() == ["json", "coar_dask._worker_preload"]
+    assert C.local_worker_preload() == ["coar_dask._worker_preload"]
+    with C.cluster_client("local", n_workers=1, gpus=0) as client:
+        # signal.getsignal itself runs there (a function of this module would import it, and with it
+        # dask-jobqueue, which installs its own SIGINT handler on import).
+        assert list(client.run(signal.getsignal, signal.SIGINT).values()) == [signal.SIG_IGN]
+
+
+@needs_jobqueue
+def test_importing_dask_jobqueue_keeps_the_ctrl_c_handler():
+    """dask-jobqueue's import sets SIGINT to sys.exit(): Ctrl-C of a SLURM build would exit 0, silently."""
+    code = textwrap.dedent("""
+        import signal
+        from coar_dask.cluster import import_jobqueue
+        import_jobqueue()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """)
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "KeyboardInterrupt", done.stderr
+
+
 def test_local_only_arguments_are_refused_for_slurm_with_the_slurm_names():
     with pytest.raises(ConfigError, match="jobs=N"):
         with C.cluster_client("slurm", n_workers=4, cores=1, memory="1GB"):
