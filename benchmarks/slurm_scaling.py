@@ -149,9 +149,12 @@ def measure(
 
 def _versions() -> dict[str, str]:
     import dask
-    import dask_jobqueue
     import distributed
     import torch
+
+    from coar_dask.cluster import import_jobqueue
+
+    dask_jobqueue = import_jobqueue()  # keeps Ctrl-C a KeyboardInterrupt
 
     try:
         slurm = subprocess.run(["sinfo", "-V"], capture_output=True, text=True, timeout=10).stdout.strip()
