@@ -61,20 +61,23 @@ def _bare_child(rank: int, experiment: Any, blocks: list[range], barrier: Any, q
         from coar_dask.experiment import load_state
         from coar_dask.masks import sample_masks
 
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
         apply_malloc_env(only_in_dask_worker=False)
         import torch
 
         torch.set_num_threads(1)
         state = load_state(experiment)
-        compute_outputs(state, sample_masks(experiment.mask_seed, blocks[0], state.n_components, experiment.alpha))
+
+        def block(rows: range) -> None:
+            compute_outputs(state, sample_masks(experiment.mask_seed, rows, state.n_components, experiment.alpha))
+
+        block(blocks[0])  # warm-up, untimed
         barrier.wait()
         t0 = time.perf_counter()
-        done = 0
         for rows in blocks:
-            compute_outputs(state, sample_masks(experiment.mask_seed, rows, state.n_components, experiment.alpha))
-            done += len(rows)
-        queue.put((rank, done, time.perf_counter() - t0))
+            block(rows)
+        queue.put((rank, sum(map(len, blocks)), time.perf_counter() - t0))
     except BaseException as exc:  # noqa: BLE001 - the parent raises it
         queue.put((rank, exc, None))
 
@@ -82,22 +85,18 @@ def _bare_child(rank: int, experiment: Any, blocks: list[range], barrier: Any, q
 def measure_bare(n_procs: int, experiment: Any, *, rows: int, rows_per_block: int) -> dict[str, float]:
     """The ceiling: ``rows`` rows in blocks, dealt round-robin to ``n_procs`` plain single-threaded processes."""
     import multiprocessing as mp
+    from unittest import mock
 
     from coar_dask.cluster import WORKER_ENV
 
     blocks = [range(a, min(a + rows_per_block, rows)) for a in range(0, rows, rows_per_block)]
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(n_procs), ctx.Queue()
-    saved = dict(os.environ)
-    os.environ.update(WORKER_ENV)  # as the worker jobs get it (malloc settings are read at process start)
-    try:
-        procs = [ctx.Process(target=_bare_child, args=(r, experiment, blocks[r::n_procs], barrier, queue))
-                 for r in range(n_procs)]
+    procs = [ctx.Process(target=_bare_child, args=(r, experiment, blocks[r::n_procs], barrier, queue))
+             for r in range(n_procs)]
+    with mock.patch.dict(os.environ, WORKER_ENV):  # as the worker jobs get it (malloc is read at process start)
         for proc in procs:
             proc.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     results = [queue.get(timeout=600) for _ in procs]
     for proc in procs:
         proc.join()

@@ -19,28 +19,25 @@ import threading
 from typing import Any
 
 
-def _not_a_cancel_at_close(record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
-
-
 class _QuietClose(logging.Filter):
-    """Drop a heartbeat that fails because the worker is already being closed."""
+    """Drop the two records a worker logs when it is closed in the middle of a block."""
 
     def __init__(self, worker: Any):
         super().__init__()
         self.worker = worker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        status = getattr(getattr(self.worker, "status", None), "name", "")
-        return not (status.startswith("clos") and record.getMessage().startswith("Failed to communicate with scheduler"))
+        message = record.getMessage()
+        if message.startswith("Async instruction for") and message.endswith("ended with CancelledError"):
+            return False  # only ever logged by Worker.close()
+        closing = getattr(getattr(self.worker, "status", None), "name", "").startswith("clos")
+        return not (closing and message.startswith("Failed to communicate with scheduler"))
 
 
 def dask_setup(worker: Any) -> None:
     """Ignore SIGINT in this worker process (called by distributed at worker start)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    state_log = logging.getLogger("distributed.worker.state_machine")
-    if _not_a_cancel_at_close not in state_log.filters:
-        state_log.addFilter(_not_a_cancel_at_close)
-    logging.getLogger("distributed.worker").addFilter(_QuietClose(worker))
+    quiet = _QuietClose(worker)
+    for name in ("distributed.worker.state_machine", "distributed.worker"):
+        logging.getLogger(name).addFilter(quiet)

@@ -670,11 +670,11 @@ def import_jobqueue() -> Any:
     import signal
     import threading
 
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
+    # Only the main thread can set handlers; ``None``: a handler not set from Python, which cannot be put back.
+    before = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     import dask_jobqueue
 
-    if main and before is not None and signal.getsignal(signal.SIGINT) is not before:
+    if before is not None and signal.getsignal(signal.SIGINT) is not before:
         signal.signal(signal.SIGINT, before)
     return dask_jobqueue
 

@@ -8,6 +8,11 @@ clusters started in tests inherit the variable and load the same file.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +86,37 @@ def _tests_on_path():
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
     yield
+
+
+@pytest.fixture(scope="session")
+def coar_dask_cli() -> list[str]:
+    """The command of the installed ``coar-dask`` CLI (its console script, else ``python -m``)."""
+    script = Path(sys.executable).parent / "coar-dask"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli"]
+
+
+@pytest.fixture
+def ctrl_c():
+    """``ctrl_c(cmd, when, ...)``: run ``cmd`` in its own session, wait until ``when()`` is true, then
+    send SIGINT to its whole process group, as a terminal's Ctrl-C does; return the finished process
+    (``returncode``, ``stdout``, ``stderr``)."""
+
+    def interrupt(cmd: list[str], when, *, env: dict[str, str] | None = None, wait_s: float = 240,
+                  what: str = "the moment to interrupt") -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + wait_s
+            while not when():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"{what} did not come within {wait_s:.0f} s while {cmd} ran")
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return interrupt

@@ -83,13 +83,12 @@ def _wait_for(condition, timeout: float, what: str, poll: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _coar_dask() -> list[str]:
-    script = Path(sys.executable).parent / "coar-dask"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli"]
+@pytest.fixture
+def build_cmd(coar_dask_cli):
+    def cmd(store: Path, experiment_yaml: Path, *extra: str) -> list[str]:
+        return [*coar_dask_cli, "build", "--store", str(store), "--experiment", str(experiment_yaml), *extra]
 
-
-def _build_cmd(store: Path, experiment_yaml: Path, *extra: str) -> list[str]:
-    return [*_coar_dask(), "build", "--store", str(store), "--experiment", str(experiment_yaml), *extra]
+    return cmd
 
 
 def _env() -> dict[str, str]:
@@ -155,22 +154,14 @@ def test_worker_killed_mid_block_loses_nothing(tmp_path, digits_experiment, refe
 @pytest.mark.slow
 @pytest.mark.parametrize("cluster", ["none", "local"])
 def test_interrupted_cli_build_reruns_only_pending_blocks(tmp_path, digits_experiment, reference, experiment_yaml,
-                                                         cluster):
+                                                         cluster, build_cmd, ctrl_c):
     """Ctrl-C in a terminal: SIGINT to the whole process group (the CLI and, with
     ``--cluster local``, its nanny and worker processes)."""
     store = _store_for(tmp_path / "s", digits_experiment)
-    cmd = _build_cmd(store.path, experiment_yaml, "--cluster", cluster,
-                     *(["--workers", "1"] if cluster == "local" else []))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: _completed_blocks(store.path), 240, "the first completed block")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    cmd = build_cmd(store.path, experiment_yaml, "--cluster", cluster,
+                    *(["--workers", "1"] if cluster == "local" else []))
+    proc = ctrl_c(cmd, lambda: _completed_blocks(store.path), env=_env(), what="the first completed block")
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 130, (out, err)
     last = err.strip().splitlines()[-1]
     assert "interrupted" in last and "run the same command again" in last
@@ -208,13 +199,13 @@ def barrier_digits_model(barrier: str, parties: int = 2, timeout: float = 120.0)
 
 
 @pytest.mark.slow
-def test_two_concurrent_builds_of_one_store_equal_the_reference(tmp_path, digits_experiment, reference):
+def test_two_concurrent_builds_of_one_store_equal_the_reference(tmp_path, digits_experiment, reference, build_cmd):
     rows = N // 2  # each build computes every block: half the reference's rows keep this short
     store = _store_for(tmp_path / "s", digits_experiment, rows=rows)
     together = digits_experiment.replace(model=f"{__name__}:barrier_digits_model",
                                          model_kwargs={"barrier": str(tmp_path / "barrier"), "parties": 2})
     together.to_yaml(tmp_path / "together.yaml")
-    cmd = _build_cmd(store.path, tmp_path / "together.yaml", "--cluster", "none")
+    cmd = build_cmd(store.path, tmp_path / "together.yaml", "--cluster", "none")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
              for _ in range(2)]
     results = []

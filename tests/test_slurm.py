@@ -277,12 +277,11 @@ def test_scaling_benchmark_runs_on_the_harness(slurm, monkeypatch):
     assert any(line.startswith("ceiling of this machine") and "efficiency" in line for line in lines)
 
 
-def test_ctrl_c_of_a_cli_slurm_build_exits_130_and_the_rerun_resumes(slurm, tmp_path, digits_experiment):
+def test_ctrl_c_of_a_cli_slurm_build_exits_130_and_the_rerun_resumes(slurm, tmp_path, digits_experiment,
+                                                                    coar_dask_cli, ctrl_c):
     """Ctrl-C in the terminal of ``coar-dask build --cluster slurm``: importing dask-jobqueue must not
     turn it into a silent ``sys.exit()`` (exit status 0), and the completed blocks are kept."""
-    import signal
     import subprocess
-    import sys
 
     import numpy as np
 
@@ -297,25 +296,17 @@ def test_ctrl_c_of_a_cli_slurm_build_exits_130_and_the_rerun_resumes(slurm, tmp_
                            rows_per_chunk=per_block)
     experiment_yaml = tmp_path / "digits.yaml"
     digits_experiment.to_yaml(experiment_yaml)
-    script = Path(sys.executable).parent / "coar-dask"
-    cmd = [*([str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli"]),
-           "build", "--store", str(store.path), "--experiment", str(experiment_yaml), "--cluster", "slurm",
-           "--jobs", "1", "--cores", "1", "--memory", "2GB", "--queue", slurm.partition, "--interface", "lo"]
+    cmd = [*coar_dask_cli, "build", "--store", str(store.path), "--experiment", str(experiment_yaml),
+           "--cluster", "slurm", "--jobs", "1", "--cores", "1", "--memory", "2GB", "--queue", slurm.partition,
+           "--interface", "lo"]
 
     def done_blocks():
         return set(np.flatnonzero(open_store(store.path, read_only=True).completed_blocks()).tolist())
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_until(done_blocks, 120, "the first completed block", interval=0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal's foreground group: the CLI (the jobs run under SLURM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, (out, err)
-    assert "interrupted" in err.strip().splitlines()[-1], err
+    # The terminal's foreground group is the CLI alone: the worker job runs under SLURM.
+    proc = ctrl_c(cmd, done_blocks, wait_s=120, what="the first completed block")
+    assert proc.returncode == 130, (proc.stdout, proc.stderr)
+    assert "interrupted" in proc.stderr.strip().splitlines()[-1], proc.stderr
     done = done_blocks()
     assert 0 < len(done) < rows // per_block, "the interrupt must land mid-build for this test to mean anything"
     assert verify_store(store.path).intact
