@@ -960,12 +960,9 @@ def cluster_client(
     if kind == "address" or (address and kind == "local"):
         if not address:
             raise ConfigError("cluster 'address' needs a scheduler address, e.g. --address tcp://host:8786")
-        client = Client(address)
-        logger.info("connected to scheduler %s (dashboard %s)", address, client.dashboard_link)
-        try:
+        with Client(address) as client:
+            logger.info("connected to scheduler %s (dashboard %s)", address, client.dashboard_link)
             yield client
-        finally:
-            client.close()
         return
     if kind == "slurm":
         if n_workers is not None or gpus is not None:
@@ -1013,13 +1010,9 @@ def cluster_client(
             **kwargs,
         )
         described = f"{len(cluster.worker_spec)} CPU worker(s)"
-    client = Client(cluster)
-    logger.info("started local cluster with %s, dashboard at %s", described, client.dashboard_link)
-    try:
+    with cluster, Client(cluster) as client:  # closed in reverse: the client, then the cluster
+        logger.info("started local cluster with %s, dashboard at %s", described, client.dashboard_link)
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 # ------------------------------------------------------------------- the CLI

@@ -659,34 +659,41 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _store_command(subparsers: Any, name: str, help: str, description: str, json_help: str,
+                   func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A subcommand that takes a store (positional or ``--store``) and ``--json``."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("store", nargs="?", help="store directory")
+    p.add_argument("--store", dest="store_option", metavar="STORE", help="store directory (same as the positional)")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_verify_parser(subparsers: Any) -> None:
     """Add the ``verify`` and ``repair`` commands to ``coar-dask``'s subparsers."""
-    p = subparsers.add_parser(
-        "verify", help="check a store: masks regenerated from (seed, row), finite outputs, layout, damaged chunks",
+    p = _store_command(
+        subparsers, "verify",
+        help="check a store: masks regenerated from (seed, row), finite outputs, layout, damaged chunks",
         description="Read every completed block: regenerate its masks from (mask seed, row) and compare them "
                     "bitwise, check that its outputs are finite and its chunk files decode, check the spec "
                     "fingerprint and chunk layout, and list incomplete blocks. Exit code 0 only when the store "
                     "is intact and complete; 1 otherwise (run `coar-dask repair` for bad blocks).",
+        json_help="print the report as JSON", func=cmd_verify,
     )
-    p.add_argument("store", nargs="?", help="store directory")
-    p.add_argument("--store", dest="store_option", metavar="STORE", help="store directory (same as the positional)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="exit 0 for an intact store that still has pending blocks (e.g. during a build)")
-    p.set_defaults(func=cmd_verify)
 
-    p = subparsers.add_parser(
-        "repair", help="mark the blocks verify finds bad as pending, so the next build recomputes them",
+    p = _store_command(
+        subparsers, "repair",
+        help="mark the blocks verify finds bad as pending, so the next build recomputes them",
         description="Verify the store, delete the undecodable chunk files of bad blocks, clear their "
                     "_completed flags and remove leftover temporary files; other blocks are not touched. Then "
                     "run `coar-dask build` with the store's experiment to recompute them. Do not run it while "
                     "a build writes to the store.",
+        json_help="print what was done as JSON", func=cmd_repair,
     )
-    p.add_argument("store", nargs="?", help="store directory")
-    p.add_argument("--store", dest="store_option", metavar="STORE", help="store directory (same as the positional)")
-    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.add_argument("--dry-run", action="store_true", help="only say what would be reset and removed")
-    p.set_defaults(func=cmd_repair)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
