@@ -35,7 +35,7 @@ from coar_dask.verify import repair_store, verify_store
 
 torch = pytest.importorskip("torch")
 
-N, RPC = 300, 50  # 6 blocks of ~1 s each on one CPU thread
+N, RPC = 300, 50  # 6 blocks of ~0.3 s each on one CPU thread (digits, 2026-11-28)
 N_BLOCKS = N // RPC
 
 
@@ -157,10 +157,15 @@ def test_interrupted_cli_build_reruns_only_pending_blocks(tmp_path, digits_exper
                                                          cluster, build_cmd, ctrl_c):
     """Ctrl-C in a terminal: SIGINT to the whole process group (the CLI and, with
     ``--cluster local``, its nanny and worker processes)."""
-    store = _store_for(tmp_path / "s", digits_experiment)
-    cmd = build_cmd(store.path, experiment_yaml, "--cluster", cluster,
-                    *(["--workers", "1"] if cluster == "local" else []))
-    proc = ctrl_c(cmd, lambda: _completed_blocks(store.path), env=_env(), what="the first completed block")
+    for attempt in range(3):
+        store = _store_for(tmp_path / f"s{attempt}", digits_experiment)
+        cmd = build_cmd(store.path, experiment_yaml, "--cluster", cluster,
+                        *(["--workers", "1"] if cluster == "local" else []))
+        proc = ctrl_c(cmd, lambda: _completed_blocks(store.path), env=_env(), what="the first completed block")
+        # The 6 blocks take ~2 s in all: on a busy machine the first one may be seen only as the build
+        # ends, and the interrupt then comes too late to test anything. Only that case tries again.
+        if not (proc.returncode == 0 and len(_completed_blocks(store.path)) == N_BLOCKS):
+            break
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 130, (out, err)
     last = err.strip().splitlines()[-1]
