@@ -6,7 +6,7 @@ In one run, on the same rows (``--rows`` x ``--components`` bool masks and
 (a) ``raw``    FFCV's ``DatasetWriter.from_indexed_dataset`` on a dataset whose
                masks and float32 targets are numpy arrays already in memory:
                the fastest the writer goes, with no reading at all.
-(b) ``export`` :func:`coar_dask.beton.export_beton` streaming the same rows
+(b) ``export`` :func:`coar_dask.formats.beton.export_beton` streaming the same rows
                from a zarr store (block by block, decompressing as it goes).
 
 Both use the same writer processes (``--workers``, default all cores), page
@@ -56,7 +56,7 @@ class InMemoryRows:
 def make_store(path: Path, rows: int, p: int, k: int, rows_per_chunk: int | None, seed: int = 0) -> Any:
     import numpy as np
 
-    from coar_dask.store import init_store
+    from coar_dask.core.store import init_store
 
     store = init_store(path, {"num_models": rows, "schema": {
         "masks": {"dtype": "bool_", "shape": [p]}, "val_margins": {"dtype": "float16", "shape": [k]}}},
@@ -82,7 +82,7 @@ def time_raw(ffcv: Any, out: Path, masks: Any, targets: Any, workers: int, page_
 
 
 def time_export(store: Any, out: Path, workers: int, page_size: int) -> float:
-    from coar_dask.beton import export_beton
+    from coar_dask.formats.beton import export_beton
 
     t0 = time.perf_counter()
     export_beton(store, out, y_name="val_margins", num_workers=workers, page_size=page_size)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import zarr
 
     from coar_dask import __version__
-    from coar_dask.beton import _page_size, import_ffcv
+    from coar_dask.formats.beton import _page_size, import_ffcv
 
     ffcv = import_ffcv("The benchmark")
     workers = args.workers or os.cpu_count() or 1

@@ -10,12 +10,12 @@ On the same model, examples and mask count, in one run:
     ``seed-compute``  the same without the row's writes (deepcopy + zero + forward only)
 (b) ``inplace``   zero the slices in place and restore them (``masks_per_pass=1``)
 (c) ``batched-M`` M masks per forward pass (forward hooks on a batch repeated M times)
-    ``auto``      what :func:`coar_dask.ablation.compute_outputs` picks by itself (the build's path)
+    ``auto``      what :func:`coar_dask.ablation.engine.compute_outputs` picks by itself (the build's path)
 (d) ``floor``     plain forward passes of the unablated model on the same examples
-(e) ``build``     ``coar_dask.build.run_build`` on a LocalCluster of single-threaded workers
+(e) ``build``     ``coar_dask.runtime.build.run_build`` on a LocalCluster of single-threaded workers
 
 Same total cores for all: (a)-(d) run in ``--workers`` processes at once, each
-with one torch thread and the workers' environment (``coar_dask.cluster.WORKER_ENV``,
+with one torch thread and the workers' environment (``coar_dask.runtime.cluster.WORKER_ENV``,
 malloc settings included), started together behind a barrier; their rates are
 summed. (e) uses ``--workers`` single-threaded Dask workers, warmed up (model
 and examples loaded) before the timed build; its time is the build's
@@ -61,7 +61,7 @@ _MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_
 
 def subset_examples(n: int, factory: str, **kwargs: Any) -> tuple[Any, Any]:
     """The first ``n`` examples of another examples factory (importable by workers)."""
-    from coar_dask.experiment import import_object
+    from coar_dask.core.experiment import import_object
 
     inputs, labels = import_object(factory)(**kwargs)
     return inputs[:n], labels[:n]
@@ -69,7 +69,7 @@ def subset_examples(n: int, factory: str, **kwargs: Any) -> tuple[Any, Any]:
 
 def make_experiment(name: str, examples: int | None, batch_size: int | None) -> Any:
     """The benchmark's experiment: ``digits`` or ``cifar_resnet18`` (random weights, random 32x32 inputs)."""
-    from coar_dask.experiment import Experiment
+    from coar_dask.core.experiment import Experiment
     from coar_dask.zoo import digits
 
     if name == "digits":
@@ -81,9 +81,9 @@ def make_experiment(name: str, examples: int | None, batch_size: int | None) -> 
     if name == "cifar_resnet18":
         n = examples or 64
         return Experiment(
-            model="coar_dask.presets:seeded_model",
+            model="coar_dask.zoo.presets:seeded_model",
             model_kwargs={"factory": "coar_dask.zoo.architectures:cifar_resnet18", "seed": 0},
-            examples="coar_dask.presets:random_examples",
+            examples="coar_dask.zoo.presets:random_examples",
             examples_kwargs={"n": n, "shape": [3, 32, 32], "classes": 10, "seed": 0},
             include=("conv",), kinds=("conv2d",), alpha=0.05, batch_size=batch_size or n,
         )
@@ -95,7 +95,7 @@ def make_experiment(name: str, examples: int | None, batch_size: int | None) -> 
 
 def malloc_env(choice: str) -> dict[str, str]:
     """The ``MALLOC_*`` variables of a ``--malloc`` choice."""
-    from coar_dask.cluster import WORKER_ENV
+    from coar_dask.runtime.cluster import WORKER_ENV
 
     if choice == "package":
         return {k: v for k, v in WORKER_ENV.items() if k in _MALLOC_KEYS}
@@ -115,7 +115,7 @@ def malloc_env(choice: str) -> dict[str, str]:
 @contextlib.contextmanager
 def process_env(malloc: dict[str, str]) -> Iterator[dict[str, str]]:
     """This process's environment, as children started inside inherit it: workers' env with ``malloc``."""
-    from coar_dask.cluster import WORKER_ENV
+    from coar_dask.runtime.cluster import WORKER_ENV
 
     env = {k: v for k, v in WORKER_ENV.items() if k not in _MALLOC_KEYS}
     env.update(malloc)
@@ -136,7 +136,7 @@ def cluster_env(malloc: dict[str, str]) -> Iterator[None]:
     import dask
     import distributed  # noqa: F401 - loads distributed's config defaults
 
-    from coar_dask import cluster
+    from coar_dask.runtime import cluster
 
     saved_worker_env = dict(cluster.WORKER_ENV)
     saved_environ = {k: os.environ.pop(k) for k in _MALLOC_KEYS if k in os.environ}
@@ -192,7 +192,7 @@ def _run_method(state: Any, method: str, masks: Any, seed_dir: Path | None = Non
     import numpy as np
     import torch
 
-    from coar_dask.ablation import compute_outputs, reference_model
+    from coar_dask.ablation.engine import compute_outputs, reference_model
 
     bs = state.experiment.batch_size
     if method in ("floor", "seed", "seed-compute"):
@@ -220,9 +220,9 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
 
         import torch
 
-        from coar_dask.ablation import apply_malloc_env
-        from coar_dask.experiment import load_state
-        from coar_dask.masks import sample_masks
+        from coar_dask.ablation.engine import apply_malloc_env
+        from coar_dask.core.experiment import load_state
+        from coar_dask.core.masks import sample_masks
 
         torch.set_num_threads(1)
         apply_malloc_env(only_in_dask_worker=False)  # as in the build's workers
@@ -234,7 +234,7 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
         for method in methods:  # warm-up: kernels, allocator, the batched path's one-time check
             _run_method(state, method, masks[: min(len(masks), 2)], seed_dir)
         auto_m = auto_e = None
-        from coar_dask.ablation import _runner
+        from coar_dask.ablation.engine import _runner
 
         records = []
         for r in range(rounds):
@@ -249,7 +249,7 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
                                 "user": u1.ru_utime - u0.ru_utime, "sys": u1.ru_stime - u0.ru_stime})
         runner = _runner(state)
         if runner.batched is not None:
-            from coar_dask.ablation import AUTO_MIN_ROWS, AUTO_TARGET_ELEMENTS, auto_pass_shape
+            from coar_dask.ablation.engine import AUTO_MIN_ROWS, AUTO_TARGET_ELEMENTS, auto_pass_shape
 
             auto_m, auto_e = auto_pass_shape(min(experiment.batch_size, state.n_examples), runner.probe(state),
                                              n_masks, target_elements=AUTO_TARGET_ELEMENTS["cpu"],
@@ -314,10 +314,10 @@ def _rusage() -> tuple[float, float]:
 def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int, malloc: dict[str, str],
                   n_components: int, n_examples: int, repeats: int, worker_profile: str = "default") -> dict[str, Any]:
     """(e): ``run_build`` on a fresh store, on a warmed-up LocalCluster; best of ``repeats`` builds."""
-    from coar_dask.build import run_build
-    from coar_dask.cluster import cluster_client
-    from coar_dask.evaluate import eval_store_for
-    from coar_dask.experiment import warm_up
+    from coar_dask.runtime.build import run_build
+    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.core.experiment import warm_up
 
     builds = []
     import dask

@@ -6,7 +6,7 @@ conv channels, P=80, K=360, built here in-process) and on a larger synthetic
 store (P=2304 like the CIFAR ResNet, K=1000, masks at alpha 0.05, float16
 outputs = a planted linear model + noise):
 
-- time to solution of :func:`coar_dask.regression.fit` (reading the store
+- time to solution of :func:`coar_dask.fit.fit.fit` (reading the store
   included) with ``lstsq`` (exact least squares on train + validation rows,
   the rows of SAGA's final fit; also on train rows only, and with the ridge
   penalty chosen per example on validation) and with ``saga`` in the seed's
@@ -75,7 +75,7 @@ def machine() -> dict[str, Any]:
 def write_synthetic(path: Path, n: int, p: int = SYNTH_P, k: int = SYNTH_K, *, alpha: float = 0.05,
                     noise: float = 0.5, seed: int = 0, rows_per_chunk: int = 500) -> Any:
     """A store of ``n`` rows: masks (alpha ablated), float16 outputs = mask @ W + b + noise. Reused if complete."""
-    from coar_dask.store import init_store
+    from coar_dask.core.store import init_store
 
     spec = {"num_models": n, "schema": {"masks": {"dtype": "bool_", "shape": [p]},
                                         "margins": {"dtype": "float16", "shape": [k]}}}
@@ -95,8 +95,8 @@ def write_synthetic(path: Path, n: int, p: int = SYNTH_P, k: int = SYNTH_K, *, a
 
 def digits_store(path: Path, n: int) -> Any:
     """A digits component dataset of ``n`` rows, built in this process (reused if complete)."""
-    from coar_dask.build import run_build
-    from coar_dask.evaluate import eval_store_for
+    from coar_dask.runtime.build import run_build
+    from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.zoo import digits
 
     exp = digits.experiment()
@@ -107,8 +107,8 @@ def digits_store(path: Path, n: int) -> Any:
 
 
 def heldout_correlation(attrs: Any, store: Any, rows: np.ndarray) -> float:
-    from coar_dask.regression import StoreRows
-    from coar_dask.solvers import SolverResult, validation_metrics
+    from coar_dask.fit.fit import StoreRows
+    from coar_dask.solvers.lstsq import SolverResult, validation_metrics
 
     src = StoreRows(store, rows, attrs.metadata["x_name"], attrs.metadata["y_name"])
     r = validation_metrics(SolverResult(attrs.weight, attrs.bias, attrs.lam), src)["val_correlation"]
@@ -119,7 +119,7 @@ def compare(store: Any, *, num_train: int, num_val: int, saga_batch: int, saga_m
             device: str | None, label: str, repeat: int = 1) -> dict[str, Any]:
     """Fit with lstsq, lstsq + ridge grid and seed-config saga; time (best of ``repeat``, the
     same for every solver) and held-out correlation."""
-    from coar_dask.regression import fit, infer_names, split_rows
+    from coar_dask.fit.fit import fit, infer_names, split_rows
 
     done = np.flatnonzero(store.completed_rows())
     train, val = split_rows(done, num_train, num_val, 0)
@@ -164,8 +164,8 @@ def compare(store: Any, *, num_train: int, num_val: int, saga_batch: int, saga_m
 
 def rss_child(store_path: str, device: str | None) -> None:
     """Runs in a fresh process: fit the store with lstsq, print peak RSS."""
-    from coar_dask.regression import fit
-    from coar_dask.store import open_store
+    from coar_dask.fit.fit import fit
+    from coar_dask.core.store import open_store
 
     n = int(open_store(store_path, read_only=True).completed_rows().sum())
     t0 = time.perf_counter()
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"\nRSS store: {n} rows ready in {time.perf_counter() - t0:.1f} s")
         rss_out[n] = rss(path, args.device)
         log(f"  lstsq fit of {n} rows: peak RSS {rss_out[n]['rss_mb']:.0f} MiB in {rss_out[n]['seconds']:.1f} s")
-    from coar_dask.saga import table_nbytes
+    from coar_dask.solvers.saga import table_nbytes
 
     small, large = rss_out[sizes[0]], rss_out[sizes[-1]]
     if "synthetic" in result:

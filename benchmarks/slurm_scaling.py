@@ -57,9 +57,9 @@ def reachable_slurm(queue: str | None) -> Iterator[dict[str, Any]]:
 def _bare_child(rank: int, experiment: Any, blocks: list[range], barrier: Any, queue: Any) -> None:
     """One plain process: the build's per-block work (sample masks, compute outputs) on one core."""
     try:
-        from coar_dask.ablation import apply_malloc_env, compute_outputs
-        from coar_dask.experiment import load_state
-        from coar_dask.masks import sample_masks
+        from coar_dask.ablation.engine import apply_malloc_env, compute_outputs
+        from coar_dask.core.experiment import load_state
+        from coar_dask.core.masks import sample_masks
 
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
@@ -87,7 +87,7 @@ def measure_bare(n_procs: int, experiment: Any, *, rows: int, rows_per_block: in
     import multiprocessing as mp
     from unittest import mock
 
-    from coar_dask.cluster import WORKER_ENV
+    from coar_dask.runtime.cluster import WORKER_ENV
 
     blocks = [range(a, min(a + rows_per_block, rows)) for a in range(0, rows, rows_per_block)]
     ctx = mp.get_context("spawn")
@@ -119,10 +119,10 @@ def measure(
     memory: str = "2GB",
 ) -> dict[str, float]:
     """Build one fresh store on ``n_jobs`` SLURM worker jobs; return seconds and models/s."""
-    from coar_dask.build import execute_plan, plan_build
-    from coar_dask.cluster import cluster_client
-    from coar_dask.evaluate import eval_store_for
-    from coar_dask.experiment import load_state, warm_up
+    from coar_dask.runtime.build import execute_plan, plan_build
+    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.core.experiment import load_state, warm_up
 
     state = load_state(experiment)
     store = eval_store_for(workdir / f"store-{n_jobs}", experiment, rows, state.n_components, state.n_examples,
@@ -151,7 +151,7 @@ def _versions() -> dict[str, str]:
     import distributed
     import torch
 
-    from coar_dask.cluster import import_jobqueue
+    from coar_dask.runtime.cluster import import_jobqueue
 
     dask_jobqueue = import_jobqueue()  # keeps Ctrl-C a KeyboardInterrupt
 
@@ -171,7 +171,7 @@ def run(rows: int = 2400, rows_per_block: int = 40, queue: str | None = None, re
     processes (:func:`measure_bare`) and the summary says how much of that
     ceiling the SLURM build reaches.
     """
-    from coar_dask.experiment import load_state
+    from coar_dask.core.experiment import load_state
     from coar_dask.zoo import digits
 
     digits.load_model()  # trained and cached once, before any worker needs it

@@ -1,27 +1,27 @@
 """coar_dask: COAR component attributions for PyTorch models, at cluster scale.
 
-The pipeline, one module per stage: :mod:`~coar_dask.spec` ->
-:mod:`~coar_dask.store` -> :mod:`~coar_dask.build` (on a cluster from
-:mod:`~coar_dask.cluster`) -> :mod:`~coar_dask.regression` ->
-:mod:`~coar_dask.evaluate`. Heavy dependencies (torch, distributed) are
+The pipeline, one module per stage: :mod:`~coar_dask.core.spec` ->
+:mod:`~coar_dask.core.store` -> :mod:`~coar_dask.runtime.build` (on a cluster from
+:mod:`~coar_dask.runtime.cluster`) -> :mod:`~coar_dask.fit.fit` ->
+:mod:`~coar_dask.fit.evaluate`. Heavy dependencies (torch, distributed) are
 imported when first used.
 """
 
 from __future__ import annotations
 
-from ._version import __version__
-from .beton import BetonRows, export_beton
-from .build import BuildPlan, execute_plan, plan_build, run_build
-from .cluster import cluster_client
-from .components import Components, select_components
-from .errors import CoarError
-from .evaluate import EvaluationResult, evaluate, plot_evaluation
-from .experiment import Experiment, load_experiment
-from .masks import sample_masks
-from .regression import Attributions, fit
-from .seed_io import export_npy, import_npy
-from .spec import Spec, load_spec
-from .store import Store, init_store, open_store
+from coar_dask._version import __version__
+from coar_dask.formats.beton import BetonRows, export_beton
+from coar_dask.runtime.build import BuildPlan, execute_plan, plan_build, run_build
+from coar_dask.runtime.cluster import cluster_client
+from coar_dask.core.components import Components, select_components
+from coar_dask.errors import CoarError
+from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_evaluation
+from coar_dask.core.experiment import Experiment, load_experiment
+from coar_dask.core.masks import sample_masks
+from coar_dask.fit.fit import Attributions, fit
+from coar_dask.formats.npy import export_npy, import_npy
+from coar_dask.core.spec import Spec, load_spec
+from coar_dask.core.store import Store, init_store, open_store
 
 __all__ = [
     "__version__",

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from coar_dask.errors import ConfigError
 
 
 def yaml_problem(exc: Exception) -> str:

@@ -61,7 +61,7 @@ def model():
 
 @pytest.fixture
 def tiny_experiment():
-    from coar_dask.experiment import Experiment
+    from coar_dask.core.experiment import Experiment
 
     return Experiment(model="conftest:tiny_model", examples="conftest:tiny_examples", alpha=0.2, batch_size=5)
 
@@ -92,7 +92,7 @@ def _tests_on_path():
 def coar_dask_cli() -> list[str]:
     """The command of the installed ``coar-dask`` CLI (its console script, else ``python -m``)."""
     script = Path(sys.executable).parent / "coar-dask"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli.main"]
 
 
 @pytest.fixture

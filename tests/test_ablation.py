@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from coar_dask import ablation  # noqa: E402
-from coar_dask.ablation import (  # noqa: E402
+from coar_dask.ablation import engine as ablation
+from coar_dask.ablation.engine import (  # noqa: E402
     BatchedAblation,
     NotBatchableError,
     ablated,
@@ -31,10 +31,10 @@ from coar_dask.ablation import (  # noqa: E402
     compute_outputs,
     reference_model,
 )
-from coar_dask.components import select_components  # noqa: E402
+from coar_dask.core.components import select_components  # noqa: E402
 from coar_dask.errors import ExperimentError  # noqa: E402
-from coar_dask.experiment import Experiment, ExperimentState  # noqa: E402
-from coar_dask.outputs import margin  # noqa: E402
+from coar_dask.core.experiment import Experiment, ExperimentState  # noqa: E402
+from coar_dask.core.outputs import margin  # noqa: E402
 
 #: Batched vs reference: max |difference| <= TOL * max(1, max |reference|) (CPU float32).
 TOL = 1e-5
@@ -264,7 +264,7 @@ def test_models_the_hooks_cannot_serve_fall_back_with_a_warning(model, caplog):
     state.inputs = torch.randn(6, 4, 3) if isinstance(model, SeqFirst) else torch.randn(6, 4)
     state.labels = torch.randint(0, 3, (6,))
     masks = _masks(len(state.components), n=5)
-    with caplog.at_level(logging.WARNING, logger="coar_dask.ablation"):
+    with caplog.at_level(logging.WARNING, logger="coar_dask.ablation.engine"):
         got = compute_outputs(state, masks, masks_per_pass=2)
     assert np.array_equal(got, _reference(state, masks))
     assert ablation._runner(state).batched is None and caplog.records
@@ -283,7 +283,7 @@ def test_verification_catches_models_that_mix_rows(caplog):
     state = _state(MixRows(), ("linear",), batch_size=8)  # one batch: the reference is well defined
     state.inputs, state.labels = torch.randn(5, 3), torch.randint(0, 4, (5,))
     masks = _masks(len(state.components), n=4)
-    with caplog.at_level(logging.WARNING, logger="coar_dask.ablation"):
+    with caplog.at_level(logging.WARNING, logger="coar_dask.ablation.engine"):
         got = compute_outputs(state, masks, masks_per_pass=4)
     assert "disagree" in caplog.text
     assert np.array_equal(got, _reference(state, masks))
@@ -413,8 +413,8 @@ def test_malloc_env_is_applied_at_run_time(monkeypatch):
 
 @pytest.mark.slow
 def test_digits_model_batched_equals_reference(digits_experiment):
-    from coar_dask.experiment import load_state
-    from coar_dask.masks import sample_masks
+    from coar_dask.core.experiment import load_state
+    from coar_dask.core.masks import sample_masks
 
     state = load_state(digits_experiment)
     masks = sample_masks(0, range(6), state.n_components, 0.05)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from coar_dask.build import plan_build, run_build
-from coar_dask.cli import main
+from coar_dask.runtime.build import plan_build, run_build
+from coar_dask.cli.main import main
 from coar_dask.errors import (
     CoarError,
     ConfigError,
@@ -29,11 +29,11 @@ from coar_dask.errors import (
     StoreError,
     StoreMismatchError,
 )
-from coar_dask.evaluate import eval_store_for
-from coar_dask.experiment import Experiment, load_experiment, load_state
-from coar_dask.regression import Attributions, fit
-from coar_dask.spec import Spec, load_spec
-from coar_dask.store import init_store
+from coar_dask.fit.evaluate import eval_store_for
+from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.fit.fit import Attributions, fit
+from coar_dask.core.spec import Spec, load_spec
+from coar_dask.core.store import init_store
 
 torch = pytest.importorskip("torch")
 
@@ -353,7 +353,7 @@ def test_regression_on_a_store_with_no_completed_rows(tmp_path, capsys):
 @pytest.fixture
 def ffcv():
     try:
-        from coar_dask.beton import import_ffcv
+        from coar_dask.formats.beton import import_ffcv
 
         return import_ffcv()
     except CoarError as exc:
@@ -362,8 +362,8 @@ def ffcv():
 
 @pytest.mark.ffcv
 def test_beton_missing_the_expected_fields(tmp_path, capsys, ffcv):
-    from coar_dask.beton import BetonError, BetonRows
-    from coar_dask.run_regression import main as run_regression
+    from coar_dask.formats.beton import BetonError, BetonRows
+    from coar_dask.cli.run_regression import main as run_regression
 
     path = tmp_path / "other.beton"
     writer = ffcv.DatasetWriter(str(path), {"x": ffcv.NDArrayField(dtype=np.dtype("float32"), shape=(2,)),

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from coar_dask import beton
+from coar_dask.formats import beton
 from coar_dask.errors import CoarError, MissingDependencyError, StoreError
-from coar_dask.store import init_store
+from coar_dask.core.store import init_store
 
 # numba (0.68) prints "Exception ignored ... KeyError" from a dispatcher
 # finalizer when an FFCV Loader is freed after another one compiled the same
@@ -166,7 +166,7 @@ def test_export_streams_one_block_per_process(store, monkeypatch):
 
 @pytest.mark.ffcv
 def test_export_from_a_seed_npy_directory(store, exported, ffcv, tmp_path):
-    from coar_dask.seed_io import export_npy
+    from coar_dask.formats.npy import export_npy
 
     seed_dir = export_npy(store, tmp_path / "seed")
     info = beton.export_beton(seed_dir, tmp_path / "from_npy.beton", y_name="val_margins", num_workers=1)
@@ -304,8 +304,8 @@ def test_reading_keeps_torch_threads_and_pickles(exported):
 
 @pytest.mark.ffcv
 def test_fit_from_beton_equals_fit_from_store(store, exported):
-    solvers = pytest.importorskip("coar_dask.solvers")
-    regression = pytest.importorskip("coar_dask.regression")
+    solvers = pytest.importorskip("coar_dask.solvers.lstsq")
+    regression = pytest.importorskip("coar_dask.fit.fit")
     done = np.flatnonzero(store.completed_rows())
     from_store = solvers.lstsq(regression.StoreRows(store, done, "masks", "val_margins"))
     from_beton = solvers.lstsq(beton.BetonRows(exported.path, batch_size=37))

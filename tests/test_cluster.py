@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coar_dask import cluster as C
+from coar_dask.runtime import cluster as C
 from coar_dask.errors import ConfigError, MissingDependencyError
 
 def _has_jobqueue() -> bool:
@@ -375,8 +375,8 @@ def test_local_workers_ignore_ctrl_c_and_keep_configured_preloads():
     import signal
 
     with dask.config.set({"distributed.worker.preload": ["json"]}):
-        assert C.local_worker_preload() == ["json", "coar_dask._worker_preload"]
-    assert C.local_worker_preload() == ["coar_dask._worker_preload"]
+        assert C.local_worker_preload() == ["json", "coar_dask.runtime.worker"]
+    assert C.local_worker_preload() == ["coar_dask.runtime.worker"]
     with C.cluster_client("local", n_workers=1, gpus=0) as client:
         # signal.getsignal itself runs there (a function of this module would import it, and with it
         # dask-jobqueue, which installs its own SIGINT handler on import).
@@ -388,7 +388,7 @@ def test_importing_dask_jobqueue_keeps_the_ctrl_c_handler():
     """dask-jobqueue's import sets SIGINT to sys.exit(): Ctrl-C of a SLURM build would exit 0, silently."""
     code = textwrap.dedent("""
         import signal
-        from coar_dask.cluster import import_jobqueue
+        from coar_dask.runtime.cluster import import_jobqueue
         import_jobqueue()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
         try:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from coar_dask.components import (  # noqa: E402
+from coar_dask.core.components import (  # noqa: E402
     ComponentGroup,
     ComponentKind,
     Components,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from coar_dask.experiment import Experiment
-from coar_dask.presets import build_model, get_preset
-from coar_dask.seed_config import load_regression_config
-from coar_dask.spec import load_spec
+from coar_dask.core.experiment import Experiment
+from coar_dask.zoo.presets import build_model, get_preset
+from coar_dask.compat.seed import load_regression_config
+from coar_dask.core.spec import load_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -51,7 +51,7 @@ def test_regression_config_reads_and_fits_the_spec(setup):
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_experiment_names_the_preset_and_the_data_to_supply(setup):
-    from coar_dask.components import select_components
+    from coar_dask.core.components import select_components
 
     preset, n_components, n_examples, _, y_name = SETUPS[setup]
     path = CONFIGS / setup / "experiment.yaml"

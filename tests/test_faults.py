@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coar_dask.build import execute_plan, plan_build, run_build
+from coar_dask.runtime.build import execute_plan, plan_build, run_build
 from coar_dask.errors import BuildError
-from coar_dask.evaluate import eval_store_for
-from coar_dask.experiment import Experiment, load_state
-from coar_dask.masks import sample_masks
-from coar_dask.store import COMPLETED, open_store
-from coar_dask.verify import repair_store, verify_store
+from coar_dask.fit.evaluate import eval_store_for
+from coar_dask.core.experiment import Experiment, load_state
+from coar_dask.core.masks import sample_masks
+from coar_dask.core.store import COMPLETED, open_store
+from coar_dask.core.verify import repair_store, verify_store
 
 torch = pytest.importorskip("torch")
 
@@ -93,7 +93,7 @@ def build_cmd(coar_dask_cli):
 
 def _env() -> dict[str, str]:
     """The environment of a CLI subprocess: one thread per process, as Dask workers run."""
-    from coar_dask.cluster import WORKER_ENV
+    from coar_dask.runtime.cluster import WORKER_ENV
 
     return {**os.environ, **WORKER_ENV}
 
@@ -120,7 +120,7 @@ def experiment_yaml(tmp_path, digits_experiment):
 
 @pytest.mark.slow
 def test_worker_killed_mid_block_loses_nothing(tmp_path, digits_experiment, reference):
-    from coar_dask.cluster import cluster_client
+    from coar_dask.runtime.cluster import cluster_client
 
     store = _store_for(tmp_path / "s", digits_experiment)
     with cluster_client("local", n_workers=2) as client:
@@ -170,7 +170,7 @@ def test_interrupted_cli_build_reruns_only_pending_blocks(tmp_path, digits_exper
     assert proc.returncode == 130, (out, err)
     last = err.strip().splitlines()[-1]
     assert "interrupted" in last and "run the same command again" in last
-    # Local workers ignore SIGINT (coar_dask._worker_preload): no KeyboardInterrupt tracebacks from them.
+    # Local workers ignore SIGINT (coar_dask.runtime.worker): no KeyboardInterrupt tracebacks from them.
     assert "Traceback" not in err, err
     done = _completed_blocks(store.path)
     assert 0 < len(done) < N_BLOCKS, "the interrupt must land mid-build for this test to mean anything"
@@ -238,7 +238,7 @@ def test_two_concurrent_builds_of_one_store_equal_the_reference(tmp_path, digits
 
 @pytest.mark.slow
 def test_damaged_chunks_are_found_by_verify_and_recomputed_after_repair(tmp_path, reference, experiment_yaml, capsys):
-    from coar_dask.cli import main
+    from coar_dask.cli.main import main
     from test_verify import run_cli
 
     path = tmp_path / "s"
@@ -271,7 +271,7 @@ def test_damaged_chunks_are_found_by_verify_and_recomputed_after_repair(tmp_path
 _WRITER = """
 import sys, time, numpy as np
 import zarr.storage._local as local
-from coar_dask.store import open_store
+from coar_dask.core.store import open_store
 
 def slow_put(path, value, exclusive=False):
     # zarr's own temp-file-and-rename, writing in 64 KiB pieces so that a kill
@@ -301,8 +301,8 @@ def test_writer_killed_mid_write_leaves_the_old_or_the_new_chunk(tmp_path):
     """Chunk writes are atomic: kill -9 of a process rewriting a 4 MB block in a loop
     leaves a chunk that decodes to one of the versions it wrote, never a torn file,
     and at worst a temporary file that verify lists and repair removes."""
-    from coar_dask.spec import Spec
-    from coar_dask.store import init_store
+    from coar_dask.core.spec import Spec
+    from coar_dask.core.store import init_store
 
     spec = Spec.from_dict({"num_models": 8, "schema": {"masks": {"dtype": "bool_", "shape": [2]},
                                                       "y": {"dtype": "float32", "shape": [250_000]}}})

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coar_dask.errors import ExperimentError
-from coar_dask.masks import sample_mask, sample_masks
+from coar_dask.core.masks import sample_mask, sample_masks
 
 
 @given(

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from coar_dask.build import execute_plan, plan_build, run_build
-from coar_dask.cli import main
-from coar_dask.evaluate import eval_store_for, evaluate
-from coar_dask.experiment import load_state
-from coar_dask.regression import Attributions, fit
-from coar_dask.store import open_store
+from coar_dask.runtime.build import execute_plan, plan_build, run_build
+from coar_dask.cli.main import main
+from coar_dask.fit.evaluate import eval_store_for, evaluate
+from coar_dask.core.experiment import load_state
+from coar_dask.fit.fit import Attributions, fit
+from coar_dask.core.store import open_store
 
 
 def _store_for(path, experiment, rows, rows_per_chunk=None):
@@ -28,7 +28,7 @@ def assert_same_rows(a, b):
 
 @pytest.fixture(scope="module")
 def local_client():
-    from coar_dask.cluster import cluster_client
+    from coar_dask.runtime.cluster import cluster_client
 
     with cluster_client("local", n_workers=2) as client:
         yield client

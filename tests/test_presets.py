@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from coar_dask.errors import ExperimentError  # noqa: E402
-from coar_dask.presets import (  # noqa: E402
+from coar_dask.zoo.presets import (  # noqa: E402
     PRESETS,
     build_model,
     experiment_components,
@@ -142,7 +142,7 @@ def test_experiment_components_calls_only_the_model_factory(tmp_path, tiny_exper
 
 
 def test_presets_table_in_docs_lists_every_preset():
-    import coar_dask.presets as mod
+    import coar_dask.zoo.presets as mod
 
     for name in PRESETS:
         assert f"``{name}``" in mod.__doc__

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coar_dask import distributed_fit
+from coar_dask.fit import distributed as distributed_fit
 from coar_dask.errors import RegressionError
-from coar_dask.regression import (
+from coar_dask.fit.fit import (
     Attributions,
     StoreRows,
     add_fit_solver_arguments,
@@ -20,7 +20,7 @@ from coar_dask.regression import (
     solver_options_from_args,
     split_rows,
 )
-from coar_dask.store import init_store
+from coar_dask.core.store import init_store
 
 P, K, N = 30, 12, 600
 
@@ -133,7 +133,7 @@ def test_target_slice_subrange_in_slices(synthetic):
 
 @pytest.mark.slow
 def test_slices_as_dask_tasks_on_a_local_cluster_equal_a_single_fit(synthetic):
-    from coar_dask.cluster import cluster_client
+    from coar_dask.runtime.cluster import cluster_client
 
     store, _, _ = synthetic
     kw = dict(num_train=400, num_val=100, split_seed=2, solver="saga", lr=0.05, batch_size=100, max_epochs=300)

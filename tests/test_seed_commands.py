@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coar_dask import initialize_store, run_regression, write_dataset
+from coar_dask.cli import initialize_store
+from coar_dask.cli import run_regression
+from coar_dask.cli import write_dataset
 from coar_dask.errors import ConfigError
-from coar_dask.seed_config import SeedConfigWarning, load_regression_config
-from coar_dask.store import init_store, open_store
+from coar_dask.compat.seed import SeedConfigWarning, load_regression_config
+from coar_dask.core.store import init_store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +163,7 @@ def test_initialize_store_command(tmp_path, spec_file, capsys):
 
 
 def test_run_regression_on_a_store_equals_the_python_api(tmp_path, spec_file, seed_yaml):
-    from coar_dask.regression import Attributions, fit
+    from coar_dask.fit.fit import Attributions, fit
 
     init_store(tmp_path / "store", spec_file, rows_per_chunk=30)
     _fill(tmp_path / "store")
@@ -185,7 +187,7 @@ def test_run_regression_on_a_store_equals_the_python_api(tmp_path, spec_file, se
 def test_run_regression_with_the_seeds_saga(tmp_path, spec_file, seed_yaml):
     """--solver saga runs fast_l1's algorithm with the seed's settings; at k: 1 and
     lambda 0 it approximates the exact fit."""
-    from coar_dask.regression import Attributions
+    from coar_dask.fit.fit import Attributions
 
     init_store(tmp_path / "store", spec_file, rows_per_chunk=30)
     store = _fill(tmp_path / "store")
@@ -235,7 +237,7 @@ def test_subcommand_parsers_register(tmp_path):
 @pytest.mark.ffcv
 def test_write_dataset_command(tmp_path, spec_file, capsys):
     pytest.importorskip("ffcv")
-    from coar_dask.beton import BetonRows
+    from coar_dask.formats.beton import BetonRows
 
     init_store(tmp_path / "store", spec_file, rows_per_chunk=30)
     store = _fill(tmp_path / "store", n_done=60)
@@ -259,11 +261,11 @@ ACCEPTANCE_SCRIPT = """\
 # The seed README's commands, with `coar_dask.` in front of the module names.
 set -euo pipefail
 STORE_DIR="$1"
-python -m coar_dask.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
-python -m coar_dask.cli build --store $STORE_DIR --experiment "$REPO/configs/digits.yaml" --cluster none
-python -m coar_dask.write_dataset --cfg.data_dir $STORE_DIR --cfg.out_path $STORE_DIR/component_datasets.beton \\
+python -m coar_dask.cli.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
+python -m coar_dask.cli.main build --store $STORE_DIR --experiment "$REPO/configs/digits.yaml" --cluster none
+python -m coar_dask.cli.write_dataset --cfg.data_dir $STORE_DIR --cfg.out_path $STORE_DIR/component_datasets.beton \\
     --cfg.x_name masks --cfg.y_name margins --cfg.ignore_completed
-python -m coar_dask.run_regression --config regression_config.yaml \\
+python -m coar_dask.cli.run_regression --config regression_config.yaml \\
     --data.data_path $STORE_DIR/component_datasets.beton --cfg.out_dir $STORE_DIR/coar_attributions.pt
 """
 
@@ -274,8 +276,8 @@ def test_seed_commands_from_a_shell_script_equal_the_python_api(tmp_path, digits
     """Acceptance: init -> build -> write_dataset -> run_regression from a shell
     script on a digits store; the attributions equal the Python API's fit."""
     pytest.importorskip("ffcv")
-    from coar_dask.beton import BetonRows
-    from coar_dask.regression import Attributions, fit
+    from coar_dask.formats.beton import BetonRows
+    from coar_dask.fit.fit import Attributions, fit
 
     rows = 120  # > 81 parameters per fit; small, since the build runs in one process
     (tmp_path / "spec.json").write_text(

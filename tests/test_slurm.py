@@ -14,7 +14,7 @@ from pathlib import Path
 import dask
 import pytest
 
-from coar_dask.cluster import cluster_client
+from coar_dask.runtime.cluster import cluster_client
 from coar_dask.testing.slurm import (
     harness_processes,
     local_slurm_cluster,
@@ -185,8 +185,8 @@ ROWS_PER_BLOCK = 10
 
 
 def _digits_store(path, experiment):
-    from coar_dask.evaluate import eval_store_for
-    from coar_dask.experiment import load_state
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.core.experiment import load_state
 
     state = load_state(experiment)
     return eval_store_for(path, experiment, BUILD_ROWS, state.n_components, state.n_examples,
@@ -194,7 +194,7 @@ def _digits_store(path, experiment):
 
 
 def _contents(store):
-    from coar_dask.store import COMPLETED
+    from coar_dask.core.store import COMPLETED
 
     return {name: store.array(name)[:] for name in (*store.spec.names, COMPLETED)}
 
@@ -211,7 +211,7 @@ def _assert_same_store(store, reference):
 @pytest.fixture(scope="module")
 def reference_store(tmp_path_factory, digits_experiment):
     """The same digits build on a LocalCluster, to compare SLURM builds with."""
-    from coar_dask.build import run_build
+    from coar_dask.runtime.build import run_build
 
     store = _digits_store(tmp_path_factory.mktemp("reference") / "store", digits_experiment)
     with cluster_client("local", n_workers=2) as client:
@@ -221,7 +221,7 @@ def reference_store(tmp_path_factory, digits_experiment):
 
 
 def test_digits_build_on_two_gpu_slurm_jobs_equals_a_local_build(slurm, tmp_path, digits_experiment, reference_store):
-    from coar_dask.build import run_build
+    from coar_dask.runtime.build import run_build
 
     store = _digits_store(tmp_path / "store", digits_experiment)
     with cluster_client("slurm", **slurm_kwargs(slurm, jobs=2, gpus_per_job=1)) as client:
@@ -236,7 +236,7 @@ def test_digits_build_on_two_gpu_slurm_jobs_equals_a_local_build(slurm, tmp_path
 
 def test_build_survives_scancel_of_a_busy_worker(slurm, tmp_path, digits_experiment, reference_store):
     """scancel one worker's job mid-build: its blocks rerun elsewhere, nothing is lost or doubled."""
-    from coar_dask.build import execute_plan, plan_build
+    from coar_dask.runtime.build import execute_plan, plan_build
 
     store = _digits_store(tmp_path / "store", digits_experiment)
     killed: list[str] = []
@@ -285,10 +285,10 @@ def test_ctrl_c_of_a_cli_slurm_build_exits_130_and_the_rerun_resumes(slurm, tmp_
 
     import numpy as np
 
-    from coar_dask.evaluate import eval_store_for
-    from coar_dask.experiment import load_state
-    from coar_dask.store import open_store
-    from coar_dask.verify import verify_store
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.core.experiment import load_state
+    from coar_dask.core.store import open_store
+    from coar_dask.core.verify import verify_store
 
     state = load_state(digits_experiment)
     rows, per_block = 2000, 20  # about 13 s on one worker job

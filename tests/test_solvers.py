@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coar_dask import saga as saga_mod
-from coar_dask import solvers
+from coar_dask.solvers import saga as saga_mod
+from coar_dask.solvers import lstsq as solvers
 from coar_dask.errors import MissingDependencyError, RegressionError
 
 
@@ -431,7 +431,7 @@ def test_saga_config_defaults_follow_the_seed_and_validate():
 def test_saga_reports_progress_and_gives_up_at_max_epochs(caplog):
     X, Y, _, _ = planted(15, n=200, p=10, k=3, noise=0.5)
     seen = []
-    with caplog.at_level("WARNING", logger="coar_dask.saga"):
+    with caplog.at_level("WARNING", logger="coar_dask.solvers.saga"):
         res = saga_mod.saga(ArrayRows(X.astype(np.float32), Y.astype(np.float32)), lr=1e-4, max_epochs=4,
                             progress=seen.append)
     assert "max_epochs" in caplog.text

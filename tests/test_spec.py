@@ -5,7 +5,7 @@ import json
 import pytest
 
 from coar_dask.errors import SpecError
-from coar_dask.spec import Spec, load_spec
+from coar_dask.core.spec import Spec, load_spec
 
 SEED_SPEC = {
     "num_models": 50000,

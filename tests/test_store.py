@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coar_dask.errors import StoreError, StoreMismatchError, StoreNotFoundError
-from coar_dask.spec import Spec
-from coar_dask.store import COMPLETED, default_rows_per_chunk, init_store, open_store
+from coar_dask.core.spec import Spec
+from coar_dask.core.store import COMPLETED, default_rows_per_chunk, init_store, open_store
 
 VIT_SPEC = {
     "num_models": 200_000,

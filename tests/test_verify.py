@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from coar_dask.errors import StoreError, StoreNotFoundError
-from coar_dask.masks import sample_masks
-from coar_dask.spec import Spec
-from coar_dask.store import COMPLETED, init_store, open_store
-from coar_dask.verify import PROBLEM_KINDS, repair_store, verify_store
+from coar_dask.core.masks import sample_masks
+from coar_dask.core.spec import Spec
+from coar_dask.core.store import COMPLETED, init_store, open_store
+from coar_dask.core.verify import PROBLEM_KINDS, repair_store, verify_store
 
 N, RPC, P, K = 120, 20, 30, 12
 SEED, ALPHA = 3, 0.1
@@ -66,7 +66,7 @@ def chunk(store, name: str, b: int) -> Path:
 
 def run_cli(argv: list[str]) -> int:
     """``coar-dask verify|repair ...``, in this process."""
-    from coar_dask.cli import main
+    from coar_dask.cli.main import main
 
     return main(argv)
 
@@ -101,7 +101,7 @@ def test_many_bad_blocks_are_summarised_in_text_and_listed_in_json(tmp_path, cap
 
 
 def test_module_entry_point_has_the_same_commands(store, capsys):
-    from coar_dask.verify import main as verify_main
+    from coar_dask.core.verify import main as verify_main
 
     assert verify_main(["verify", str(store.path)]) == 0
     assert verify_main(["repair", str(store.path), "--dry-run"]) == 0

@@ -14,7 +14,7 @@ and counts (and ``state_dict`` keys) are the same:
   ``GPT2Config`` (12 layers, width 768), including its transposed ``Conv1D``.
 
 Build them under ``torch.device("meta")`` to count components instantly with
-no memory (see :mod:`coar_dask.presets`); the initialisation here is a plain
+no memory (see :mod:`coar_dask.zoo.presets`); the initialisation here is a plain
 one, not the originals' (these are random models unless weights are loaded).
 """
 
@@ -285,7 +285,7 @@ def _conv1d_class():
         """Hugging Face's GPT-2 ``Conv1D``: a linear layer with ``weight`` stored as ``(nx, nf)`` = (in, out).
 
         ``forward(x) = x @ weight + bias``; the class name is what
-        :mod:`coar_dask.components` matches (kind ``conv1d``).
+        :mod:`coar_dask.core.components` matches (kind ``conv1d``).
         """
 
         def __init__(self, nf: int, nx: int):

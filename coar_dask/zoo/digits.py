@@ -163,8 +163,8 @@ def heldout_accuracy(model: Any, seed: int = 0) -> float:
 
 
 def experiment(cache_dir: str | os.PathLike | None = None, **overrides: Any):
-    """The digits :class:`~coar_dask.experiment.Experiment` (alpha 0.05, Conv2d channels)."""
-    from ..experiment import Experiment
+    """The digits :class:`~coar_dask.core.experiment.Experiment` (alpha 0.05, Conv2d channels)."""
+    from coar_dask.core.experiment import Experiment
 
     model_kwargs = {"cache_dir": str(cache_dir)} if cache_dir else {}
     fields = dict(

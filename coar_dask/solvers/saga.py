@@ -45,8 +45,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import MissingDependencyError, RegressionError
-from .solvers import (
+from coar_dask.errors import MissingDependencyError, RegressionError
+from coar_dask.solvers.lstsq import (
     ConcatRows,
     ProgressFn,
     RowSource,
@@ -550,7 +550,7 @@ def saga(
     """
     import torch
 
-    from .solvers import _device
+    from coar_dask.solvers.lstsq import _device
 
     cfg = SagaConfig(lr=lr, k=k, eps=eps, max_lambda=max_lambda, batch_size=batch_size,
                      early_stop_every=early_stop_every, early_stop_eps=early_stop_eps, min_lambdas=min_lambdas,
@@ -765,7 +765,7 @@ def fast_l1(
     )
     if has_val:
         # fast_l1 returns the refit weights only: these metrics are in-sample for the validation rows.
-        from .solvers import validation_metrics
+        from coar_dask.solvers.lstsq import validation_metrics
 
         result.info.update(validation_metrics(result, val))
         result.info["val_metrics_after_refit"] = 1

@@ -3,11 +3,11 @@
 A solver takes a *row source*: any object with ``n_rows``, ``n_features``,
 ``n_targets`` and ``blocks()`` yielding ``(X, Y)`` numpy blocks (X: masks as
 0/1, shape (b, P); Y: outputs, shape (b, K)) -- a
-:class:`~coar_dask.regression.StoreRows`, a :class:`~coar_dask.beton.BetonRows`
+:class:`~coar_dask.fit.fit.StoreRows`, a :class:`~coar_dask.formats.beton.BetonRows`
 or anything shaped like them. Solvers hold one batch of rows plus their own
 state, never the whole dataset, so memory does not grow with the number of
 rows (SAGA's per-row gradient table is the one exception, and it is named
-and sized where it is made: :mod:`coar_dask.saga`).
+and sized where it is made: :mod:`coar_dask.solvers.saga`).
 
 Registered solvers (:data:`SOLVERS`, chosen by name with :func:`get_solver`):
 
@@ -18,9 +18,9 @@ Registered solvers (:data:`SOLVERS`, chosen by name with :func:`get_solver`):
     equations (one pass over the rows per iteration). The ridge penalty can
     be chosen per example on the validation rows (``ridge_grid``).
 ``saga``
-    fast_l1's SAGA lasso path, in torch on any device (:func:`coar_dask.saga.saga`).
+    fast_l1's SAGA lasso path, in torch on any device (:func:`coar_dask.solvers.saga.saga`).
 ``fast_l1``
-    The real fast_l1 package on a CUDA GPU (:func:`coar_dask.saga.fast_l1`).
+    The real fast_l1 package on a CUDA GPU (:func:`coar_dask.solvers.saga.fast_l1`).
 
 Every solver has the signature ``solver(train, val=None, *, device=None,
 progress=None, **options)``, returns weights in *mask units* (the prediction
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .errors import RegressionError
+from coar_dask.errors import RegressionError
 
 __all__ = [
     "RowSource",
@@ -976,19 +976,19 @@ class _PearsonAccumulator:
 # Registry
 # --------------------------------------------------------------------------
 def _saga(*args: Any, **kwargs: Any) -> SolverResult:
-    from .saga import saga
+    from coar_dask.solvers.saga import saga
 
     return saga(*args, **kwargs)
 
 
 def _fast_l1(*args: Any, **kwargs: Any) -> SolverResult:
-    from .saga import fast_l1
+    from coar_dask.solvers.saga import fast_l1
 
     return fast_l1(*args, **kwargs)
 
 
-_saga.__doc__ = "fast_l1's SAGA lasso path in torch; see :func:`coar_dask.saga.saga`."
-_fast_l1.__doc__ = "The fast_l1 package on a CUDA GPU; see :func:`coar_dask.saga.fast_l1`."
+_saga.__doc__ = "fast_l1's SAGA lasso path in torch; see :func:`coar_dask.solvers.saga.saga`."
+_fast_l1.__doc__ = "The fast_l1 package on a CUDA GPU; see :func:`coar_dask.solvers.saga.fast_l1`."
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {"lstsq": lstsq, "saga": _saga, "fast_l1": _fast_l1}
 
@@ -1006,7 +1006,7 @@ def solver_options(name: str) -> tuple[str, ...]:
     import inspect
 
     if name == "saga" or name == "fast_l1":
-        from . import saga as _saga_module
+        from coar_dask.solvers import saga as _saga_module
 
         fn = getattr(_saga_module, name)
     else:

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import ExperimentError
+from coar_dask.errors import ExperimentError
 
 __all__ = ["sample_mask", "sample_masks", "check_alpha"]
 

@@ -59,8 +59,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .components import Components, get_kind
-from .errors import ExperimentError
+from coar_dask.core.components import Components, get_kind
+from coar_dask.errors import ExperimentError
 
 __all__ = [
     "ablated",
@@ -109,7 +109,7 @@ def ablated(model: Any, components: Components, mask: np.ndarray) -> Iterator[An
     --------
     >>> import numpy as np
     >>> from torch import nn
-    >>> from coar_dask.components import select_components
+    >>> from coar_dask.core.components import select_components
     >>> model = nn.Linear(2, 3)
     >>> comps = select_components(model, kinds=["linear"])
     >>> with ablated(model, comps, np.array([True, False, True])):
@@ -181,14 +181,14 @@ class BatchedAblation:
         BatchNorm's training mode).
     components
         Its selected components; every kind must have a hook site (see
-        :class:`~coar_dask.components.ComponentKind`), else
+        :class:`~coar_dask.core.components.ComponentKind`), else
         :class:`NotBatchableError`.
 
     Examples
     --------
     >>> import numpy as np, torch
     >>> from torch import nn
-    >>> from coar_dask.components import select_components
+    >>> from coar_dask.core.components import select_components
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     >>> comps = select_components(model)
     >>> masks = np.array([[True] * 6, [False] + [True] * 5])
@@ -432,7 +432,7 @@ def apply_malloc_env(*, only_in_dask_worker: bool = True) -> dict[str, int]:
     ``env`` of its worker *after* starting it (only
     ``distributed.nanny.pre-spawn-environ`` is set before, and it holds dask's
     own ``MALLOC_TRIM_THRESHOLD_=65536``), so settings passed as worker
-    ``env`` (``coar_dask.cluster.WORKER_ENV``) would be ignored. This applies
+    ``env`` (``coar_dask.runtime.cluster.WORKER_ENV``) would be ignored. This applies
     them at run time, before the first ablated forward pass. Why it matters:
     with dask's setting, every activation above 128 KiB is a fresh ``mmap``
     whose pages fault in and are zeroed on every forward pass; on the digits
@@ -697,7 +697,7 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
     Parameters
     ----------
     state
-        An :class:`~coar_dask.experiment.ExperimentState` (model, examples,
+        An :class:`~coar_dask.core.experiment.ExperimentState` (model, examples,
         components, output function, device).
     masks
         Bool ``(n_masks, P)``.

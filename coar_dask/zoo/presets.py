@@ -19,7 +19,7 @@ when only the components are wanted: instant, no memory, no download.
 
 Examples
 --------
->>> from coar_dask.presets import preset_components
+>>> from coar_dask.zoo.presets import preset_components
 >>> len(preset_components("imagenet_resnet50"))
 22720
 """
@@ -31,8 +31,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .components import Components, select_components
-from .errors import ExperimentError
+from coar_dask.core.components import Components, select_components
+from coar_dask.errors import ExperimentError
 
 __all__ = [
     "Preset",
@@ -60,7 +60,7 @@ class Preset:
         Import path ``package.module:function`` of the model builder (usable as
         an experiment's ``model.factory``).
     include, exclude, kinds
-        The component selection (see :func:`coar_dask.components.select_components`).
+        The component selection (see :func:`coar_dask.core.components.select_components`).
     total
         The paper's component count, checked by the tests.
     input_shape
@@ -82,7 +82,7 @@ class Preset:
         return {"include": self.include, "exclude": self.exclude, "kinds": self.kinds}
 
     def builder(self) -> Callable[..., Any]:
-        from .experiment import import_object
+        from coar_dask.core.experiment import import_object
 
         return import_object(self.factory)
 
@@ -150,9 +150,9 @@ def experiment_components(source: Any) -> Components:
     Parameters
     ----------
     source
-        An :class:`~coar_dask.experiment.Experiment`, a dict, or a YAML path.
+        An :class:`~coar_dask.core.experiment.Experiment`, a dict, or a YAML path.
     """
-    from .experiment import import_object, load_experiment
+    from coar_dask.core.experiment import import_object, load_experiment
 
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         raise ExperimentError(f"experiment file {str(source)!r} does not exist.")
@@ -165,13 +165,13 @@ def seeded_model(factory: str, seed: int = 0, **kwargs: Any) -> Any:
     """A randomly initialised model, the same in every process: ``factory(**kwargs)`` after ``torch.manual_seed(seed)``.
 
     Usable as an experiment's model factory for benchmarks and tests, e.g.
-    ``model: {factory: coar_dask.presets:seeded_model, kwargs: {factory:
+    ``model: {factory: coar_dask.zoo.presets:seeded_model, kwargs: {factory:
     "coar_dask.zoo.architectures:cifar_resnet18"}}``. ``factory`` may also be a
     preset name.
     """
     import torch
 
-    from .experiment import import_object
+    from coar_dask.core.experiment import import_object
 
     builder = get_preset(factory).builder() if factory in PRESETS else import_object(factory)
     state = torch.random.get_rng_state()

@@ -22,9 +22,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._version import FORMAT_VERSION, __version__
-from .errors import StoreError, StoreMismatchError, StoreNotFoundError
-from .spec import Spec, load_spec
+from coar_dask._version import FORMAT_VERSION, __version__
+from coar_dask.errors import StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.core.spec import Spec, load_spec
 
 __all__ = [
     "Block",

@@ -20,7 +20,7 @@ memory maps) into FFCV's own :class:`~ffcv.writer.DatasetWriter`: each writer
 process keeps one row block of the source in memory at a time, never the
 whole store. :class:`BetonRows` reads a ``.beton`` back through FFCV's
 :class:`~ffcv.loader.Loader` (on the CPU, or with ``ToDevice`` onto a CUDA
-GPU) and is a *row source* for :mod:`coar_dask.regression`: it has
+GPU) and is a *row source* for :mod:`coar_dask.fit.fit`: it has
 ``n_rows``, ``n_features``, ``n_targets`` and ``blocks()`` yielding ``(X, Y)``
 float32 numpy blocks.
 
@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CoarError, MissingDependencyError, StoreError, missing_dependency
+from coar_dask.errors import CoarError, MissingDependencyError, StoreError, missing_dependency
 
 __all__ = [
     "BetonError",
@@ -213,7 +213,7 @@ class _ZarrSource(_Source):
         self.y_size = int(np.prod(spec[y_name].shape))
 
     def _open(self) -> Any:
-        from .store import open_store
+        from coar_dask.core.store import open_store
 
         store = open_store(self.path, read_only=True)
         # Opened once per process: looking an array up reads its metadata.
@@ -279,7 +279,7 @@ class _NpySource(_Source):
 
 
 def _open_source(source: Any, x_name: str, y_name: str | None, completed_name: str) -> _Source:
-    from .store import Store, open_store
+    from coar_dask.core.store import Store, open_store
 
     if isinstance(source, Store):
         store = source
@@ -418,7 +418,7 @@ def export_beton(
     Parameters
     ----------
     source
-        A :class:`~coar_dask.store.Store`, a store path, or a seed store
+        A :class:`~coar_dask.core.store.Store`, a store path, or a seed store
         directory of ``.npy`` memory maps (``masks.npy``, ``<y_name>.npy``,
         ``_completed.npy``).
     out_path
@@ -515,7 +515,7 @@ def _reader(path: Path) -> Any:
     ffcv = import_ffcv("Reading a .beton")
     if not path.is_file():
         raise BetonNotFoundError(
-            f"no .beton file at {str(path)!r}; write one with `python -m coar_dask.write_dataset "
+            f"no .beton file at {str(path)!r}; write one with `python -m coar_dask.cli.write_dataset "
             f"--cfg.data_dir STORE --cfg.out_path {path} --cfg.y_name NAME` or export_beton()."
         )
     try:
@@ -673,7 +673,7 @@ class BetonRows:
     Attributes
     ----------
     n_rows, n_features, n_targets : int
-        The row source interface of :mod:`coar_dask.solvers`.
+        The row source interface of :mod:`coar_dask.solvers.lstsq`.
     idx_available : bool
         Whether the file has the ``idx`` field (store row of each position).
 

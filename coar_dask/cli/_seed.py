@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from .errors import CoarError
+from coar_dask.errors import CoarError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 

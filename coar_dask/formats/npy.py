@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import StoreError
-from .spec import Spec
-from .store import COMPLETED, Store, init_store, open_store
+from coar_dask.errors import StoreError
+from coar_dask.core.spec import Spec
+from coar_dask.core.store import COMPLETED, Store, init_store, open_store
 
 __all__ = ["npy_spec", "import_npy", "export_npy", "add_import_npy_parser", "add_export_npy_parser"]
 
@@ -127,7 +127,7 @@ def import_npy(
         Mark every row completed; needed when the directory has no
         ``_completed.npy``.
     rows_per_chunk, mask_seed, alpha
-        As for :func:`~coar_dask.store.init_store`. The seed drew its masks
+        As for :func:`~coar_dask.core.store.init_store`. The seed drew its masks
         without a seed, so leave ``mask_seed`` unset unless you know it.
     overwrite
         Replace an existing store at ``store_path``.

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._version import __version__
-from .errors import RegressionError, StoreMismatchError
-from .solvers import SOLVERS, FitProgress, get_solver, solver_options
-from .store import Store, open_store
+from coar_dask._version import __version__
+from coar_dask.errors import RegressionError, StoreMismatchError
+from coar_dask.solvers.lstsq import SOLVERS, FitProgress, get_solver, solver_options
+from coar_dask.core.store import Store, open_store
 
 __all__ = [
     "StoreRows",
@@ -279,24 +279,24 @@ def fit(
     solver
         ``"lstsq"`` (exact least squares / ridge, default), ``"saga"``
         (fast_l1's lasso path in torch) or ``"fast_l1"`` (the real package,
-        CUDA only); see :mod:`coar_dask.solvers`.
+        CUDA only); see :mod:`coar_dask.solvers.lstsq`.
     target_slice
         ``(start, stop)``: fit only these output columns.
     device
         ``"cpu"`` (default) or ``"cuda"``.
     progress
-        Called with a :class:`~coar_dask.solvers.FitProgress` (rows streamed,
+        Called with a :class:`~coar_dask.solvers.lstsq.FitProgress` (rows streamed,
         epochs, lambdas done, slices finished) -- hook a progress bar on it.
     slices, client, max_targets
         Split the targets into ``slices`` contiguous slices (or slices of at
         most ``max_targets``) fitted separately -- as Dask tasks on ``client``
         (GPU-annotated when ``device`` is CUDA), or one after the other in
         this process without a client -- and assembled in order
-        (:mod:`coar_dask.distributed_fit`). Same result as one fit.
+        (:mod:`coar_dask.fit.distributed`). Same result as one fit.
     **solver_options
         Passed to the solver, e.g. ``ridge=1.0``, ``ridge_grid="auto"``,
         ``lr=1e-3, k=1, batch_size=2500`` (see :func:`coar_dask.solvers.lstsq`,
-        :func:`coar_dask.saga.saga`).
+        :func:`coar_dask.solvers.saga.saga`).
 
     Returns
     -------
@@ -311,7 +311,7 @@ def fit(
     >>> attrs.save("attributions.pt")              # doctest: +SKIP
     """
     if slices is not None or client is not None or max_targets is not None:
-        from .distributed_fit import fit_distributed
+        from coar_dask.fit.distributed import fit_distributed
 
         return fit_distributed(
             store, slices=slices, client=client, progress=progress, max_targets=max_targets, x_name=x_name,

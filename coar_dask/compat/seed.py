@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ._yaml import read_yaml_file
-from .errors import ConfigError
+from coar_dask._yaml import read_yaml_file
+from coar_dask.errors import ConfigError
 
 __all__ = [
     "SeedRegressionConfig",

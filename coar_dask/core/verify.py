@@ -47,9 +47,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import CoarError, StoreError
-from .masks import sample_masks
-from .store import COMPLETED, Store, open_store
+from coar_dask.errors import CoarError, StoreError
+from coar_dask.core.masks import sample_masks
+from coar_dask.core.store import COMPLETED, Store, open_store
 
 __all__ = [
     "Problem",
@@ -289,7 +289,7 @@ def _check_metadata(store: Store) -> tuple[list[Problem], list[str], dict[str, A
     fp = meta.get("experiment_fingerprint")
     x_name = None
     if exp_record is not None:
-        from .experiment import Experiment
+        from coar_dask.core.experiment import Experiment
 
         try:
             exp = Experiment.from_dict(exp_record, source="the store's experiment record")
@@ -608,11 +608,11 @@ def repair_store(
 def _store_arg(args: argparse.Namespace) -> str:
     store = args.store or args.store_option
     if args.store and args.store_option and args.store != args.store_option:
-        from .errors import ConfigError
+        from coar_dask.errors import ConfigError
 
         raise ConfigError(f"two different stores given ({args.store!r} and --store {args.store_option!r}); give one.")
     if not store:
-        from .errors import ConfigError
+        from coar_dask.errors import ConfigError
 
         raise ConfigError(f"{args.command} needs a store directory, e.g. `coar-dask {args.command} demo-out/store`.")
     return store
@@ -697,9 +697,9 @@ def add_verify_parser(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m coar_dask.verify {verify,repair} STORE``: the same commands as
+    """``python -m coar_dask.core.verify {verify,repair} STORE``: the same commands as
     ``coar-dask verify`` / ``coar-dask repair``, with the same exit codes."""
-    parser = argparse.ArgumentParser(prog="python -m coar_dask.verify",
+    parser = argparse.ArgumentParser(prog="python -m coar_dask.core.verify",
                                      description="Verify a coar_dask store, or repair its bad blocks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_verify_parser(sub)

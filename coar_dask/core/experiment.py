@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-from .components import Components, select_components
-from .errors import ConfigError, ExperimentError
-from .masks import check_alpha
-from .outputs import get_output
+from coar_dask.core.components import Components, select_components
+from coar_dask.errors import ConfigError, ExperimentError
+from coar_dask.core.masks import check_alpha
+from coar_dask.core.outputs import get_output
 
 __all__ = ["Experiment", "ExperimentState", "load_experiment", "load_state", "warm_up", "import_object"]
 
@@ -104,7 +104,7 @@ class Experiment:
     model_kwargs, examples_kwargs
         Keyword arguments of the factories (JSON-able).
     include, exclude, kinds
-        Component selection (see :func:`coar_dask.components.select_components`).
+        Component selection (see :func:`coar_dask.core.components.select_components`).
     output
         Output function name (``"margin"``).
     alpha
@@ -118,7 +118,7 @@ class Experiment:
     masks_per_pass, amp, channels_last
         How to run the ablations (not part of the fingerprint): masks evaluated
         per forward pass (``None``: automatic, ``1``: one at a time; see
-        :func:`coar_dask.ablation.compute_outputs`), autocast (float16 on CUDA,
+        :func:`coar_dask.ablation.engine.compute_outputs`), autocast (float16 on CUDA,
         bfloat16 on CPU), and the ``channels_last`` memory format.
     """
 
@@ -260,7 +260,7 @@ class Experiment:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Experiment":
         """Load an experiment YAML file (with ``yaml.safe_load``)."""
-        from ._yaml import read_yaml_file
+        from coar_dask._yaml import read_yaml_file
 
         data = read_yaml_file(path, "experiment file")
         return cls.from_dict(data or {}, source=f"experiment file {str(Path(path))!r}")

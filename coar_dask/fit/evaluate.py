@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .experiment import Experiment
-from .regression import Attributions, infer_names
-from .solvers import _PearsonAccumulator
-from .spec import Spec
-from .store import Store, init_store, open_store
+from coar_dask.core.experiment import Experiment
+from coar_dask.fit.fit import Attributions, infer_names
+from coar_dask.solvers.lstsq import _PearsonAccumulator
+from coar_dask.core.spec import Spec
+from coar_dask.core.store import Store, init_store, open_store
 
 __all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "eval_store_for"]
 
@@ -112,7 +112,7 @@ def evaluate(
         preds.append(p[:, sample])
         actuals.append(y[:, sample])
     if acc.n < 3:
-        from .errors import RegressionError
+        from coar_dask.errors import RegressionError
 
         raise RegressionError(
             f"evaluation store {str(store.path)!r} has {acc.n} completed rows; build it first (needs >= 3)."

@@ -1,6 +1,6 @@
 """Dask clients for builds and fits: local workers, SLURM jobs, or an existing scheduler.
 
-This is the only module (with :mod:`coar_dask.build`'s executor) that knows
+This is the only module (with :mod:`coar_dask.runtime.build`'s executor) that knows
 about Dask's distributed scheduler; the pure core never imports it.
 
 Three kinds of cluster, one context manager, :func:`cluster_client`:
@@ -46,8 +46,9 @@ import dask
 import dask.config
 import yaml
 
-from ._yaml import read_yaml_file
-from .errors import ConfigError, missing_dependency
+from coar_dask import config as _config  # noqa: F401  (loads coar_dask's dask.config defaults)
+from coar_dask._yaml import read_yaml_file
+from coar_dask.errors import ConfigError, missing_dependency
 
 __all__ = [
     "cluster_client",
@@ -71,23 +72,6 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "slurm", "address")
 
-_DEFAULTS_FILE = Path(__file__).with_name("coar_dask.yaml")
-
-
-def _load_defaults() -> None:
-    """Put the packaged defaults into dask's config, the way dask-jobqueue does."""
-    with open(_DEFAULTS_FILE) as f:
-        defaults = yaml.safe_load(f)
-    dask.config.update_defaults(defaults)
-    # A commented copy in ~/.config/dask shows users what they can set; a
-    # read-only home must not break the import.
-    with contextlib.suppress(OSError):
-        dask.config.ensure_file(source=str(_DEFAULTS_FILE))
-
-
-_load_defaults()
-
-
 def default_local_workers() -> int:
     """One worker process per core (each with one torch thread)."""
     return max(1, os.cpu_count() or 1)
@@ -95,17 +79,17 @@ def default_local_workers() -> int:
 
 #: Environment of worker processes: one BLAS/OpenMP thread each, so that
 #: N single-threaded workers use N cores without oversubscription.
-# malloc: dask's MALLOC_TRIM_THRESHOLD_=65536 pins mmap at 128 KiB -> 3x CPU per digits model (BENCHMARKS.md); applied in workers by coar_dask.ablation.apply_malloc_env
+# malloc: dask's MALLOC_TRIM_THRESHOLD_=65536 pins mmap at 128 KiB -> 3x CPU per digits model (BENCHMARKS.md); applied in workers by coar_dask.ablation.engine.apply_malloc_env
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
 def local_worker_preload() -> list[str]:
     """Preloads of local workers: dask config ``distributed.worker.preload`` plus
-    :mod:`coar_dask._worker_preload`, which makes them ignore Ctrl-C (the CLI
+    :mod:`coar_dask.runtime.worker`, which makes them ignore Ctrl-C (the CLI
     handles it and closes them)."""
     configured = dask.config.get("distributed.worker.preload", None) or []
     configured = [configured] if isinstance(configured, str) else list(configured)
-    return configured + [m for m in ("coar_dask._worker_preload",) if m not in configured]
+    return configured + [m for m in ("coar_dask.runtime.worker",) if m not in configured]
 
 
 # ------------------------------------------------------------------ local GPUs

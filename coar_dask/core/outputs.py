@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .errors import ExperimentError
+from coar_dask.errors import ExperimentError
 
 __all__ = ["margin", "correct_logit", "OUTPUTS", "get_output"]
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ExperimentError
+from coar_dask.errors import ExperimentError
 
 __all__ = [
     "ComponentKind",
@@ -434,7 +434,7 @@ def components_main(args: Any, out: Any = None) -> int:
     import json
     import sys
 
-    from . import presets
+    from coar_dask.zoo import presets
 
     out = out or sys.stdout
     if getattr(args, "list", False):

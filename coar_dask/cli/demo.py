@@ -33,12 +33,12 @@ def run_demo(
 
     Returns the summary dictionary (also written to ``out/summary.json``).
     """
-    from .cli import _build
-    from .cluster import cluster_client
-    from .evaluate import eval_store_for, evaluate, plot_evaluation
-    from .experiment import load_state
-    from .regression import fit
-    from .zoo import digits
+    from coar_dask.cli.main import _build
+    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.fit.evaluate import eval_store_for, evaluate, plot_evaluation
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.fit import fit
+    from coar_dask.zoo import digits
 
     t_start = time.perf_counter()
     out = Path(out)

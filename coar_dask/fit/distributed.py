@@ -6,11 +6,11 @@ each fitted by one task that streams the same train/validation rows. Plan,
 then execute: :func:`plan_fit` returns a small frozen :class:`FitPlan`;
 :func:`execute_fit` runs it in this process (``client=None``) or as one Dask
 task per slice (GPU-annotated, ``resources={"GPU": 1}``, when the device is
-CUDA), on any cluster of :func:`coar_dask.cluster.cluster_client`, and
+CUDA), on any cluster of :func:`coar_dask.runtime.cluster.cluster_client`, and
 concatenates the slices in target order. The result equals a single fit of
 all targets (the split of rows depends only on the store and the seed).
 
-Progress: tasks running on Dask workers send :class:`~coar_dask.solvers.FitProgress`
+Progress: tasks running on Dask workers send :class:`~coar_dask.solvers.lstsq.FitProgress`
 events (epochs, lambdas, CG iterations) to the client under the topic
 :data:`PROGRESS_TOPIC`; the client passes them, and one ``"slices"`` event per
 finished slice, to the ``progress`` callback.
@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import RegressionError
+from coar_dask.errors import RegressionError
 
 __all__ = [
     "FitPlan",
@@ -164,8 +164,8 @@ def plan_fit(
     **solver_options: Any,
 ) -> FitPlan:
     """Plan a fit of ``store`` in target slices (see :func:`plan_slices`); nothing runs yet."""
-    from .regression import check_solver_options, infer_names
-    from .store import Store, open_store
+    from coar_dask.fit.fit import check_solver_options, infer_names
+    from coar_dask.core.store import Store, open_store
 
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
@@ -222,12 +222,12 @@ def _current_worker() -> Any:
 
 
 def fit_slice(plan: FitPlan, index: int, progress: Callable[[Any], None] | None = None) -> Any:
-    """Fit slice ``index`` of ``plan`` -> :class:`~coar_dask.regression.Attributions`.
+    """Fit slice ``index`` of ``plan`` -> :class:`~coar_dask.fit.fit.Attributions`.
 
     The task function (module-level, so it pickles). On a Dask worker its
     progress goes to the client as worker events.
     """
-    from .regression import fit
+    from coar_dask.fit.fit import fit
 
     sender = None
     if progress is None:
@@ -259,7 +259,7 @@ def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
     Per-target metadata lists (``val_mse``, ``val_correlation``) are
     concatenated; each slice's scalar metadata is kept under ``slices``.
     """
-    from .regression import Attributions
+    from coar_dask.fit.fit import Attributions
 
     if len(parts) != len(plan.slices):
         raise RegressionError(f"expected {len(plan.slices)} slices, got {len(parts)}.")
@@ -291,7 +291,7 @@ def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
 
 
 def _forward(progress: Callable[[Any], None]) -> Callable[[Any], None]:
-    from .solvers import FitProgress
+    from coar_dask.solvers.lstsq import FitProgress
 
     def handler(event: Any) -> None:
         _, msg = event
@@ -322,9 +322,9 @@ def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[
                 retries: int = 1) -> Any:
     """Run ``plan``: in this process (``client=None``) or one Dask task per slice.
 
-    Returns the assembled :class:`~coar_dask.regression.Attributions`.
+    Returns the assembled :class:`~coar_dask.fit.fit.Attributions`.
     """
-    from .solvers import FitProgress
+    from coar_dask.solvers.lstsq import FitProgress
 
     total = len(plan.slices)
     logger.info("%r", plan)
@@ -381,7 +381,7 @@ def fit_distributed(
     max_targets: int | None = None,
     **fit_kwargs: Any,
 ) -> Any:
-    """Plan and execute a sliced fit (the arguments of :func:`coar_dask.regression.fit`).
+    """Plan and execute a sliced fit (the arguments of :func:`coar_dask.fit.fit.fit`).
 
     Examples
     --------

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import SpecError
+from coar_dask.errors import SpecError
 
 __all__ = ["ArraySpec", "Spec", "load_spec", "RESERVED_NAMES"]
 

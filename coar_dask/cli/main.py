@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ._version import __version__
-from .errors import CoarError, ConfigError
+from coar_dask._version import __version__
+from coar_dask.errors import CoarError, ConfigError
 
 __all__ = ["main", "build_parser"]
 
-logger = logging.getLogger("coar_dask.cli")
+logger = logging.getLogger("coar_dask.cli.main")
 
 
 def _out(*args: Any) -> None:
@@ -44,7 +44,7 @@ def _quiet_dask(verbose: int) -> None:
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    from .cluster import add_cluster_arguments
+    from coar_dask.runtime.cluster import add_cluster_arguments
 
     add_cluster_arguments(p)
 
@@ -52,7 +52,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator[Any]:
     """A Dask client for the cluster flags, or ``None`` for ``--cluster none``."""
-    from .cluster import cluster_client, cluster_from_args
+    from coar_dask.runtime.cluster import cluster_client, cluster_from_args
 
     kwargs = cluster_from_args(args)
     if kwargs.pop("kind") == "none":
@@ -77,12 +77,12 @@ def _progress_bar(total: int, desc: str, unit: str = "block") -> tuple[Any, Call
 
 
 def _build(store: Any, experiment: Any, client: Any, desc: str) -> Any:
-    from .build import execute_plan, plan_build
+    from coar_dask.runtime.build import execute_plan, plan_build
 
     plan = plan_build(store, experiment)
     if not plan.blocks:
         _out(f"{desc}: all {plan.n_blocks_total} blocks already completed.")
-        from .build import BuildReport
+        from coar_dask.runtime.build import BuildReport
 
         return BuildReport()
     bar, update = _progress_bar(len(plan.blocks), desc)
@@ -104,15 +104,15 @@ def _parse_slice(text: str | None) -> tuple[int, int] | None:
 
 # -- commands ---------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from .store import init_store, _is_store_dir
+    from coar_dask.core.store import init_store, _is_store_dir
 
     existed = _is_store_dir(Path(args.store))
     if args.spec:
         spec: Any = args.spec
         mask_seed, alpha = args.mask_seed, args.alpha
     elif args.experiment:
-        from .experiment import load_experiment, load_state
-        from .spec import Spec
+        from coar_dask.core.experiment import load_experiment, load_state
+        from coar_dask.core.spec import Spec
 
         if not args.rows:
             raise ConfigError("init --experiment needs --rows N (the number of ablated models).")
@@ -134,11 +134,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from coar_dask.core.store import open_store
 
     store = open_store(args.store)
     if args.repair:
-        from .verify import repair_store
+        from coar_dask.core.verify import repair_store
 
         repaired = repair_store(store.path)
         _out(repaired.format())
@@ -154,7 +154,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from coar_dask.core.store import open_store
 
     status = open_store(args.store, read_only=True).status()
     if args.json:
@@ -172,7 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .regression import fit, solver_options_from_args
+    from coar_dask.fit.fit import fit, solver_options_from_args
 
     options = solver_options_from_args(args)
     t0 = time.perf_counter()
@@ -180,7 +180,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     bar = tqdm(file=sys.stderr, disable=None, unit="step")
 
-    def progress(p: Any) -> None:  # a coar_dask.solvers.FitProgress
+    def progress(p: Any) -> None:  # a coar_dask.solvers.lstsq.FitProgress
         bar.total = p.total
         bar.n = p.done
         bar.set_description_str(p.describe(), refresh=False)
@@ -209,7 +209,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from .cluster import cluster_dry_run_main
+    from coar_dask.runtime.cluster import cluster_dry_run_main
 
     if args.dry_run:
         return cluster_dry_run_main(args)
@@ -223,7 +223,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, plot_evaluation
+    from coar_dask.fit.evaluate import evaluate, plot_evaluation
 
     store = args.store
     if args.experiment:
@@ -247,8 +247,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _build_eval_store(args: argparse.Namespace) -> Any:
-    from .evaluate import eval_store_for
-    from .experiment import load_experiment, load_state
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.core.experiment import load_experiment, load_state
 
     if not args.store or not args.rows:
         raise ConfigError("evaluate --experiment needs --store DIR (the evaluation store) and --rows N.")
@@ -263,7 +263,7 @@ def _build_eval_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from coar_dask.cli.demo import run_demo
 
     summary = run_demo(out=args.out, rows=args.rows, eval_rows=args.eval_rows, workers=args.workers,
                        cache_dir=args.cache_dir, alpha=args.alpha, echo=_out)
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", "--data.seed", dest="split_seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--target-slice", default=None, help="fit only outputs START:STOP")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    from .regression import add_fit_solver_arguments
+    from coar_dask.fit.fit import add_fit_solver_arguments
 
     add_fit_solver_arguments(p)
     _add_cluster_args(p)
@@ -354,12 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    from .components import add_components_parser
-    from .initialize_store import add_initialize_store_parser
-    from .run_regression import add_run_regression_parser
-    from .seed_io import add_export_npy_parser, add_import_npy_parser
-    from .verify import add_verify_parser
-    from .write_dataset import add_export_beton_parser
+    from coar_dask.core.components import add_components_parser
+    from coar_dask.cli.initialize_store import add_initialize_store_parser
+    from coar_dask.cli.run_regression import add_run_regression_parser
+    from coar_dask.formats.npy import add_export_npy_parser, add_import_npy_parser
+    from coar_dask.core.verify import add_verify_parser
+    from coar_dask.cli.write_dataset import add_export_beton_parser
 
     add_components_parser(sub)
     add_verify_parser(sub)

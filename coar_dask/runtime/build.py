@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BuildError, ExperimentError, StoreMismatchError
-from .ablation import compute_outputs
-from .experiment import Experiment, load_experiment, load_state
-from .masks import sample_masks
-from .store import Block, Store, open_store
+from coar_dask.errors import BuildError, ExperimentError, StoreMismatchError
+from coar_dask.ablation.engine import compute_outputs
+from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.core.masks import sample_masks
+from coar_dask.core.store import Block, Store, open_store
 
 __all__ = ["BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
 

@@ -1,0 +1,2 @@
+"""The ``coar-dask`` command line: every command, flag, print and exit code.
+"""

@@ -1,0 +1,2 @@
+"""The research code's settings and rules, in one place.
+"""

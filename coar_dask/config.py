@@ -1,0 +1,47 @@
+"""coar_dask's defaults in dask's config (``dask.config.get("coar-dask....")``).
+
+The packaged ``coar_dask.yaml`` is loaded into dask's defaults when this module
+is imported, in memory only, the way dask-jobqueue does; nothing is written.
+``coar-dask config --write`` (:func:`write_user_config`) puts a commented copy
+in dask's user config folder for a user to edit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask.config
+import yaml
+
+__all__ = ["DEFAULTS_FILE", "load_defaults", "user_config_path", "write_user_config"]
+
+#: The packaged defaults, commented.
+DEFAULTS_FILE = Path(__file__).with_name("coar_dask.yaml")
+
+
+def load_defaults() -> None:
+    """Put the packaged defaults into dask's config (idempotent, no file written)."""
+    with open(DEFAULTS_FILE) as f:
+        dask.config.update_defaults(yaml.safe_load(f))
+
+
+def user_config_path() -> Path:
+    """Where :func:`write_user_config` writes: dask's user config folder."""
+    return Path(dask.config.PATH) / DEFAULTS_FILE.name
+
+
+def write_user_config(path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Path:
+    """Write the commented defaults to ``path`` (default: :func:`user_config_path`).
+
+    An existing file is kept unless ``overwrite``; returns the path.
+    """
+    target = Path(path) if path is not None else user_config_path()
+    if target.exists() and not overwrite:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(DEFAULTS_FILE.read_text())
+    return target
+
+
+load_defaults()

@@ -1,0 +1,2 @@
+"""Per-example attributions from a store: row selection, fit, evaluate.
+"""

@@ -1,0 +1,2 @@
+"""Other on-disk formats: FFCV .beton and the seed's .npy layout.
+"""
