@@ -9,6 +9,9 @@ turns a :class:`CoarError` into a one-line message and exit code 2.
 from __future__ import annotations
 
 __all__ = [
+    "BetonError",
+    "BetonNotFoundError",
+    "NotBatchableError",
     "CoarError",
     "SpecError",
     "StoreError",
@@ -56,6 +59,18 @@ class MissingDependencyError(CoarError, ImportError):
 
 class BuildError(CoarError, RuntimeError):
     """A build could not complete some blocks."""
+
+
+class NotBatchableError(ExperimentError):
+    """The model or a component kind cannot be ablated with forward hooks; use in-place zeroing."""
+
+
+class BetonError(CoarError, ValueError):
+    """A ``.beton`` file is not one this package can read or write as asked."""
+
+
+class BetonNotFoundError(BetonError, FileNotFoundError):
+    """No ``.beton`` file at the given path."""
 
 
 class RegressionError(CoarError, ValueError):

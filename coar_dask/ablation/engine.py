@@ -60,7 +60,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from coar_dask.core.components import Components, get_kind
-from coar_dask.errors import ExperimentError
+from coar_dask.errors import ExperimentError, NotBatchableError
 
 __all__ = [
     "ablated",
@@ -152,10 +152,6 @@ def reference_model(model: Any, components: Components, mask: np.ndarray) -> Any
 
 
 # ----------------------------------------------------------------- batched
-
-
-class NotBatchableError(ExperimentError):
-    """The model or a component kind cannot be ablated with forward hooks; use in-place zeroing."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from coar_dask.errors import RegressionError
+from coar_dask.runtime.executor import TaskSet, run_tasks
 
 __all__ = [
     "FitPlan",
@@ -329,42 +330,34 @@ def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[
     total = len(plan.slices)
     logger.info("%r", plan)
     parts: list[Any] = [None] * total
-    if client is None:
-        for i in range(total):
-            parts[i] = fit_slice(plan, i, progress)
-            if progress:
-                progress(FitProgress("slices", i + 1, total, plan.target_range, f"{i + 1}/{total} slices"))
-        return assemble(plan, parts)
-
-    from distributed import as_completed
-
-    resources = {"GPU": 1} if plan.gpu else None
-    if resources:
+    # in this process the slices report progress directly; on workers, as events
+    extra = (progress,) if client is None else ()
+    taskset = TaskSet(fit_slice, [(i, (plan, i, *extra)) for i in range(total)], key=plan.task_key,
+                      resources={"GPU": 1} if plan.gpu and client is not None else None, retries=retries)
+    if taskset.resources:
         _check_gpu_workers(client)
-    if progress is not None:
-        client.subscribe_topic(PROGRESS_TOPIC, _forward(progress))
-    futures = [
-        client.submit(fit_slice, plan, i, key=plan.task_key(i), resources=resources, retries=retries, pure=False)
-        for i in range(total)
-    ]
-    index = {f.key: i for i, f in enumerate(futures)}
     done = 0
+
+    def on_result(i: int, part: Any) -> None:
+        nonlocal done
+        parts[i] = part
+        done += 1
+        if progress:
+            progress(FitProgress("slices", done, total, plan.target_range, f"{done}/{total} slices"))
+
+    def on_error(i: int, exc: BaseException) -> None:
+        raise RegressionError(
+            f"fitting target slice {plan.slices[i][0]}:{plan.slices[i][1]} failed on the cluster "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
+
+    subscribed = progress is not None and client is not None
+    if subscribed:
+        client.subscribe_topic(PROGRESS_TOPIC, _forward(progress))
     try:
-        for future in as_completed(futures):
-            i = index[future.key]
-            try:
-                parts[i] = future.result()
-            except Exception as exc:
-                raise RegressionError(
-                    f"fitting target slice {plan.slices[i][0]}:{plan.slices[i][1]} failed on the cluster "
-                    f"({type(exc).__name__}: {exc})."
-                ) from exc
-            done += 1
-            if progress:
-                progress(FitProgress("slices", done, total, plan.target_range, f"{done}/{total} slices"))
+        run_tasks(taskset, client, on_result=on_result, on_error=on_error if client is not None else None)
     finally:
-        client.cancel([f for f in futures if not f.done()])
-        if progress is not None:
+        if subscribed:
             try:
                 client.unsubscribe_topic(PROGRESS_TOPIC)
             except Exception:  # noqa: BLE001 - the client may be closing

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from coar_dask.errors import CoarError, MissingDependencyError, StoreError, missing_dependency
+from coar_dask.errors import BetonError, BetonNotFoundError, CoarError, MissingDependencyError, StoreError, missing_dependency
 
 __all__ = [
     "BetonError",
@@ -74,14 +74,6 @@ _MIN_PAGE = 1 << 21
 _DEFAULT_PAGE = 1 << 23
 #: Target size of one block read from an ``.npy`` source, and of one loader batch.
 _BLOCK_BYTES = 64 * 2**20
-
-
-class BetonError(CoarError, ValueError):
-    """A ``.beton`` file is not one this package can read or write as asked."""
-
-
-class BetonNotFoundError(BetonError, FileNotFoundError):
-    """No ``.beton`` file at the given path."""
 
 
 # --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from coar_dask.ablation.engine import compute_outputs
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.store import Block, Store, open_store
+from coar_dask.runtime.executor import TaskSet, run_tasks
 
 __all__ = ["BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
 
@@ -61,8 +62,9 @@ class BuildPlan:
         text = f"{os.path.abspath(self.store_path)}|{self.experiment.fingerprint}"
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
-    def task_key(self, block: Block) -> str:
-        return f"build-block-{block.index:06d}-{self.token}"
+    def task_key(self, index: int) -> str:
+        """Dask key of block ``index``'s task (shown in the dashboard)."""
+        return f"build-block-{index:06d}-{self.token}"
 
     def __repr__(self) -> str:
         return (
@@ -185,50 +187,33 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
     return BlockResult(block_index, len(block), time.perf_counter() - t0, worker)
 
 
-def _execute_local(plan: BuildPlan, progress: ProgressFn | None, report: BuildReport) -> None:
+def _taskset(plan: BuildPlan, retries: int) -> TaskSet:
+    return TaskSet(
+        fn=run_block,
+        tasks=[(block.index, (plan.store_path, plan.experiment, block.index)) for block in plan.blocks],
+        key=plan.task_key,
+        resources={"GPU": 1} if plan.gpu else None,
+        retries=retries,
+    )
+
+
+def _execute(plan: BuildPlan, client: Any | None, progress: ProgressFn | None, report: BuildReport,
+             retries: int) -> None:
     total = len(plan.blocks)
-    for k, block in enumerate(plan.blocks, 1):
-        try:
-            result = run_block(plan.store_path, plan.experiment, block.index)
-        except BuildError as exc:
-            report.failed[block.index] = str(exc)
-            logger.error("%s", exc)
-            continue
+
+    def on_result(index: int, result: BlockResult) -> None:
         report.blocks_done += 1
         report.rows_done += result.rows
         if progress:
-            progress(result, k, total)
+            progress(result, report.blocks_done, total)
 
+    def on_error(index: int, exc: BaseException) -> None:
+        # a failed block stays pending; the others carry on
+        report.failed[index] = str(exc) if client is None else f"{type(exc).__name__}: {exc}"
+        logger.error("block %d failed: %s", index, exc)
 
-def _execute_dask(plan: BuildPlan, client: Any, progress: ProgressFn | None, report: BuildReport, retries: int) -> None:
-    from distributed import as_completed
-
-    resources = {"GPU": 1} if plan.gpu else None
-    futures = [
-        client.submit(
-            run_block, plan.store_path, plan.experiment, block.index,
-            key=plan.task_key(block), resources=resources, retries=retries, pure=False,
-        )
-        for block in plan.blocks
-    ]
-    total = len(futures)
-    done = 0
-    try:
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception as exc:  # noqa: BLE001 - report every failed block, carry on
-                index = int(str(future.key).split("-")[2])
-                report.failed[index] = f"{type(exc).__name__}: {exc}"
-                logger.error("block %d failed: %s", index, exc)
-                continue
-            done += 1
-            report.blocks_done += 1
-            report.rows_done += result.rows
-            if progress:
-                progress(result, done, total)
-    finally:
-        client.cancel([f for f in futures if not f.done()])
+    run_tasks(_taskset(plan, retries), client, on_result=on_result, on_error=on_error,
+              local_errors=(BuildError,))
 
 
 def execute_plan(
@@ -248,10 +233,7 @@ def execute_plan(
     report = BuildReport()
     t0 = time.perf_counter()
     if plan.blocks:
-        if client is None:
-            _execute_local(plan, progress, report)
-        else:
-            _execute_dask(plan, client, progress, report, retries)
+        _execute(plan, client, progress, report, retries)
     report.seconds = time.perf_counter() - t0
     if report.failed and raise_on_failure:
         lines = "\n".join(f"  block {i}: {msg}" for i, msg in sorted(report.failed.items())[:10])

@@ -1,0 +1,114 @@
+"""One executor for every task set: build blocks, fit slices, baseline blocks.
+
+A task set is a module-level function and, per task, an index and its
+arguments. :func:`run_tasks` runs them in this process (``client=None``) or
+as Dask tasks on ``client``, with one submit / as-completed / cancel loop:
+results come back with their own index (nothing is parsed from task keys),
+and tasks not yet finished are cancelled when the loop ends early (an error,
+Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["TaskSet", "run_tasks"]
+
+logger = logging.getLogger(__name__)
+
+OnResult = Callable[[int, Any], None]
+OnError = Callable[[int, BaseException], None]
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """What to run: ``fn(*args)`` for each ``(index, args)`` in ``tasks``.
+
+    Attributes
+    ----------
+    fn
+        A module-level function (it must pickle).
+    tasks
+        ``(index, args)`` pairs; indices are unique.
+    key
+        Dask task key of index ``i`` (shown in the dashboard).
+    resources
+        Dask worker resources each task needs (e.g. ``{"GPU": 1}``), or None.
+    retries
+        Dask retries per task (a lost worker costs one task).
+    """
+
+    fn: Callable[..., Any]
+    tasks: Sequence[tuple[int, tuple[Any, ...]]]
+    key: Callable[[int], str]
+    resources: Mapping[str, float] | None = None
+    retries: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def _indexed(fn: Callable[..., Any], index: int, *args: Any) -> tuple[int, Any]:
+    """The Dask task: ``fn(*args)`` paired with its own index."""
+    return index, fn(*args)
+
+
+def run_tasks(
+    taskset: TaskSet,
+    client: Any | None = None,
+    *,
+    on_result: OnResult,
+    on_error: OnError | None = None,
+    local_errors: tuple[type[BaseException], ...] = (Exception,),
+) -> None:
+    """Run every task of ``taskset``, calling ``on_result(index, result)`` as each finishes.
+
+    A failing task calls ``on_error(index, exc)`` (which may raise to stop the
+    set) or, without ``on_error``, raises at once. In this process only
+    ``local_errors`` go to ``on_error``; on Dask every task error does (the
+    worker has already caught it). Unfinished Dask tasks are cancelled when
+    this returns or raises.
+    """
+    if client is None:
+        _run_local(taskset, on_result, on_error, local_errors)
+    else:
+        _run_dask(taskset, client, on_result, on_error)
+
+
+def _run_local(taskset: TaskSet, on_result: OnResult, on_error: OnError | None,
+               local_errors: tuple[type[BaseException], ...]) -> None:
+    for index, args in taskset.tasks:
+        try:
+            result = taskset.fn(*args)
+        except local_errors as exc:
+            if on_error is None:
+                raise
+            on_error(index, exc)
+            continue
+        on_result(index, result)
+
+
+def _run_dask(taskset: TaskSet, client: Any, on_result: OnResult, on_error: OnError | None) -> None:
+    from distributed import as_completed
+
+    futures = {
+        client.submit(_indexed, taskset.fn, index, *args, key=taskset.key(index),
+                      resources=dict(taskset.resources) if taskset.resources else None,
+                      retries=taskset.retries, pure=False): index
+        for index, args in taskset.tasks
+    }
+    try:
+        for future in as_completed(list(futures)):
+            try:
+                index, result = future.result()
+            except Exception as exc:  # noqa: BLE001 - the task's own error, raised again here
+                if on_error is None:
+                    raise
+                on_error(futures[future], exc)
+                continue
+            on_result(index, result)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+

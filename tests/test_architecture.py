@@ -1,0 +1,170 @@
+"""The package's shape: layers, import cycles, side effects of importing it.
+
+These walk the source's syntax trees (imports inside functions count too), so
+a rule broken anywhere in ``coar_dask/`` fails here with the module named.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "coar_dask"
+
+#: Layers, lowest first; a module may import only its own layer and those below.
+LAYERS = [
+    {"coar_dask._version", "coar_dask.errors", "coar_dask._yaml", "coar_dask.config"},
+    {"coar_dask.core"},
+    {"coar_dask.ablation"},
+    {"coar_dask.solvers"},
+    {"coar_dask.formats"},
+    {"coar_dask.runtime"},
+    {"coar_dask.fit"},
+    {"coar_dask.zoo"},
+    {"coar_dask.compat"},
+    {"coar_dask.cli", "coar_dask.initialize_store", "coar_dask.write_dataset", "coar_dask.run_regression"},
+]
+#: Stand apart: the package façade re-exports the library; the SLURM harness is a tool of its own.
+OUTSIDE_LAYERS = {"coar_dask", "coar_dask.testing"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> set[str]:
+    """Every module that ``name`` imports, anywhere in it (absolute names)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _internal(name: str) -> set[str]:
+    """The coar_dask modules that ``name`` imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    return {m for m in _imports(name) if m in MODULES and m != name}
+
+
+def _layer(name: str) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if any(name == top or name.startswith(top + ".") for top in layer):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer():
+    loose = [m for m in MODULES if _layer(m) is None
+             and not any(m == o or m.startswith(o + ".") for o in OUTSIDE_LAYERS)]
+    assert not loose, f"modules outside every layer (add them to LAYERS or move them): {loose}"
+
+
+def test_layers_import_only_downwards():
+    bad = []
+    for name in MODULES:
+        mine = _layer(name)
+        if mine is None:
+            continue
+        for dep in _internal(name):
+            theirs = _layer(dep)
+            if theirs is not None and theirs > mine:
+                bad.append(f"{name} imports {dep} (a higher layer)")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycle():
+    graph = {name: _internal(name) - {"coar_dask"} for name in MODULES}
+    # a package's __init__ importing its own submodules is not a cycle of concern
+    for name in graph:
+        graph[name] = {d for d in graph[name] if not name.startswith(d + ".")}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _third_party(name: str, top: str) -> bool:
+    return any(m == top or m.startswith(top + ".") for m in _imports(name))
+
+
+def test_argparse_only_in_the_command_line():
+    users = [m for m in MODULES if _third_party(m, "argparse")
+             and not (m.startswith("coar_dask.cli") or m.startswith("coar_dask.testing"))]
+    assert not users, f"argparse imported outside coar_dask/cli/: {users}"
+
+
+@pytest.mark.parametrize("heavy", ["distributed", "dask_jobqueue", "matplotlib"])
+def test_core_imports_no_cluster_or_plotting(heavy):
+    users = [m for m in MODULES if m.startswith("coar_dask.core") and _third_party(m, heavy)]
+    assert not users, f"{heavy} imported by the core layer: {users}"
+
+
+def _function_lengths() -> list[tuple[str, str, int]]:
+    rows = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    length -= first.end_lineno - first.lineno + 1
+                rows.append((name, node.name, length))
+    return rows
+
+
+def test_function_length_counter_counts():
+    """The counter itself: this module's own longest function is found and measured."""
+    rows = {(m, f): n for m, f, n in _function_lengths()}
+    assert rows[("coar_dask.core.spec", "load_spec")] > 3
+
+
+def test_no_function_longer_than_80_lines():
+    long = [f"{m}.{f}: {n} lines" for m, f, n in _function_lengths() if n > 80]
+    assert not long, "functions over 80 lines (docstring not counted):\n" + "\n".join(long)
+
+
+def test_import_writes_nothing_and_stays_light(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import sys, coar_dask; "
+            "print(__import__('json').dumps(sorted(m for m in ('torch', 'distributed', 'matplotlib', "
+            "'argparse', 'dask_jobqueue') if m in sys.modules)))")
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(home / ".config")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert json.loads(out.stdout) == []
+    assert list(home.rglob("*")) == [], f"import coar_dask wrote {list(home.rglob('*'))}"
