@@ -1,10 +1,10 @@
 """coar_dask: COAR component attributions for PyTorch models, at cluster scale.
 
-The pipeline, one module per stage: :mod:`~coar_dask.core.spec` ->
-:mod:`~coar_dask.core.store` -> :mod:`~coar_dask.runtime.build` (on a cluster from
-:mod:`~coar_dask.runtime.cluster`) -> :mod:`~coar_dask.fit.fit` ->
-:mod:`~coar_dask.fit.evaluate`. Heavy dependencies (torch, distributed) are
-imported when first used.
+The pipeline, one folder per layer (see ARCHITECTURE.md): :mod:`~coar_dask.core`
+(spec, zarr store, masks, experiment) -> :mod:`~coar_dask.runtime` (the build,
+on a cluster) -> :mod:`~coar_dask.fit` (regression over :mod:`~coar_dask.solvers`,
+evaluation). Importing the package writes no file and imports neither torch
+nor distributed: heavy dependencies are imported when first used.
 """
 
 from __future__ import annotations
