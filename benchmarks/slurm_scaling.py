@@ -57,9 +57,10 @@ def reachable_slurm(queue: str | None) -> Iterator[dict[str, Any]]:
 def _bare_child(rank: int, experiment: Any, blocks: list[range], barrier: Any, queue: Any) -> None:
     """One plain process: the build's per-block work (sample masks, compute outputs) on one core."""
     try:
-        from coar_dask.ablation.engine import apply_malloc_env, compute_outputs
+        from coar_dask.ablation.engine import compute_outputs
         from coar_dask.core.experiment import load_state
         from coar_dask.core.masks import sample_masks
+        from coar_dask.runtime.worker import apply_malloc_env
 
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[rank % len(cpus)]})

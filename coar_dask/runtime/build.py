@@ -30,6 +30,7 @@ from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.store import Block, Store, open_store
 from coar_dask.runtime.executor import TaskSet, run_tasks
+from coar_dask.runtime.worker import apply_malloc_env
 
 __all__ = ["BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
 
@@ -165,6 +166,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
 def run_block(store_path: str, experiment: Experiment, block_index: int) -> BlockResult:
     """Compute and write one block (the Dask task). Idempotent."""
     t0 = time.perf_counter()
+    apply_malloc_env()  # once per worker process, before its first ablated pass (workers without the preload)
     store = open_store(store_path)
     block = store.block(block_index)
     state = load_state(experiment)
