@@ -192,7 +192,8 @@ def _run_method(state: Any, method: str, masks: Any, seed_dir: Path | None = Non
     import numpy as np
     import torch
 
-    from coar_dask.ablation.engine import compute_outputs, reference_model
+    from coar_dask.ablation.engine import compute_outputs
+    from coar_dask.ablation.zeroing import reference_model
 
     bs = state.experiment.batch_size
     if method in ("floor", "seed", "seed-compute"):
@@ -220,9 +221,9 @@ def _child(rank: int, experiment: Any, methods: list[str], n_masks: int, rounds:
 
         import torch
 
-        from coar_dask.ablation.engine import apply_malloc_env
         from coar_dask.core.experiment import load_state
         from coar_dask.core.masks import sample_masks
+        from coar_dask.runtime.worker import apply_malloc_env
 
         torch.set_num_threads(1)
         apply_malloc_env(only_in_dask_worker=False)  # as in the build's workers

@@ -21,18 +21,12 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from coar_dask.ablation import engine as ablation
-from coar_dask.ablation.engine import (  # noqa: E402
-    BatchedAblation,
-    NotBatchableError,
-    ablated,
-    auto_masks_per_pass,
-    auto_pass_shape,
-    compute_outputs,
-    reference_model,
-)
+from coar_dask.ablation import engine as ablation  # noqa: E402
+from coar_dask.ablation.batched import BatchedAblation  # noqa: E402
+from coar_dask.ablation.engine import auto_masks_per_pass, auto_pass_shape, compute_outputs  # noqa: E402
+from coar_dask.ablation.zeroing import ablated, reference_model  # noqa: E402
 from coar_dask.core.components import select_components  # noqa: E402
-from coar_dask.errors import ExperimentError  # noqa: E402
+from coar_dask.errors import ExperimentError, NotBatchableError  # noqa: E402
 from coar_dask.core.experiment import Experiment, ExperimentState  # noqa: E402
 from coar_dask.core.outputs import margin  # noqa: E402
 
@@ -396,19 +390,6 @@ def test_auto_splits_examples_and_still_equals_reference(monkeypatch):
     assert shapes == [(2, 3)]  # 7 examples -> passes of 3, 3, 1 examples, two masks each
     ref = _reference(state, masks)
     assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
-
-
-def test_malloc_env_is_applied_at_run_time(monkeypatch):
-    import sys
-
-    monkeypatch.setattr(ablation, "_MALLOC_APPLIED", None)
-    monkeypatch.setenv("MALLOC_TOP_PAD_", str(128 * 1024))  # glibc's own default: harmless
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "not-a-number")
-    assert ablation.apply_malloc_env() == {}  # not a Dask worker: leftovers of a nanny are not applied
-    applied = ablation.apply_malloc_env(only_in_dask_worker=False)
-    if sys.platform.startswith("linux"):
-        assert applied == {"MALLOC_TOP_PAD_": 128 * 1024}
-    assert ablation.apply_malloc_env(only_in_dask_worker=False) is applied  # once per process
 
 
 @pytest.mark.slow
