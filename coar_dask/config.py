@@ -14,10 +14,12 @@ from pathlib import Path
 import dask.config
 import yaml
 
-__all__ = ["DEFAULTS_FILE", "load_defaults", "user_config_path", "write_user_config"]
+__all__ = ["DEFAULTS_FILE", "SLURM_EXAMPLE_FILE", "load_defaults", "user_config_path", "write_user_config"]
 
 #: The packaged defaults, commented.
 DEFAULTS_FILE = Path(__file__).with_name("coar_dask.yaml")
+#: A commented SLURM settings file (``coar-dask config slurm --example`` prints it).
+SLURM_EXAMPLE_FILE = Path(__file__).with_name("slurm.yaml")
 
 
 def load_defaults() -> None:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coar_dask.cli import cluster as cli_cluster
 from coar_dask.runtime import cluster as C
 from coar_dask.errors import ConfigError, MissingDependencyError
 
@@ -89,7 +90,7 @@ def test_cores_and_memory_are_required_and_the_error_says_where_to_put_them():
         C.resolve_slurm_settings(jobs=2)
     message = str(err.value)
     assert "cores=4, memory='16GB'" in message
-    assert "configs/slurm.yaml" in message and "jobqueue.slurm.cores" in message
+    assert "coar-dask config slurm --example" in message and "jobqueue.slurm.cores" in message
 
 
 def test_arguments_beat_the_config_file_which_beats_dask_config(tmp_path):
@@ -127,12 +128,30 @@ def test_a_jobqueue_yaml_file_can_be_given_as_the_config_file(tmp_path):
     assert s.cluster_kwargs()["shebang"] == "#!/bin/bash"
 
 
-def test_the_packaged_configs_slurm_yaml_is_valid():
-    from pathlib import Path
+def test_the_packaged_slurm_example_is_valid():
+    from coar_dask.config import SLURM_EXAMPLE_FILE
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "slurm.yaml"
-    s = C.resolve_slurm_settings(path)
+    s = C.resolve_slurm_settings(SLURM_EXAMPLE_FILE)
     assert s.cores >= 1 and s.gpus_per_job >= 0
+
+
+def test_the_printed_slurm_example_is_the_packaged_file_and_loads(tmp_path, capsys):
+    from coar_dask.cli.main import main
+    from coar_dask.config import SLURM_EXAMPLE_FILE
+
+    assert main(["config", "slurm", "--example"]) == 0
+    text = capsys.readouterr().out
+    assert text == SLURM_EXAMPLE_FILE.read_text() and "# " in text
+    f = tmp_path / "slurm.yaml"
+    f.write_text(text)
+    assert C.resolve_slurm_settings(f) == C.resolve_slurm_settings(SLURM_EXAMPLE_FILE)
+    assert main(["config", "slurm"]) == 2
+    assert "--example" in capsys.readouterr().err
+
+
+def test_a_missing_slurm_config_file_names_the_shipped_example(tmp_path):
+    with pytest.raises(ConfigError, match="coar-dask config slurm --example"):
+        C.load_slurm_config(tmp_path / "nowhere.yaml")
 
 
 def test_unknown_setting_names_the_key_and_lists_valid_ones(tmp_path):
@@ -282,22 +301,22 @@ def test_slurm_kind_without_slurm_commands_says_so(monkeypatch):
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    C.add_cluster_arguments(parser)
+    cli_cluster.add_cluster_arguments(parser)
     return parser.parse_args(argv)
 
 
 def test_cli_flags_become_cluster_client_arguments():
     args = _parse(["--cluster", "slurm", "--adapt", "0:8", "--queue", "gpu", "--cores", "4", "--memory", "16GB",
                    "--gpus-per-job", "1", "--job-extra=--constraint=a100", "--walltime", "04:00:00"])
-    assert C.cluster_from_args(args) == {
+    assert cli_cluster.cluster_from_args(args) == {
         "kind": "slurm", "adapt": "0:8", "queue": "gpu", "cores": 4, "memory": "16GB", "gpus_per_job": 1,
         "job_extra_directives": ["--constraint=a100"], "walltime": "04:00:00",
     }
-    assert C.cluster_from_args(_parse([])) == {"kind": "local"}
-    assert C.cluster_from_args(_parse(["--gpus", "2", "--workers", "3"])) == {"kind": "local", "n_workers": 3, "gpus": 2}
-    assert C.cluster_from_args(_parse(["--gpus", "0,1"]))["gpus"] == "0,1"
-    assert C.cluster_from_args(_parse(["--cluster", "none"])) == {"kind": "none"}
-    assert C.cluster_from_args(_parse(["--cluster", "address", "--address", "tcp://h:8786"])) == {
+    assert cli_cluster.cluster_from_args(_parse([])) == {"kind": "local"}
+    assert cli_cluster.cluster_from_args(_parse(["--gpus", "2", "--workers", "3"])) == {"kind": "local", "n_workers": 3, "gpus": 2}
+    assert cli_cluster.cluster_from_args(_parse(["--gpus", "0,1"]))["gpus"] == "0,1"
+    assert cli_cluster.cluster_from_args(_parse(["--cluster", "none"])) == {"kind": "none"}
+    assert cli_cluster.cluster_from_args(_parse(["--cluster", "address", "--address", "tcp://h:8786"])) == {
         "kind": "address", "address": "tcp://h:8786"}
 
 
@@ -313,7 +332,7 @@ def test_cluster_dry_run_prints_the_job_script(tmp_path):
     f = tmp_path / "slurm.yaml"
     f.write_text("cores: 2\nmemory: 4GB\nqueue: gpu\ngpus-per-job: 1\n")
     out = io.StringIO()
-    assert C.cluster_dry_run_main(_parse(["--slurm-config", str(f), "--jobs", "4", "--walltime", "01:00:00"]), out) == 0
+    assert cli_cluster.cluster_dry_run_main(_parse(["--slurm-config", str(f), "--jobs", "4", "--walltime", "01:00:00"]), out) == 0
     text = out.getvalue()
     assert text.startswith("# SLURM cluster: 4 job(s)")
     assert "#SBATCH -p gpu" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH -t 01:00:00" in text

@@ -19,13 +19,12 @@ from coar_dask.core.components import (  # noqa: E402
     ComponentKind,
     Components,
     KINDS,
-    add_components_parser,
-    components_main,
     get_kind,
     register_kind,
     select_components,
 )
 from coar_dask.errors import ExperimentError  # noqa: E402
+from coar_dask.cli.components import add_components_parser, components_main  # noqa: E402
 
 
 class Conv1D(nn.Module):

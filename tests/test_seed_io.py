@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 from coar_dask.errors import SpecError, StoreError
-from coar_dask.formats.npy import (
-    add_export_npy_parser,
-    add_import_npy_parser,
-    export_npy,
-    import_npy,
-    npy_spec,
-)
+from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
+from coar_dask.formats.npy import export_npy, import_npy, npy_spec
 from coar_dask.core.store import COMPLETED, init_store, open_store
 
 N, P, K = 130, 24, 5

@@ -100,13 +100,20 @@ def test_many_bad_blocks_are_summarised_in_text_and_listed_in_json(tmp_path, cap
     assert len(json.loads(capsys.readouterr().out)["bad_blocks"]) == len(report.bad_blocks)
 
 
-def test_module_entry_point_has_the_same_commands(store, capsys):
-    from coar_dask.core.verify import main as verify_main
+def test_commands_exit_codes_and_a_missing_store_is_one_line(store, capsys):
+    assert run_cli(["verify", str(store.path)]) == 0
+    assert run_cli(["repair", str(store.path), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert run_cli(["verify", str(store.path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no coar_dask store" in err and err.startswith("coar-dask verify: error: ")
+    assert len(err.strip().splitlines()) == 1
 
-    assert verify_main(["verify", str(store.path)]) == 0
-    assert verify_main(["repair", str(store.path), "--dry-run"]) == 0
-    assert verify_main(["verify", str(store.path / "nowhere")]) == 2
-    assert "no coar_dask store" in capsys.readouterr().err
+
+def test_the_library_module_has_no_command_line():
+    import coar_dask.core.verify as core_verify
+
+    assert not hasattr(core_verify, "main") and "argparse" not in vars(core_verify)
 
 
 def test_json_report_is_machine_readable(store, capsys):

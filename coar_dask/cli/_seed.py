@@ -2,17 +2,17 @@
 
 Each seed command module defines ``_add_arguments(parser)`` and ``run(args)``;
 these helpers give it a stand-alone parser, a ``coar-dask`` subcommand and a
-``main()`` with the package's error handling (a :class:`CoarError` is one line
-on stderr and exit code 2).
+``main()`` with the package's one error handler
+(:func:`coar_dask.cli.common.run_command`: a :class:`CoarError` is one line on
+stderr and exit code 2, Ctrl-C exit code 130).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable, Sequence
 
-from coar_dask.errors import CoarError
+from coar_dask.cli.common import echo, run_command
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 
@@ -36,13 +36,9 @@ def register(subparsers: Any, name: str, aliases: Sequence[str], help: str, desc
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
              argv: Sequence[str] | None, done: str | None = None) -> int:
-    """Parse ``argv``, run, and turn a :class:`CoarError` into exit code 2."""
+    """Parse ``argv`` and run; a :class:`CoarError` is exit code 2, Ctrl-C 130. Prints ``done`` after a success."""
     args = parser.parse_args(argv)
-    try:
-        code = run(args)
-    except CoarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if done:
-        print(done)
+    code = run_command(run, args, parser.prog)
+    if done and code == 0:
+        echo(done)
     return code

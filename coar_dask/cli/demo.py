@@ -7,16 +7,71 @@ and the stage-by-stage CLI give the same attributions for the same seeds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["run_demo"]
+from coar_dask.cli.common import build_with_progress, echo
+
+__all__ = ["run_demo", "add_demo_parser", "cmd_demo"]
 
 #: Mask seed of the held-out evaluation masks (the build uses the experiment's, 0).
 EVAL_MASK_SEED = 1
+
+Echo = Callable[..., None]
+
+
+def _load_model(echo: Echo) -> float:
+    """Train or load the cached digits model; returns its held-out accuracy."""
+    from coar_dask.zoo import digits
+
+    echo(f"[1/5] digits model (cache: {digits.default_cache_dir()})")
+    t0 = time.perf_counter()
+    accuracy = digits.heldout_accuracy(digits.load_model())
+    echo(f"      held-out accuracy {accuracy:.4f} ({time.perf_counter() - t0:.1f} s)")
+    return accuracy
+
+
+def _build_both(store: Any, eval_store: Any, experiment: Any, eval_experiment: Any, workers: int,
+                echo: Echo) -> tuple[Any, float]:
+    """Build the store and the held-out store on one LocalCluster; returns the build's report and seconds."""
+    from coar_dask.runtime.cluster import cluster_client
+
+    echo(f"[3/5] building on a LocalCluster with {workers} workers")
+    t0 = time.perf_counter()
+    with cluster_client("local", n_workers=workers) as client:
+        echo(f"      Dask dashboard: {client.dashboard_link}")
+        startup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = build_with_progress(store, experiment, client, "build")
+        build_seconds = time.perf_counter() - t0
+        build_with_progress(eval_store, eval_experiment, client, "held-out build")
+    build_rate = report.rows_done / build_seconds if report.rows_done else float("nan")
+    echo(f"      {report.rows_done} ablated models in {build_seconds:.1f} s ({build_rate:.1f} models/s; "
+         f"cluster start {startup:.1f} s)")
+    return report, build_seconds
+
+
+def _print_table(summary: dict[str, Any], echo: Echo) -> None:
+    rate = (f"{summary['build_models_per_s']:.1f} models/s" if summary["rows_built_this_run"]
+            else "(already built)")
+    table = [
+        ("components", f"{summary['n_components']}"),
+        ("examples", f"{summary['n_examples']}"),
+        ("rows (ablated models)", f"{summary['n_rows']} at alpha {summary['alpha']}"),
+        ("build rate", rate),
+        ("fit time", f"{summary['fit_seconds']:.2f} s"),
+        ("held-out correlation", f"mean {summary['mean_correlation']:.3f}, median "
+                                 f"{summary['median_correlation']:.3f} ({summary['n_eval_rows']} masks)"),
+    ]
+    width = max(len(k) for k, _ in table)
+    echo("")
+    for k, v in table:
+        echo(f"  {k:<{width}}  {v}")
+    echo("")
 
 
 def run_demo(
@@ -27,16 +82,14 @@ def run_demo(
     workers: int = 2,
     cache_dir: str | os.PathLike | None = None,
     alpha: float = 0.05,
-    echo: Callable[..., None] = print,
+    echo: Echo = print,
 ) -> dict[str, Any]:
     """Train/load the digits model, build, fit, evaluate; write plot and summary.json.
 
     Returns the summary dictionary (also written to ``out/summary.json``).
     """
-    from coar_dask.cli.main import _build
-    from coar_dask.runtime.cluster import cluster_client
-    from coar_dask.fit.evaluate import eval_store_for, evaluate, plot_evaluation
     from coar_dask.core.experiment import load_state
+    from coar_dask.fit.evaluate import eval_store_for, evaluate, plot_evaluation
     from coar_dask.fit.fit import fit
     from coar_dask.zoo import digits
 
@@ -46,11 +99,7 @@ def run_demo(
     if cache_dir:
         # Workers inherit the environment, so they find the same cached model.
         os.environ["COAR_DASK_CACHE"] = str(Path(cache_dir).resolve())
-    echo(f"[1/5] digits model (cache: {digits.default_cache_dir()})")
-    t0 = time.perf_counter()
-    model = digits.load_model()
-    accuracy = digits.heldout_accuracy(model)
-    echo(f"      held-out accuracy {accuracy:.4f} ({time.perf_counter() - t0:.1f} s)")
+    accuracy = _load_model(echo)
 
     experiment = digits.experiment(alpha=alpha)
     eval_experiment = experiment.replace(mask_seed=EVAL_MASK_SEED)
@@ -60,19 +109,7 @@ def run_demo(
     eval_store = eval_store_for(out / "eval_store", eval_experiment, eval_rows, P, K)
     echo(f"[2/5] stores: {rows} rows x {P} components x {K} examples -> {store.path}; "
          f"{eval_rows} held-out rows -> {eval_store.path}")
-
-    echo(f"[3/5] building on a LocalCluster with {workers} workers")
-    t0 = time.perf_counter()
-    with cluster_client("local", n_workers=workers) as client:
-        echo(f"      Dask dashboard: {client.dashboard_link}")
-        startup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report = _build(store, experiment, client, "build")
-        build_seconds = time.perf_counter() - t0
-        _build(eval_store, eval_experiment, client, "held-out build")
-    build_rate = report.rows_done / build_seconds if report.rows_done else float("nan")
-    echo(f"      {report.rows_done} ablated models in {build_seconds:.1f} s ({build_rate:.1f} models/s; "
-         f"cluster start {startup:.1f} s)")
+    report, build_seconds = _build_both(store, eval_store, experiment, eval_experiment, workers, echo)
 
     echo("[4/5] fitting attributions (exact least squares)")
     t0 = time.perf_counter()
@@ -91,7 +128,7 @@ def run_demo(
         "alpha": alpha,
         "heldout_accuracy": accuracy,
         "build_seconds": round(build_seconds, 3),
-        "build_models_per_s": round(build_rate, 2) if report.rows_done else None,
+        "build_models_per_s": round(report.rows_done / build_seconds, 2) if report.rows_done else None,
         "rows_built_this_run": report.rows_done,
         "fit_seconds": round(fit_seconds, 3),
         "mean_correlation": result.mean,
@@ -102,19 +139,31 @@ def run_demo(
         "plot": str(plot),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rate = f"{build_rate:.1f} models/s" if report.rows_done else "(already built)"
-    table = [
-        ("components", f"{P}"),
-        ("examples", f"{K}"),
-        ("rows (ablated models)", f"{rows} at alpha {alpha}"),
-        ("build rate", rate),
-        ("fit time", f"{fit_seconds:.2f} s"),
-        ("held-out correlation", f"mean {result.mean:.3f}, median {result.median:.3f} ({result.n_rows} masks)"),
-    ]
-    width = max(len(k) for k, _ in table)
-    echo("")
-    for k, v in table:
-        echo(f"  {k:<{width}}  {v}")
-    echo("")
+    _print_table(summary, echo)
     echo(f"plot: {plot}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Handler of ``coar-dask demo``."""
+    summary = run_demo(out=args.out, rows=args.rows, eval_rows=args.eval_rows, workers=args.workers,
+                       cache_dir=args.cache_dir, alpha=args.alpha, echo=echo)
+    return 0 if summary else 1
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``coar-dask demo`` to ``coar-dask``'s subparsers."""
+    p = subparsers.add_parser("demo", help="run the whole pipeline on the built-in digits example",
+                              description="Train (or load from the cache) a small ResNet on scikit-learn's "
+                                          "digits, build ablated models on a LocalCluster, fit attributions, "
+                                          "evaluate them on fresh masks; writes a table, a plot and "
+                                          "summary.json to --out.")
+    p.add_argument("--out", required=True, help="output directory (stores, attributions, plot, summary.json)")
+    p.add_argument("--rows", type=int, default=2000, help="ablated models to build (default 2000)")
+    p.add_argument("--eval-rows", type=int, default=500, help="held-out masks to evaluate on (default 500)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+    p.add_argument("--alpha", type=float, default=0.05, help="fraction of components ablated (default 0.05)")
+    p.add_argument("--cache-dir", default=None, help="where the trained model is cached "
+                                                     "(default $COAR_DASK_CACHE or ~/.cache/coar_dask)")
+    p.set_defaults(func=cmd_demo)
+    return p

@@ -35,11 +35,8 @@ On the command line::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +55,6 @@ __all__ = [
     "PROBLEM_KINDS",
     "verify_store",
     "repair_store",
-    "add_verify_parser",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,6 +324,117 @@ def _temp_files(store: Store) -> list[str]:
     return sorted(str(p.relative_to(store.path)) for p in store.path.rglob(f"*{_TEMP_SUFFIX}") if p.is_file())
 
 
+class _BlockScan:
+    """The per-block checks of :func:`verify_store`, and what they found so far."""
+
+    def __init__(self, store: Store, problems: list[Problem], masks: dict[str, Any],
+                 blocks: Sequence[int] | None) -> None:
+        self.store = store
+        self.problems = problems
+        layout_bad = {p.array for p in problems if p.kind == "layout"}
+        spec = store.spec
+        self.x_name = None if masks["x_name"] in layout_bad else masks["x_name"]
+        self.seed, self.alpha = masks["seed"], masks["alpha"]
+        self.float_names = [a.name for a in spec.schema if a.np_dtype.kind == "f" and a.name not in layout_bad]
+        data_names = [n for n in spec.names if n not in layout_bad]
+        self.wanted = set(range(store.n_blocks)) if blocks is None else {int(b) for b in blocks}
+        self.incomplete: list[int] = []
+        self.partial: list[int] = []
+        self.completed_rows = self.rows_checked = 0
+        self.completed_arr = None if COMPLETED in layout_bad else store.array(COMPLETED)
+        # Opened once: each lookup through the group reads the array's zarr.json again.
+        self.arrays = {name: store.array(name) for name in data_names}
+
+    def scan(self, b: int) -> None:
+        """Check block ``b``: its completion flags, then the data of its completed rows."""
+        block = self.store.block(b)
+        flags = self._flags(b, block)
+        if flags is None:
+            self.incomplete.append(b)
+            return
+        n_done = int(flags.sum())
+        self.completed_rows += n_done
+        if n_done < len(block):
+            self.incomplete.append(b)
+            if n_done:
+                self.partial.append(b)
+        if n_done == 0 or b not in self.wanted:
+            return
+        local = np.flatnonzero(flags)
+        rows = block.start + local
+        data = self._read(b, block, local)
+        self.rows_checked += len(rows)
+        if self.x_name is not None and self.x_name in data:
+            self._check_masks(b, rows, data[self.x_name])
+        for name in self.float_names:
+            if name in data:
+                self._check_finite(b, rows, name, data[name])
+
+    def _flags(self, b: int, block: Any) -> np.ndarray | None:
+        """The block's ``_completed`` flags, or ``None`` when they cannot be read."""
+        if self.completed_arr is None:
+            return None
+        try:
+            return np.asarray(self.completed_arr[block.start : block.stop], dtype=bool)
+        except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
+            chunk = _chunk_file(self.store, COMPLETED, b, self.completed_arr).relative_to(self.store.path)
+            self.problems.append(Problem(
+                "unreadable",
+                f"the {COMPLETED} chunk {chunk} cannot be decoded ({type(exc).__name__}: {exc}); the block's "
+                f"completion is unknown.",
+                block=b, array=COMPLETED,
+            ))
+            return None
+
+    def _read(self, b: int, block: Any, local: np.ndarray) -> dict[str, np.ndarray]:
+        """The completed rows of every readable array of block ``b``; missing or undecodable chunks are problems."""
+        data: dict[str, np.ndarray] = {}
+        for name, arr in self.arrays.items():
+            path = _chunk_file(self.store, name, b, arr)
+            if not path.is_file():
+                self.problems.append(Problem(
+                    "missing",
+                    f"{name!r} has no chunk file {path.relative_to(self.store.path)} although rows "
+                    f"{block.start}-{block.stop - 1} are flagged completed (they read as zeros).",
+                    block=b, array=name,
+                ))
+                continue
+            try:
+                data[name] = np.asarray(arr[block.start : block.stop])[local]
+            except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
+                self.problems.append(Problem(
+                    "unreadable",
+                    f"{name!r} chunk {path.relative_to(self.store.path)} cannot be decoded "
+                    f"({type(exc).__name__}: {exc}).",
+                    block=b, array=name,
+                ))
+        return data
+
+    def _check_masks(self, b: int, rows: np.ndarray, values: np.ndarray) -> None:
+        stored = values.reshape(len(rows), -1)
+        expected = sample_masks(int(self.seed), rows, stored.shape[1], float(self.alpha))
+        differ = rows[(stored != expected).any(axis=1)]
+        if differ.size:
+            self.problems.append(Problem(
+                "mask_mismatch",
+                f"{self.x_name!r}: {differ.size} of {len(rows)} completed rows differ from the masks of "
+                f"(mask seed {self.seed}, row), alpha {self.alpha}: rows {_listed(differ)}.",
+                block=b, array=self.x_name, rows=tuple(int(r) for r in differ),
+            ))
+
+    def _check_finite(self, b: int, rows: np.ndarray, name: str, values: np.ndarray) -> None:
+        values = values.reshape(len(rows), -1)
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad_rows = rows[~finite.all(axis=1)]
+            bad_cols = np.flatnonzero(~finite.all(axis=0))
+            self.problems.append(Problem(
+                "nonfinite",
+                f"{name!r}: rows {_listed(bad_rows)} hold NaN/inf for examples {_listed(bad_cols)}.",
+                block=b, array=name, rows=tuple(int(r) for r in bad_rows),
+            ))
+
+
 def verify_store(
     store: Store | str | os.PathLike,
     *,
@@ -368,115 +474,30 @@ def verify_store(
     if not isinstance(store, Store):
         store = _open(store, read_only=True)
     problems, notes, masks = _check_metadata(store)
-    layout_bad = {p.array for p in problems if p.kind == "layout"}
-    spec = store.spec
-    x_name, seed, alpha = masks["x_name"], masks["seed"], masks["alpha"]
-    if x_name in layout_bad:
-        x_name = None
-    float_names = [a.name for a in spec.schema if a.np_dtype.kind == "f" and a.name not in layout_bad]
-    data_names = [n for n in spec.names if n not in layout_bad]
-    wanted = set(range(store.n_blocks)) if blocks is None else {int(b) for b in blocks}
-    incomplete: list[int] = []
-    partial: list[int] = []
-    completed_rows = rows_checked = 0
-    completed_arr = None if COMPLETED in layout_bad else store.array(COMPLETED)
-    # Opened once: each lookup through the group reads the array's zarr.json again.
-    arrays = {name: store.array(name) for name in data_names}
+    scan = _BlockScan(store, problems, masks, blocks)
     for b in range(store.n_blocks):
-        block = store.block(b)
-        if completed_arr is None:
-            incomplete.append(b)
-            continue
-        try:
-            flags = np.asarray(completed_arr[block.start : block.stop], dtype=bool)
-        except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
-            problems.append(Problem(
-                "unreadable",
-                f"the {COMPLETED} chunk {_chunk_file(store, COMPLETED, b, completed_arr).relative_to(store.path)} "
-                f"cannot be decoded ({type(exc).__name__}: {exc}); the block's completion is unknown.",
-                block=b, array=COMPLETED,
-            ))
-            incomplete.append(b)
-            continue
-        n_done = int(flags.sum())
-        completed_rows += n_done
-        if n_done < len(block):
-            incomplete.append(b)
-            if n_done:
-                partial.append(b)
-        if n_done == 0 or b not in wanted:
-            if progress:
-                progress(b + 1, store.n_blocks)
-            continue
-        local = np.flatnonzero(flags)
-        rows = block.start + local
-        data: dict[str, np.ndarray] = {}
-        for name in data_names:
-            path = _chunk_file(store, name, b, arrays[name])
-            if not path.is_file():
-                problems.append(Problem(
-                    "missing",
-                    f"{name!r} has no chunk file {path.relative_to(store.path)} although rows "
-                    f"{block.start}-{block.stop - 1} are flagged completed (they read as zeros).",
-                    block=b, array=name,
-                ))
-                continue
-            try:
-                data[name] = np.asarray(arrays[name][block.start : block.stop])[local]
-            except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
-                problems.append(Problem(
-                    "unreadable",
-                    f"{name!r} chunk {path.relative_to(store.path)} cannot be decoded "
-                    f"({type(exc).__name__}: {exc}).",
-                    block=b, array=name,
-                ))
-        rows_checked += len(rows)
-        if x_name is not None and x_name in data:
-            stored = data[x_name].reshape(len(rows), -1)
-            expected = sample_masks(int(seed), rows, stored.shape[1], float(alpha))
-            differ = rows[(stored != expected).any(axis=1)]
-            if differ.size:
-                problems.append(Problem(
-                    "mask_mismatch",
-                    f"{x_name!r}: {differ.size} of {len(rows)} completed rows differ from the masks of "
-                    f"(mask seed {seed}, row), alpha {alpha}: rows {_listed(differ)}.",
-                    block=b, array=x_name, rows=tuple(int(r) for r in differ),
-                ))
-        for name in float_names:
-            if name not in data:
-                continue
-            values = data[name].reshape(len(rows), -1)
-            finite = np.isfinite(values)
-            if not finite.all():
-                bad_rows = rows[~finite.all(axis=1)]
-                bad_cols = np.flatnonzero(~finite.all(axis=0))
-                problems.append(Problem(
-                    "nonfinite",
-                    f"{name!r}: rows {_listed(bad_rows)} hold NaN/inf for examples {_listed(bad_cols)}.",
-                    block=b, array=name, rows=tuple(int(r) for r in bad_rows),
-                ))
+        scan.scan(b)
         if progress:
             progress(b + 1, store.n_blocks)
-    n_complete = store.n_blocks - len(incomplete)
     report = VerifyReport(
         path=str(store.path),
         num_rows=store.num_rows,
         n_blocks=store.n_blocks,
         rows_per_chunk=store.rows_per_chunk,
-        completed_rows=completed_rows,
-        completed_blocks=n_complete,
-        incomplete_blocks=tuple(incomplete),
-        partial_blocks=tuple(partial),
+        completed_rows=scan.completed_rows,
+        completed_blocks=store.n_blocks - len(scan.incomplete),
+        incomplete_blocks=tuple(scan.incomplete),
+        partial_blocks=tuple(scan.partial),
         problems=tuple(problems),
-        masks_checked=x_name is not None,
-        rows_checked=rows_checked,
+        masks_checked=scan.x_name is not None,
+        rows_checked=scan.rows_checked,
         temp_files=tuple(_temp_files(store)),
         notes=tuple(notes),
         seconds=time.perf_counter() - t0,
     )
     if report.problems:
         logger.info("store %s: %d problem(s), bad blocks %s", store.path, len(report.problems),
-                       _ranges(report.bad_blocks) or "none")
+                    _ranges(report.bad_blocks) or "none")
     return report
 
 
@@ -602,121 +623,3 @@ def repair_store(
         dry_run=dry_run,
         verify=report,
     )
-
-
-# -- command line -------------------------------------------------------------
-def _store_arg(args: argparse.Namespace) -> str:
-    store = args.store or args.store_option
-    if args.store and args.store_option and args.store != args.store_option:
-        from coar_dask.errors import ConfigError
-
-        raise ConfigError(f"two different stores given ({args.store!r} and --store {args.store_option!r}); give one.")
-    if not store:
-        from coar_dask.errors import ConfigError
-
-        raise ConfigError(f"{args.command} needs a store directory, e.g. `coar-dask {args.command} demo-out/store`.")
-    return store
-
-
-def _print_progress(total_blocks: int) -> tuple[Any, Callable[[int, int], None]]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_blocks, desc="verify", unit="block", file=sys.stderr, disable=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-
-    return bar, update
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    """``coar-dask verify``: exit 0 only when the store is intact (and complete,
-    unless ``--allow-incomplete``); 1 otherwise."""
-    path = _store_arg(args)
-    store = _open(path, read_only=True)
-    bar, update = _print_progress(store.n_blocks)
-    try:
-        report = verify_store(store, progress=update)
-    finally:
-        bar.close()
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2), flush=True)
-    else:
-        print(report.format(), flush=True)
-    good = report.intact and (report.complete or args.allow_incomplete)
-    return 0 if good else 1
-
-
-def cmd_repair(args: argparse.Namespace) -> int:
-    """``coar-dask repair``: reset bad blocks to pending; exit 1 when store-level
-    problems remain that a rebuild cannot fix."""
-    path = _store_arg(args)
-    result = repair_store(path, dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2), flush=True)
-    else:
-        print(result.format(), flush=True)
-    return 0 if result.ok else 1
-
-
-def _store_command(subparsers: Any, name: str, help: str, description: str, json_help: str,
-                   func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    """A subcommand that takes a store (positional or ``--store``) and ``--json``."""
-    p = subparsers.add_parser(name, help=help, description=description)
-    p.add_argument("store", nargs="?", help="store directory")
-    p.add_argument("--store", dest="store_option", metavar="STORE", help="store directory (same as the positional)")
-    p.add_argument("--json", action="store_true", help=json_help)
-    p.set_defaults(func=func)
-    return p
-
-
-def add_verify_parser(subparsers: Any) -> None:
-    """Add the ``verify`` and ``repair`` commands to ``coar-dask``'s subparsers."""
-    p = _store_command(
-        subparsers, "verify",
-        help="check a store: masks regenerated from (seed, row), finite outputs, layout, damaged chunks",
-        description="Read every completed block: regenerate its masks from (mask seed, row) and compare them "
-                    "bitwise, check that its outputs are finite and its chunk files decode, check the spec "
-                    "fingerprint and chunk layout, and list incomplete blocks. Exit code 0 only when the store "
-                    "is intact and complete; 1 otherwise (run `coar-dask repair` for bad blocks).",
-        json_help="print the report as JSON", func=cmd_verify,
-    )
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="exit 0 for an intact store that still has pending blocks (e.g. during a build)")
-
-    p = _store_command(
-        subparsers, "repair",
-        help="mark the blocks verify finds bad as pending, so the next build recomputes them",
-        description="Verify the store, delete the undecodable chunk files of bad blocks, clear their "
-                    "_completed flags and remove leftover temporary files; other blocks are not touched. Then "
-                    "run `coar-dask build` with the store's experiment to recompute them. Do not run it while "
-                    "a build writes to the store.",
-        json_help="print what was done as JSON", func=cmd_repair,
-    )
-    p.add_argument("--dry-run", action="store_true", help="only say what would be reset and removed")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m coar_dask.core.verify {verify,repair} STORE``: the same commands as
-    ``coar-dask verify`` / ``coar-dask repair``, with the same exit codes."""
-    parser = argparse.ArgumentParser(prog="python -m coar_dask.core.verify",
-                                     description="Verify a coar_dask store, or repair its bad blocks.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_verify_parser(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except CoarError as exc:
-        print(f"coar-dask {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"coar-dask {args.command}: interrupted.", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -8,13 +8,12 @@ to that layout. Both go one row block at a time through memory maps, so a
 200,000-row store never has to fit in memory, and ``export_npy`` followed by
 ``import_npy`` gives the same arrays back.
 
-The CLI glue at the end (``add_import_npy_parser``/``add_export_npy_parser``)
-is what ``coar-dask import-npy`` and ``coar-dask export-npy`` run.
+``coar-dask import-npy`` and ``coar-dask export-npy`` (:mod:`coar_dask.cli.npy`)
+run them from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from coar_dask.errors import StoreError
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import COMPLETED, Store, init_store, open_store
 
-__all__ = ["npy_spec", "import_npy", "export_npy", "add_import_npy_parser", "add_export_npy_parser"]
+__all__ = ["npy_spec", "import_npy", "export_npy"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,59 +229,3 @@ def export_npy(
     del outs
     logger.info("exported %s to %s (%d rows)", store.path, directory, n)
     return directory
-
-
-# --------------------------------------------------------------------------
-# CLI glue: `coar-dask import-npy` and `coar-dask export-npy`
-# --------------------------------------------------------------------------
-def add_import_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``import-npy`` (handler: :func:`run_import_npy`)."""
-    p = subparsers.add_parser(
-        "import-npy",
-        help="copy a seed store directory (masks.npy, <name>.npy, _completed.npy) into a zarr store",
-        description=import_npy.__doc__.split("\n\n")[0],
-    )
-    p.add_argument("source", help="seed store directory (the seed's --logging.logdir)")
-    p.add_argument("--store", "--cfg.data_dir", dest="store", required=True, help="zarr store to create")
-    p.add_argument("--names", nargs="+", default=None, help="arrays to import (default all)")
-    p.add_argument("--rows-per-chunk", type=int, default=None)
-    p.add_argument("--mask-seed", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--mark-all-completed", action="store_true",
-                   help="mark every row completed (when there is no _completed.npy)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.set_defaults(func=run_import_npy)
-    return p
-
-
-def run_import_npy(args: argparse.Namespace) -> int:
-    """Handler of ``coar-dask import-npy``."""
-    store = import_npy(
-        args.source, args.store, names=args.names, rows_per_chunk=args.rows_per_chunk,
-        mask_seed=args.mask_seed, alpha=args.alpha, mark_all_completed=args.mark_all_completed,
-        overwrite=args.overwrite,
-    )
-    print(store)
-    return 0
-
-
-def add_export_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``export-npy`` (handler: :func:`run_export_npy`)."""
-    p = subparsers.add_parser(
-        "export-npy",
-        help="write a zarr store as a seed store directory of .npy files",
-        description=export_npy.__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--store", "--cfg.data_dir", dest="store", required=True, help="zarr store to read")
-    p.add_argument("--out", "--logging.logdir", dest="out", required=True, help="directory to write")
-    p.add_argument("--names", nargs="+", default=None, help="arrays to export (default all)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing .npy files")
-    p.set_defaults(func=run_export_npy)
-    return p
-
-
-def run_export_npy(args: argparse.Namespace) -> int:
-    """Handler of ``coar-dask export-npy``."""
-    out = export_npy(args.store, args.out, names=args.names, overwrite=args.overwrite)
-    print(f"wrote {sorted(p.name for p in out.glob('*.npy'))} to {out}")
-    return 0

@@ -12,10 +12,11 @@ Three kinds of cluster, one context manager, :func:`cluster_client`:
     worker per core.
 ``slurm``
     Workers started as SLURM jobs by ``dask_jobqueue.SLURMCluster`` (the
-    ``slurm`` extra). Settings come from arguments, then a
-    ``configs/slurm.yaml``-style file, then dask's config: ``jobqueue.slurm.*``
-    (so a site's ``jobqueue.yaml`` works) and ``coar-dask.slurm.*`` (this
-    package's own keys, defaults in the packaged ``coar_dask.yaml``). With
+    ``slurm`` extra). Settings come from arguments, then a settings file
+    (``coar-dask config slurm --example`` prints a commented one), then
+    dask's config: ``jobqueue.slurm.*`` (so a site's ``jobqueue.yaml``
+    works) and ``coar-dask.slurm.*`` (this package's own keys, defaults in
+    the packaged ``coar_dask.yaml``). With
     ``gpus_per_job=N`` each job asks for ``--gres=gpu:N`` and its worker
     advertises ``GPU=N``. Workers leave before the walltime (``--lifetime``
     with a stagger, derived from the walltime) and lost jobs are resubmitted,
@@ -29,7 +30,7 @@ The job script of a SLURM cluster can be looked at without SLURM:
 
 from __future__ import annotations
 
-import argparse
+import ast
 import contextlib
 import dataclasses
 import logging
@@ -40,7 +41,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import dask
 import dask.config
@@ -63,9 +64,6 @@ __all__ = [
     "parse_walltime",
     "parse_adapt",
     "worker_lifetime",
-    "add_cluster_arguments",
-    "cluster_from_args",
-    "cluster_dry_run_main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -511,7 +509,8 @@ def _add_resource(args: list[str], name: str, amount: int) -> list[str]:
 _CORES_MEMORY_HELP = (
     "SLURM jobs need cores and memory per job. Give them as arguments "
     "(cluster_client('slurm', cores=4, memory='16GB') or --cores 4 --memory 16GB), in a config file "
-    "(configs/slurm.yaml: 'cores: 4' and 'memory: 16GB'), or in dask's config "
+    "(--slurm-config FILE with 'cores: 4' and 'memory: 16GB'; `coar-dask config slurm --example > slurm.yaml` "
+    "writes a commented one), or in dask's config "
     "(~/.config/dask/jobqueue.yaml: jobqueue.slurm.cores / jobqueue.slurm.memory)."
 )
 
@@ -616,7 +615,7 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_slurm_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``configs/slurm.yaml``-style file into field-named settings.
+    """Read a SLURM settings file (``coar-dask config slurm --example`` prints one) into field-named settings.
 
     The file holds the settings at its top level, or under ``slurm:``, or
     under ``jobqueue: slurm:`` (so a site's ``jobqueue.yaml`` can be given
@@ -628,7 +627,8 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, Any]:
         The file is missing, is not YAML, or has an unknown key.
     """
     path = Path(path)
-    data = read_yaml_file(path, "SLURM config file", "see configs/slurm.yaml for an example") or {}
+    hint = "`coar-dask config slurm --example` prints a commented example"
+    data = read_yaml_file(path, "SLURM config file", hint) or {}
     if isinstance(data, Mapping):
         if isinstance(data.get("jobqueue"), Mapping):
             data = data["jobqueue"].get("slurm") or {}
@@ -682,7 +682,7 @@ def resolve_slurm_settings(config_file: str | os.PathLike | None = None, **kwarg
     Parameters
     ----------
     config_file
-        A ``configs/slurm.yaml``-style file (see :func:`load_slurm_config`).
+        A SLURM settings file (see :func:`load_slurm_config`).
     **kwargs
         Any :class:`SlurmSettings` field, e.g. ``cores=4, memory="16GB",
         gpus_per_job=1, adapt="0:8"``.
@@ -886,6 +886,58 @@ def _slurm_client(settings: SlurmSettings, respawn_interval: str | float | None)
         cluster.close()
 
 
+_UNGUARDED_MAIN = (
+    "a LocalCluster was started from the top level of the script {script} (line {line}), outside "
+    "`if __name__ == \"__main__\":`. Its worker processes re-import that script and would each start a "
+    "cluster of their own; put the code that starts the cluster under `if __name__ == \"__main__\":`."
+)
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":`` (either side of the ``==``)."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare) or len(node.test.ops) != 1:
+        return False
+    sides = [node.test.left, *node.test.comparators]
+    names = {n.id for n in sides if isinstance(n, ast.Name)}
+    values = {n.value for n in sides if isinstance(n, ast.Constant)}
+    return isinstance(node.test.ops[0], ast.Eq) and names == {"__name__"} and values == {"__main__"}
+
+
+def _unguarded_main_line() -> tuple[str, int] | None:
+    """Where the main script's top-level code, outside a ``__main__`` guard, led to this call; else ``None``.
+
+    Worker processes started with ``spawn`` (distributed's default) or
+    ``forkserver`` re-import the main script (as ``__mp_main__``), so its
+    unguarded top-level code runs again in every worker. In such a worker this
+    is the re-import itself; in the main process the guard is looked for in
+    the script's source, so the mistake is reported before any worker starts.
+    """
+    frame = sys._getframe(1)
+    top = None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") in ("__main__", "__mp_main__"):
+            top = frame
+        frame = frame.f_back
+    if top is None:
+        return None
+    script, line = top.f_code.co_filename, top.f_lineno
+    if top.f_globals["__name__"] == "__mp_main__":
+        return script, line
+    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") not in ("spawn", "forkserver"):
+        return None
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
+        return None  # multiprocessing does not re-import a package's __main__ (``python -m pkg``)
+    try:
+        tree = ast.parse(Path(script).read_text(), script)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if node.lineno <= line <= (node.end_lineno or node.lineno):
+            return None if _is_main_guard(node) else (script, line)
+    return None
+
+
 @contextlib.contextmanager
 def cluster_client(
     kind: str | None = "local",
@@ -925,7 +977,7 @@ def cluster_client(
     slurm
         SLURM kind: settings already resolved (see :func:`resolve_slurm_settings`).
     config_file
-        SLURM kind: a ``configs/slurm.yaml``-style file.
+        SLURM kind: a SLURM settings file (``coar-dask config slurm --example`` prints one).
     **kwargs
         Local kind: passed to ``distributed.LocalCluster``. SLURM kind: any
         :class:`SlurmSettings` field (``jobs``, ``adapt``, ``queue``, ``cores``,
@@ -970,6 +1022,9 @@ def cluster_client(
         raise ConfigError(f"unknown cluster kind {kind!r}; choose one of {CLUSTER_KINDS}.")
     if slurm is not None or config_file is not None:
         raise ConfigError("slurm settings and config_file are for cluster kind 'slurm', not 'local'")
+    unguarded = _unguarded_main_line()
+    if unguarded is not None:
+        raise ConfigError(_UNGUARDED_MAIN.format(script=unguarded[0], line=unguarded[1]))
     if dashboard_address is None:
         dashboard_address = ":0"
     devices = _resolve_local_gpus(gpus) if n_workers is None or gpus is not None else []
@@ -997,88 +1052,3 @@ def cluster_client(
     with cluster, Client(cluster) as client:  # closed in reverse: the client, then the cluster
         logger.info("started local cluster with %s, dashboard at %s", described, client.dashboard_link)
         yield client
-
-
-# ------------------------------------------------------------------- the CLI
-
-
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the cluster flags (``--cluster slurm --jobs 4``, ``--adapt 0:8``, ...) to a parser.
-
-    Every flag defaults to ``None`` so that :func:`cluster_from_args` can
-    leave unset settings to the config file and dask's config.
-    """
-    g = parser.add_argument_group("where to run", "a Dask cluster; see README, Running on SLURM")
-    g.add_argument("--cluster", choices=(*CLUSTER_KINDS, "none"), default=None,
-                   help="local: a Dask cluster on this machine (default; one worker per GPU if any); "
-                        "slurm: workers as SLURM jobs (dask-jobqueue); address: an existing scheduler "
-                        "(--address); none: run in this process without Dask")
-    g.add_argument("--address", default=None, help="scheduler address for --cluster address")
-    g.add_argument("--workers", type=int, default=None, help="local: CPU worker processes (default: one per core)")
-    g.add_argument("--gpus", default=None,
-                   help="local: 'auto' (one worker per visible GPU), 0 (CPU only), or devices like 0,1")
-    g.add_argument("--slurm-config", default=None, metavar="YAML",
-                   help="slurm: settings file (see configs/slurm.yaml); flags override it")
-    scale = g.add_mutually_exclusive_group()
-    scale.add_argument("--jobs", type=int, default=None, help="slurm: number of jobs (one Dask worker each)")
-    scale.add_argument("--adapt", default=None, metavar="MIN:MAX", help="slurm: adaptive number of jobs, e.g. 0:8")
-    g.add_argument("--queue", "--partition", dest="queue", default=None, help="slurm: partition (-p)")
-    g.add_argument("--account", default=None, help="slurm: account (-A)")
-    g.add_argument("--walltime", default=None, help="slurm: time limit per job, e.g. 02:00:00")
-    g.add_argument("--cores", type=int, default=None, help="slurm: cores per job")
-    g.add_argument("--memory", default=None, help="slurm: memory per job, e.g. 16GB")
-    g.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per job (--gres=gpu:N)")
-    g.add_argument("--job-extra", action="append", default=None, metavar="DIRECTIVE",
-                   help="slurm: extra #SBATCH directive, repeatable, e.g. --job-extra=--constraint=a100")
-    g.add_argument("--python", default=None, help="slurm: python of the workers (default: this one)")
-    g.add_argument("--interface", default=None, help="slurm: network interface of scheduler and workers, e.g. ib0")
-    g.add_argument("--lifetime", default=None,
-                   help="slurm: 'auto' (leave before the walltime), 'off', or a duration such as 55m")
-
-
-def cluster_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :func:`cluster_client` from the flags of :func:`add_cluster_arguments`.
-
-    ``{"kind": "none"}`` means: no cluster, run in this process (the CLI's business).
-    """
-    kind = getattr(args, "cluster", None) or dask.config.get("coar-dask.cluster.kind", "local")
-    out: dict[str, Any] = {"kind": kind}
-    if getattr(args, "address", None):
-        out["address"] = args.address
-    if kind == "local":
-        if getattr(args, "workers", None) is not None:
-            out["n_workers"] = args.workers
-        if getattr(args, "gpus", None) is not None:
-            # "2" is a count, "0,1" (or "3,") are devices, "auto" is auto.
-            out["gpus"] = int(args.gpus) if str(args.gpus).isdigit() else args.gpus
-        return out
-    if kind == "slurm":
-        if getattr(args, "slurm_config", None):
-            out["config_file"] = args.slurm_config
-        for name in ("jobs", "adapt", "queue", "account", "walltime", "cores", "memory", "gpus_per_job",
-                     "python", "interface", "lifetime"):
-            value = getattr(args, name, None)
-            if value is not None:
-                out[name] = value
-        if getattr(args, "job_extra", None):
-            out["job_extra_directives"] = list(args.job_extra)
-    return out
-
-
-def cluster_dry_run_text(args: argparse.Namespace) -> str:
-    """What ``coar-dask cluster --dry-run`` shows: the resolved settings and the job script."""
-    kwargs = cluster_from_args(argparse.Namespace(**{**vars(args), "cluster": "slurm"}))
-    del kwargs["kind"]
-    kwargs.pop("address", None)
-    config_file = kwargs.pop("config_file", None)
-    settings = resolve_slurm_settings(config_file, **kwargs)
-    scaling = (f"adapt {settings.adapt[0]}:{settings.adapt[1]} jobs" if settings.adapt is not None
-               else f"{settings.jobs} job(s)")
-    header = f"# SLURM cluster: {scaling}; each job runs this script (the scheduler address is filled in at start):\n"
-    return header + slurm_job_script(settings)
-
-
-def cluster_dry_run_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
-    """Write the SLURM job script for ``args`` to ``out`` (stdout); return the exit code."""
-    (out or sys.stdout).write(cluster_dry_run_text(args))
-    return 0

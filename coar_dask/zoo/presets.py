@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from coar_dask.core.components import Components, select_components
+from coar_dask.core.experiment import import_object, load_experiment
 from coar_dask.errors import ExperimentError
 
 __all__ = [
@@ -82,8 +83,6 @@ class Preset:
         return {"include": self.include, "exclude": self.exclude, "kinds": self.kinds}
 
     def builder(self) -> Callable[..., Any]:
-        from coar_dask.core.experiment import import_object
-
         return import_object(self.factory)
 
 
@@ -152,8 +151,6 @@ def experiment_components(source: Any) -> Components:
     source
         An :class:`~coar_dask.core.experiment.Experiment`, a dict, or a YAML path.
     """
-    from coar_dask.core.experiment import import_object, load_experiment
-
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         raise ExperimentError(f"experiment file {str(source)!r} does not exist.")
     experiment = load_experiment(source)
@@ -170,8 +167,6 @@ def seeded_model(factory: str, seed: int = 0, **kwargs: Any) -> Any:
     preset name.
     """
     import torch
-
-    from coar_dask.core.experiment import import_object
 
     builder = get_preset(factory).builder() if factory in PRESETS else import_object(factory)
     state = torch.random.get_rng_state()
