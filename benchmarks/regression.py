@@ -107,8 +107,9 @@ def digits_store(path: Path, n: int) -> Any:
 
 
 def heldout_correlation(attrs: Any, store: Any, rows: np.ndarray) -> float:
-    from coar_dask.fit.fit import StoreRows
-    from coar_dask.solvers.lstsq import SolverResult, validation_metrics
+    from coar_dask.fit.rows import StoreRows
+    from coar_dask.solvers.base import SolverResult
+    from coar_dask.solvers.streaming import validation_metrics
 
     src = StoreRows(store, rows, attrs.metadata["x_name"], attrs.metadata["y_name"])
     r = validation_metrics(SolverResult(attrs.weight, attrs.bias, attrs.lam), src)["val_correlation"]
@@ -119,7 +120,8 @@ def compare(store: Any, *, num_train: int, num_val: int, saga_batch: int, saga_m
             device: str | None, label: str, repeat: int = 1) -> dict[str, Any]:
     """Fit with lstsq, lstsq + ridge grid and seed-config saga; time (best of ``repeat``, the
     same for every solver) and held-out correlation."""
-    from coar_dask.fit.fit import fit, infer_names, split_rows
+    from coar_dask.fit.fit import fit
+    from coar_dask.fit.rows import infer_names, split_rows
 
     done = np.flatnonzero(store.completed_rows())
     train, val = split_rows(done, num_train, num_val, 0)

@@ -305,7 +305,7 @@ def test_reading_keeps_torch_threads_and_pickles(exported):
 @pytest.mark.ffcv
 def test_fit_from_beton_equals_fit_from_store(store, exported):
     solvers = pytest.importorskip("coar_dask.solvers.lstsq")
-    regression = pytest.importorskip("coar_dask.fit.fit")
+    regression = pytest.importorskip("coar_dask.fit.rows")
     done = np.flatnonzero(store.completed_rows())
     from_store = solvers.lstsq(regression.StoreRows(store, done, "masks", "val_margins"))
     from_beton = solvers.lstsq(beton.BetonRows(exported.path, batch_size=37))

@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 
 from coar_dask.fit import distributed as distributed_fit
 from coar_dask.errors import RegressionError
+from coar_dask.cli.solver_flags import add_fit_solver_arguments, solver_options_from_args
 from coar_dask.fit.fit import (
     Attributions,
     StoreRows,
-    add_fit_solver_arguments,
     fit,
-    solver_options_from_args,
     split_rows,
 )
 from coar_dask.core.store import init_store

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coar_dask.solvers import base, registry, streaming
+from coar_dask.solvers import lstsq as lstsq_mod
 from coar_dask.solvers import saga as saga_mod
-from coar_dask.solvers import lstsq as solvers
 from coar_dask.errors import MissingDependencyError, RegressionError
 
 
@@ -67,7 +68,7 @@ def corr_cols(a, b):
 def test_lstsq_equals_numpy_lstsq_in_float64(method):
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(300, 25)), rng.normal(size=(300, 6))
-    res = solvers.lstsq(ArrayRows(X, Y), method=method)
+    res = lstsq_mod.lstsq(ArrayRows(X, Y), method=method)
     w, b = numpy_lstsq(X, Y)
     assert res.weight.dtype == np.float64
     assert rel_err(res.weight, w) < 1e-6
@@ -77,7 +78,7 @@ def test_lstsq_equals_numpy_lstsq_in_float64(method):
 
 def test_lstsq_float32_masks_are_exact_enough():
     X, Y, _, _ = planted(1, n=500, p=30, k=5, noise=0.5, dtype=np.float32)
-    res = solvers.lstsq(ArrayRows(X, Y, block=64))
+    res = lstsq_mod.lstsq(ArrayRows(X, Y, block=64))
     w, b = numpy_lstsq(X.astype(np.float64), Y.astype(np.float64))
     assert res.weight.dtype == np.float32
     assert rel_err(res.weight, w) < 1e-4
@@ -88,7 +89,7 @@ def test_ridge_equals_closed_form_with_unpenalised_intercept(method):
     rng = np.random.default_rng(2)
     X, Y = masks(rng, 200, 15), rng.normal(size=(200, 3))
     lam = 3.0
-    res = solvers.lstsq(ArrayRows(X, Y), ridge=lam, method=method)
+    res = lstsq_mod.lstsq(ArrayRows(X, Y), ridge=lam, method=method)
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     w = np.linalg.solve(Xc.T @ Xc + lam * np.eye(15), Xc.T @ Yc)
     assert rel_err(res.weight, w) < 1e-6
@@ -103,11 +104,11 @@ def test_never_ablated_component_gets_zero_weight():
     X[:, 4] = 1.0
     ref = np.linalg.pinv(np.hstack([X, np.ones((300, 1))])) @ Y
     for method in ("gram", "cg"):
-        res = solvers.lstsq(ArrayRows(X, Y), method=method)
+        res = lstsq_mod.lstsq(ArrayRows(X, Y), method=method)
         np.testing.assert_allclose(res.weight[4], 0.0, atol=1e-9)
         pred, ref_pred = X @ res.weight + res.bias, np.hstack([X, np.ones((300, 1))]) @ ref
         assert rel_err(pred, ref_pred) < 1e-6
-    assert solvers.lstsq(ArrayRows(X, Y)).info["rank"] == 11
+    assert lstsq_mod.lstsq(ArrayRows(X, Y)).info["rank"] == 11
 
 
 @pytest.mark.parametrize("method", ["gram", "cg"])
@@ -115,7 +116,7 @@ def test_ridge_grid_picks_each_targets_best_penalty_on_validation(method):
     X, Y, _, _ = planted(4, n=260, p=40, k=5, noise=2.0, sparsity=0.2)
     tr, va = ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:])
     grid = [0.0, 1.0, 10.0, 100.0, 1000.0]
-    res = solvers.lstsq(tr, va, ridge_grid=grid, method=method)
+    res = lstsq_mod.lstsq(tr, va, ridge_grid=grid, method=method)
     Xc = X[:160] - X[:160].mean(0)
     mses = []
     for lam in grid:
@@ -131,11 +132,11 @@ def test_ridge_grid_picks_each_targets_best_penalty_on_validation(method):
 def test_ridge_grid_refit_uses_train_and_validation_rows():
     X, Y, _, _ = planted(5, n=300, p=10, k=3, noise=1.0)
     tr, va = ArrayRows(X[:200], Y[:200]), ArrayRows(X[200:], Y[200:])
-    res = solvers.lstsq(tr, va, ridge_grid=[5.0], refit=True)
+    res = lstsq_mod.lstsq(tr, va, ridge_grid=[5.0], refit=True)
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     w = np.linalg.solve(Xc.T @ Xc + 5.0 * np.eye(10), Xc.T @ Yc)
     assert rel_err(res.weight, w) < 1e-6
-    held = solvers.lstsq(tr, va, ridge=5.0)
+    held = lstsq_mod.lstsq(tr, va, ridge=5.0)
     # the reported validation figures are those of the train-only fit (held out)
     np.testing.assert_allclose(res.info["val_mse"], held.info["val_mse"], rtol=1e-6)
     assert res.info["n_refit"] == 300
@@ -149,7 +150,7 @@ def test_lstsq_does_not_depend_on_block_or_batch_sizes(sizes, batch):
     X, Y = rng.normal(size=(n, 4)), rng.normal(size=(n, 2))
     if n < 6:
         return
-    a = solvers.lstsq(ArrayRows(X, Y, block=sizes), batch_rows=batch)
+    a = lstsq_mod.lstsq(ArrayRows(X, Y, block=sizes), batch_rows=batch)
     w, b = numpy_lstsq(X, Y)
     assert rel_err(a.weight, w) < 1e-6
 
@@ -159,7 +160,7 @@ def test_lstsq_does_not_depend_on_block_or_batch_sizes(sizes, batch):
 def test_rebatch_keeps_rows_and_order(sizes, rows):
     n = sum(sizes)
     X, Y = np.arange(2 * n).reshape(n, 2), np.arange(n).reshape(n, 1)
-    out = list(solvers._rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows))
+    out = list(streaming.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows))
     if n == 0:
         assert out == []
         return
@@ -174,7 +175,7 @@ def test_rebatch_pool_recycles_a_few_buffers(sizes, rows, pool):
     n = sum(sizes)
     X, Y = np.arange(3 * n, dtype=np.float32).reshape(n, 3), np.arange(n, dtype=np.float32).reshape(n, 1)
     got, buffers = [], []
-    for x, y in solvers._rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows, pool):
+    for x, y in streaming.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows, pool):
         got.append((x.copy(), y.copy()))  # valid until the next batches are drawn
         buffers.append(x if x.base is None else x.base)
     if n:
@@ -191,7 +192,7 @@ def test_iter_batches_reuse_recycles_few_buffers_through_the_reader_thread():
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(3000, 4)).astype(np.float32)
     buffers, got = [], []
-    for i, (x, y) in enumerate(solvers.iter_batches(ArrayRows(X, Y, block=70), 100, reuse=True)):
+    for i, (x, y) in enumerate(streaming.iter_batches(ArrayRows(X, Y, block=70), 100, reuse=True)):
         first = x.copy()
         if i % 5 == 0:
             time.sleep(0.02)  # let the reader fill the queue meanwhile
@@ -199,7 +200,7 @@ def test_iter_batches_reuse_recycles_few_buffers_through_the_reader_thread():
         got.append(first)
         buffers.append(x if x.base is None else x.base)  # kept alive: fresh arrays would all differ
     np.testing.assert_array_equal(np.concatenate(got), X)
-    assert len({id(b) for b in buffers}) <= solvers._PREFETCH_DEPTH + 3 < len(buffers)
+    assert len({id(b) for b in buffers}) <= streaming.PREFETCH_DEPTH + 3 < len(buffers)
 
 
 @settings(max_examples=30, deadline=None)
@@ -208,8 +209,8 @@ def test_streamed_validation_metrics_equal_numpy(sizes, seed):
     n = sum(sizes)
     rng = np.random.default_rng(seed)
     X, Y = masks(rng, n, 5), rng.normal(size=(n, 3))
-    res = solvers.SolverResult(rng.normal(size=(5, 3)), rng.normal(size=3), np.zeros(3))
-    m = solvers.validation_metrics(res, ArrayRows(X, Y, block=sizes))
+    res = base.SolverResult(rng.normal(size=(5, 3)), rng.normal(size=3), np.zeros(3))
+    m = streaming.validation_metrics(res, ArrayRows(X, Y, block=sizes))
     pred = X @ res.weight + res.bias
     np.testing.assert_allclose(m["val_mse"], ((pred - Y) ** 2).mean(0), rtol=1e-9)
     if n > 2:
@@ -226,11 +227,11 @@ def test_metrics_from_moments_equal_streamed_metrics(seed, n):
 
     rng = np.random.default_rng(seed)
     X, Y = masks(rng, n, 6, 0.3), rng.normal(size=(n, 3)) + 5.0
-    res = solvers.SolverResult(rng.normal(size=(6, 3)), rng.normal(size=3), np.zeros(3))
-    vm = solvers._stream_moments(ArrayRows(X, Y, block=7), solvers._device("cpu"), gram=True, rows=None,
+    res = base.SolverResult(rng.normal(size=(6, 3)), rng.normal(size=3), np.zeros(3))
+    vm = streaming.stream_moments(ArrayRows(X, Y, block=7), base.torch_device("cpu"), gram=True, rows=None,
                                  progress=None)
-    got = solvers._moment_metrics(vm, torch.from_numpy(res.weight), torch.from_numpy(res.bias))
-    ref = solvers.validation_metrics(res, ArrayRows(X, Y))
+    got = lstsq_mod.moment_metrics(vm, torch.from_numpy(res.weight), torch.from_numpy(res.bias))
+    ref = streaming.validation_metrics(res, ArrayRows(X, Y))
     np.testing.assert_allclose(got["val_mse"], ref["val_mse"], rtol=1e-8)
     ok = np.isfinite(ref["val_correlation"])
     np.testing.assert_allclose(np.array(got["val_correlation"])[ok], np.array(ref["val_correlation"])[ok],
@@ -238,36 +239,36 @@ def test_metrics_from_moments_equal_streamed_metrics(seed, n):
 
 
 def test_ridge_grid_values_parsing():
-    assert solvers.ridge_grid_values(None) is None
-    assert solvers.ridge_grid_values([1, 0, 1]) == [1.0, 0.0]
-    auto = solvers.ridge_grid_values("auto:4", scale=10.0)
+    assert lstsq_mod.ridge_grid_values(None) is None
+    assert lstsq_mod.ridge_grid_values([1, 0, 1]) == [1.0, 0.0]
+    auto = lstsq_mod.ridge_grid_values("auto:4", scale=10.0)
     assert auto[-1] == 0.0 and len(auto) == 5 and auto[0] == pytest.approx(100.0)
     for bad in ("auto:0", "a,b", [-1.0], []):
         with pytest.raises(RegressionError, match="ridge grid"):
-            solvers.ridge_grid_values(bad)
+            lstsq_mod.ridge_grid_values(bad)
 
 
 def test_lstsq_errors_say_what_to_do():
     X, Y, _, _ = planted(6, n=50, p=5, k=2)
     src = ArrayRows(X, Y)
     with pytest.raises(RegressionError, match="num-val"):
-        solvers.lstsq(src, ridge_grid="auto")
+        lstsq_mod.lstsq(src, ridge_grid="auto")
     with pytest.raises(RegressionError, match="ridge must"):
-        solvers.lstsq(src, ridge=-1.0)
+        lstsq_mod.lstsq(src, ridge=-1.0)
     with pytest.raises(RegressionError, match="method"):
-        solvers.lstsq(src, method="qr")
+        lstsq_mod.lstsq(src, method="qr")
     bad = Y.copy()
     bad[3, 1] = np.nan
     with pytest.raises(RegressionError, match="NaN"):
-        solvers.lstsq(ArrayRows(X, bad))
+        lstsq_mod.lstsq(ArrayRows(X, bad))
     with pytest.raises(RegressionError, match="unknown solver"):
-        solvers.get_solver("sgd")
+        registry.get_solver("sgd")
 
 
 def test_progress_reports_rows_and_cg_iterations():
     X, Y, _, _ = planted(7, n=120, p=8, k=2, noise=0.1)
     seen = []
-    solvers.lstsq(ArrayRows(X, Y), method="cg", batch_rows=50, progress=seen.append)
+    lstsq_mod.lstsq(ArrayRows(X, Y), method="cg", batch_rows=50, progress=seen.append)
     stages = [p.stage for p in seen]
     assert "moments" in stages and "cg" in stages
     moments = [p for p in seen if p.stage == "moments"]
@@ -280,18 +281,18 @@ def test_prefetch_propagates_errors_and_stops_early():
         yield 1
         raise ValueError("boom")
 
-    it = solvers._prefetch(broken())
+    it = streaming.prefetch(broken())
     assert next(it) == 1
     with pytest.raises(ValueError, match="boom"):
         next(it)
-    endless = solvers._prefetch(iter(range(10**9)))
+    endless = streaming.prefetch(iter(range(10**9)))
     assert [next(endless) for _ in range(3)] == [0, 1, 2]
     endless.close()  # must not hang
 
 
 def test_concat_rows():
     X, Y, _, _ = planted(8, n=30, p=3, k=2)
-    both = solvers.ConcatRows(ArrayRows(X[:10], Y[:10]), ArrayRows(X[10:], Y[10:]))
+    both = streaming.ConcatRows(ArrayRows(X[:10], Y[:10]), ArrayRows(X[10:], Y[10:]))
     assert both.n_rows == 30
     np.testing.assert_array_equal(np.concatenate([x for x, _ in both.blocks()]), X)
 
@@ -390,7 +391,7 @@ def test_saga_streamed_and_disk_table_agree_with_cached_memory(tmp_path):
 def test_saga_batches_visit_every_row_once_per_epoch(cached, n, batch, block, epoch):
     rng = np.random.default_rng(n)
     X, Y = masks(rng, n, 3, 0.5, np.float32), np.arange(n, dtype=np.float32)[:, None]
-    rows = saga_mod._Rows(ArrayRows(X, Y, block=block), batch, seed=0, cache_bytes=10**9 if cached else 0)
+    rows = streaming.EpochRows(ArrayRows(X, Y, block=block), batch, seed=0, cache_bytes=10**9 if cached else 0)
     assert rows.cached == cached
     seen = []
     batches = list(rows.batches(epoch))
@@ -409,20 +410,20 @@ def test_lambda_path_is_geometric_from_lambda_max(k, eps, lmax):
     assert len(path) == k and path[0] == pytest.approx(lmax)
     assert np.all(np.diff(path) <= 0)
     np.testing.assert_allclose(path[1:] / path[:-1], eps ** (1 / k), rtol=1e-9)
-    cfg = saga_mod.SagaConfig(k=k, eps=eps)
+    cfg = saga_mod.SagaOptions(k=k, eps=eps)
     assert cfg.lam_decay == pytest.approx(eps ** (1 / k))
 
 
 def test_saga_config_defaults_follow_the_seed_and_validate():
-    cfg = saga_mod.SagaConfig()
+    cfg = saga_mod.SagaOptions()
     assert (cfg.lr, cfg.k, cfg.early_stop_every, cfg.early_stop_eps) == (1e-3, 1, 3, 1e-10)
     assert cfg.start_mode() == 0.0  # k=1, manual_max_lambda 0: plain least squares, as the seed's configs
-    assert saga_mod.SagaConfig(k=5).start_mode() == "auto"
+    assert saga_mod.SagaOptions(k=5).start_mode() == "auto"
     assert saga_mod.table_nbytes(45_000, 10_000) == 1_800_000_000
     for bad in (dict(lr=0), dict(k=0), dict(eps=2.0), dict(max_lambda="big"), dict(batch_size=0),
                 dict(early_stop_every=0), dict(table="gpu")):
         with pytest.raises(RegressionError, match="saga option"):
-            saga_mod.SagaConfig(**bad)
+            saga_mod.SagaOptions(**bad)
     X, Y, _, _ = planted(14, n=40, p=4, k=2)
     with pytest.raises(RegressionError, match="num-val"):
         saga_mod.saga(ArrayRows(X, Y), k=5)
@@ -461,7 +462,7 @@ def test_planted_linear_model_is_recovered_by_every_solver(name, options):
     X, Y, W, b = planted(20, n=900, p=24, k=6, alpha=0.1)
     X, Y = X.astype(np.float32), Y.astype(np.float32)
     tr, va, te = slice(0, 600), slice(600, 750), slice(750, 900)
-    res = solvers.get_solver(name)(ArrayRows(X[tr], Y[tr]), ArrayRows(X[va], Y[va]), **options)
+    res = registry.get_solver(name)(ArrayRows(X[tr], Y[tr]), ArrayRows(X[va], Y[va]), **options)
     pred = X[te] @ res.weight + res.bias
     assert corr_cols(pred, Y[te]).min() > 0.999
     assert min(res.info["val_correlation"]) > 0.999
@@ -471,7 +472,7 @@ def test_fast_l1_missing_or_without_cuda_raises_clearly(monkeypatch):
     X, Y, _, _ = planted(21, n=40, p=4, k=2)
     monkeypatch.setitem(sys.modules, "fast_l1", None)  # import fails
     with pytest.raises(MissingDependencyError, match="pip install") as err:
-        solvers.get_solver("fast_l1")(ArrayRows(X, Y))
+        registry.get_solver("fast_l1")(ArrayRows(X, Y))
     assert "--solver saga" in str(err.value)
     import types
 
@@ -483,20 +484,20 @@ def test_fast_l1_missing_or_without_cuda_raises_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "fast_l1.regressor", fake.regressor)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RegressionError, match="CUDA"):
-        solvers.get_solver("fast_l1")(ArrayRows(X, Y))
+        registry.get_solver("fast_l1")(ArrayRows(X, Y))
 
 
 def test_solver_options_lists_keyword_options():
-    assert "ridge_grid" in solvers.solver_options("lstsq")
-    assert {"lr", "k", "eps", "batch_size", "early_stop_every"} <= set(solvers.solver_options("saga"))
-    assert "device" not in solvers.solver_options("saga")
+    assert "ridge_grid" in registry.solver_options("lstsq")
+    assert {"lr", "k", "eps", "batch_size", "early_stop_every"} <= set(registry.solver_options("saga"))
+    assert "device" not in registry.solver_options("saga")
 
 
 @pytest.mark.parametrize("method", ["gram", "cg"])
 def test_refit_without_grid_fits_train_and_validation_rows(method):
     X, Y, _, _ = planted(22, n=240, p=8, k=2, noise=1.0)
-    res = solvers.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), refit=True, method=method)
+    res = lstsq_mod.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), refit=True, method=method)
     w, b = numpy_lstsq(X, Y)
     assert rel_err(res.weight, w) < 1e-6 and res.info["n_refit"] == 240
-    held = solvers.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), method=method)
+    held = lstsq_mod.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), method=method)
     np.testing.assert_allclose(res.info["val_mse"], held.info["val_mse"], rtol=1e-6)

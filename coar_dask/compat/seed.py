@@ -39,6 +39,8 @@ from typing import Any, Mapping, Sequence
 
 from coar_dask._yaml import read_yaml_file
 from coar_dask.errors import ConfigError
+from coar_dask.solvers.base import option_infos
+from coar_dask.solvers.registry import options_class
 
 __all__ = [
     "SeedRegressionConfig",
@@ -50,7 +52,14 @@ __all__ = [
     "KNOWN_KEYS",
     "UNUSED_KEYS",
     "solver_kind",
+    "choose_solver",
+    "solver_for",
+    "seed_options",
+    "SEED_SOLVERS",
 ]
+
+#: What ``--solver`` may say for the seed's settings (``auto``: :func:`choose_solver` decides).
+SEED_SOLVERS = ("auto", "lstsq", "saga", "fast_l1")
 
 
 class SeedConfigWarning(UserWarning):
@@ -93,12 +102,32 @@ UNUSED_KEYS: dict[str, dict[str, str]] = {
 }
 
 
-def solver_kind(k: int | None, manual_max_lambda: float, solver: str = "auto") -> str:
-    """``"lstsq"`` or ``"saga"``: which family fits these settings (``auto``: the
-    exact solver for ``k: 1, manual_max_lambda: 0``, else the lasso path)."""
+def _plain(k: int | None, manual_max_lambda: float) -> bool:
+    """Whether the seed's settings ask for plain least squares: ``k: 1`` (an absent ``cfg.k``
+    counts as 1, SAGA's default) and ``manual_max_lambda: 0``."""
+    return (k is None or k == 1) and manual_max_lambda == 0
+
+
+def choose_solver(k: int | None, manual_max_lambda: float, solver: str = "auto") -> str:
+    """The solver for the seed's settings: ``auto`` is the exact ``lstsq`` for ``k: 1,
+    manual_max_lambda: 0`` (``k`` absent counts as 1), else ``saga``; an explicit one is kept.
+
+    The one place the seed's settings choose a solver (:func:`solver_kind` and
+    :func:`solver_for` ask it).
+
+    >>> choose_solver(None, 0.0), choose_solver(20, -1.0), choose_solver(1, 0.0, "fast_l1")
+    ('lstsq', 'saga', 'fast_l1')
+    """
+    if solver not in SEED_SOLVERS:
+        raise ConfigError(f"--solver {solver!r}: choose one of {list(SEED_SOLVERS)}.")
     if solver == "auto":
-        return "lstsq" if (k in (None, 1) and manual_max_lambda == 0) else "saga"
-    return "lstsq" if solver == "lstsq" else "saga"
+        return "lstsq" if _plain(k, manual_max_lambda) else "saga"
+    return solver
+
+
+def solver_kind(k: int | None, manual_max_lambda: float, solver: str = "auto") -> str:
+    """``"lstsq"`` or ``"saga"``: which family fits these settings (see :func:`choose_solver`)."""
+    return "lstsq" if choose_solver(k, manual_max_lambda, solver) == "lstsq" else "saga"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -322,3 +351,45 @@ def read_config_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
             )
         merged.update(flatten(data))
     return merged
+
+
+def seed_options(cfg: SeedRegressionConfig, solver: str) -> dict[str, Any]:
+    """The options of ``solver`` that the seed's keys set, derived from the options class's fields
+    (each field's ``seed_key``; unset keys are left to the solver's defaults)."""
+    out: dict[str, Any] = {}
+    for info in option_infos(options_class(solver)):
+        if info.seed_key is None:
+            continue
+        value = getattr(cfg, _attr(info.seed_key))
+        if value is None:
+            continue
+        out[info.name] = info.from_seed(value) if info.from_seed is not None else value
+    return out
+
+
+def solver_for(cfg: SeedRegressionConfig, solver: str = "auto") -> tuple[str, dict[str, Any]]:
+    """The solver and its options for the seed's settings: the one mapping.
+
+    ``auto``: exact least squares for ``k: 1, manual_max_lambda: 0`` (the
+    seed's configs; an absent ``cfg.k`` counts as 1), the SAGA lasso path
+    otherwise, with the options its fields' seed keys name.
+
+    Raises
+    ------
+    ConfigError
+        For ``use_bias: 0``, or ``--solver lstsq`` with settings that need a path.
+    """
+    if cfg.use_bias != 1:
+        raise ConfigError(
+            f"cfg.use_bias={cfg.use_bias}: fitting without an intercept is not supported; set cfg.use_bias: 1."
+        )
+    name = choose_solver(cfg.k, cfg.manual_max_lambda, solver)
+    if name == "lstsq":
+        if not _plain(cfg.k, cfg.manual_max_lambda):
+            raise ConfigError(
+                f"cfg.k={cfg.k}, cfg.manual_max_lambda={cfg.manual_max_lambda} ask for a lasso path, which "
+                f"the exact least-squares solver does not fit; use --solver saga (or auto), or set cfg.k: 1 "
+                f"and cfg.manual_max_lambda: 0."
+            )
+        return "lstsq", {}
+    return name, seed_options(cfg, name)

@@ -10,7 +10,7 @@ CUDA), on any cluster of :func:`coar_dask.runtime.cluster.cluster_client`, and
 concatenates the slices in target order. The result equals a single fit of
 all targets (the split of rows depends only on the store and the seed).
 
-Progress: tasks running on Dask workers send :class:`~coar_dask.solvers.lstsq.FitProgress`
+Progress: tasks running on Dask workers send :class:`~coar_dask.solvers.base.FitProgress`
 events (epochs, lambdas, CG iterations) to the client under the topic
 :data:`PROGRESS_TOPIC`; the client passes them, and one ``"slices"`` event per
 finished slice, to the ``progress`` callback.
@@ -18,16 +18,21 @@ finished slice, to the ``progress`` callback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from coar_dask.core.store import Store, open_store
 from coar_dask.errors import RegressionError
+from coar_dask.fit.attributions import Attributions
+from coar_dask.fit.core import FitSettings, fit_store
 from coar_dask.runtime.executor import TaskSet, run_tasks
+from coar_dask.solvers.base import FitProgress
 
 __all__ = [
     "FitPlan",
@@ -107,22 +112,16 @@ def plan_slices(
 
 @dataclass(frozen=True)
 class FitPlan:
-    """What to fit: a store, its split, a solver and the target slices (one task each)."""
+    """What to fit: a store, the fit's settings (rows, solver) and the target slices (one task each)."""
 
     store_path: str
-    x_name: str
-    y_name: str
-    num_train: int | None
-    num_val: int | None
-    split_seed: int
-    solver: str
-    device: str | None
+    settings: FitSettings
     slices: tuple[tuple[int, int], ...]
-    solver_options: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
     def gpu(self) -> bool:
-        return bool(self.device) and str(self.device).startswith("cuda")
+        device = self.settings.device
+        return bool(device) and str(device).startswith("cuda")
 
     @property
     def target_range(self) -> tuple[int, int]:
@@ -141,52 +140,41 @@ class FitPlan:
 
     def __repr__(self) -> str:
         a, b = self.target_range
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.solver_options)
+        s = self.settings
+        opts = ", ".join(f"{k}={v!r}" for k, v in s.solver_options)
         return (
-            f"<FitPlan {self.solver}{'(' + opts + ')' if opts else ''} on {self.store_path!r}: targets {a}:{b} "
-            f"in {len(self.slices)} slice(s), {self.num_train} train / {self.num_val} val rows "
-            f"(seed {self.split_seed}), device {self.device or 'cpu'}>"
+            f"<FitPlan {s.solver}{'(' + opts + ')' if opts else ''} on {self.store_path!r}: targets {a}:{b} "
+            f"in {len(self.slices)} slice(s), {s.num_train} train / {s.num_val} val rows "
+            f"({'seed ' + str(s.split_seed) if s.row_rule == 'shuffle' else 'first rows'}), "
+            f"device {s.device or 'cpu'}>"
         )
 
 
 def plan_fit(
     store: Any,
+    settings: FitSettings | None = None,
     *,
     slices: int | Sequence[tuple[int, int]] | None = None,
     max_targets: int | None = None,
-    x_name: str | None = None,
-    y_name: str | None = None,
-    num_train: int | None = None,
-    num_val: int | None = 0,
-    split_seed: int = 0,
-    solver: str = "lstsq",
-    target_slice: tuple[int, int] | None = None,
-    device: str | None = None,
-    **solver_options: Any,
+    **fit_kwargs: Any,
 ) -> FitPlan:
-    """Plan a fit of ``store`` in target slices (see :func:`plan_slices`); nothing runs yet."""
-    from coar_dask.fit.fit import check_solver_options, infer_names
-    from coar_dask.core.store import Store, open_store
+    """Plan a fit of ``store`` in target slices (see :func:`plan_slices`); nothing runs yet.
 
+    ``settings`` (a :class:`~coar_dask.fit.core.FitSettings`) or the keywords
+    of :meth:`FitSettings.create <coar_dask.fit.core.FitSettings.create>`
+    (those of :func:`coar_dask.fit.fit.fit`) say what to fit.
+    """
+    if settings is None:
+        settings = FitSettings.create(**fit_kwargs)
+    elif fit_kwargs:
+        raise RegressionError(f"plan_fit: pass settings or keywords, not both (got {sorted(fit_kwargs)}).")
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
-    x_name, y_name = infer_names(store, x_name, y_name)
-    check_solver_options(solver, solver_options)
-    k = int(np.prod(store.spec[y_name].shape))
-    start, stop = target_slice or (0, k)
-    if not 0 <= start < stop <= k:
-        raise RegressionError(f"target slice [{start}, {stop}) is outside the {k} outputs of {y_name!r}.")
+    settings = settings.resolve(store)
     return FitPlan(
         store_path=str(os.path.abspath(store.path)),
-        x_name=x_name,
-        y_name=y_name,
-        num_train=num_train,
-        num_val=num_val,
-        split_seed=int(split_seed),
-        solver=solver,
-        device=None if device is None else str(device),
-        slices=tuple(plan_slices((start, stop), slices, max_targets=max_targets)),
-        solver_options=tuple(sorted(solver_options.items())),
+        settings=settings,
+        slices=tuple(plan_slices(settings.target_slice, slices, max_targets=max_targets)),
     )
 
 
@@ -222,33 +210,20 @@ def _current_worker() -> Any:
         return None
 
 
-def fit_slice(plan: FitPlan, index: int, progress: Callable[[Any], None] | None = None) -> Any:
-    """Fit slice ``index`` of ``plan`` -> :class:`~coar_dask.fit.fit.Attributions`.
+def fit_slice(plan: FitPlan, index: int, progress: Callable[[Any], None] | None = None) -> Attributions:
+    """Fit slice ``index`` of ``plan`` -> :class:`~coar_dask.fit.attributions.Attributions`.
 
     The task function (module-level, so it pickles). On a Dask worker its
     progress goes to the client as worker events.
     """
-    from coar_dask.fit.fit import fit
-
     sender = None
     if progress is None:
         worker = _current_worker()
         if worker is not None:
             sender = progress = _EventSender(worker, index)
     try:
-        return fit(
-            plan.store_path,
-            x_name=plan.x_name,
-            y_name=plan.y_name,
-            num_train=plan.num_train,
-            num_val=plan.num_val,
-            split_seed=plan.split_seed,
-            solver=plan.solver,
-            target_slice=plan.slices[index],
-            device=plan.device,
-            progress=progress,
-            **dict(plan.solver_options),
-        )
+        settings = dataclasses.replace(plan.settings, target_slice=plan.slices[index])
+        return fit_store(plan.store_path, settings, progress)
     finally:
         if sender is not None:
             sender.flush()
@@ -260,8 +235,6 @@ def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
     Per-target metadata lists (``val_mse``, ``val_correlation``) are
     concatenated; each slice's scalar metadata is kept under ``slices``.
     """
-    from coar_dask.fit.fit import Attributions
-
     if len(parts) != len(plan.slices):
         raise RegressionError(f"expected {len(plan.slices)} slices, got {len(parts)}.")
     for part, sl in zip(parts, plan.slices):
@@ -279,7 +252,7 @@ def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
     meta["slices"] = [
         {k: v for k, v in p.metadata.items() if k not in per_target and isinstance(v, (int, float, str, list))
          and k not in ("sign_convention", "store", "package_version", "spec_sha256", "experiment_fingerprint",
-                       "target_fingerprint", "x_name", "y_name", "solver", "split_seed")}
+                       "target_fingerprint", "x_name", "y_name", "solver", "split_seed", "row_rule")}
         for p in parts
     ]
     meta["n_slices"] = len(parts)
@@ -292,8 +265,6 @@ def assemble(plan: FitPlan, parts: Sequence[Any]) -> Any:
 
 
 def _forward(progress: Callable[[Any], None]) -> Callable[[Any], None]:
-    from coar_dask.solvers.lstsq import FitProgress
-
     def handler(event: Any) -> None:
         _, msg = event
         try:
@@ -323,10 +294,8 @@ def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[
                 retries: int = 1) -> Any:
     """Run ``plan``: in this process (``client=None``) or one Dask task per slice.
 
-    Returns the assembled :class:`~coar_dask.fit.fit.Attributions`.
+    Returns the assembled :class:`~coar_dask.fit.attributions.Attributions`.
     """
-    from coar_dask.solvers.lstsq import FitProgress
-
     total = len(plan.slices)
     logger.info("%r", plan)
     parts: list[Any] = [None] * total
@@ -372,8 +341,9 @@ def fit_distributed(
     client: Any | None = None,
     progress: Callable[[Any], None] | None = None,
     max_targets: int | None = None,
+    settings: FitSettings | None = None,
     **fit_kwargs: Any,
-) -> Any:
+) -> Attributions:
     """Plan and execute a sliced fit (the arguments of :func:`coar_dask.fit.fit.fit`).
 
     Examples
@@ -381,6 +351,6 @@ def fit_distributed(
     >>> with cluster_client("local", n_workers=2) as client:                  # doctest: +SKIP
     ...     attrs = fit_distributed("store", slices=8, client=client, num_val=500)
     """
-    plan = plan_fit(store, slices=slices, max_targets=max_targets, **fit_kwargs)
+    plan = plan_fit(store, settings, slices=slices, max_targets=max_targets, **fit_kwargs)
     return execute_fit(plan, client, progress=progress)
 

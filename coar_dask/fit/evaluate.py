@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from coar_dask.core.experiment import Experiment
-from coar_dask.fit.fit import Attributions, infer_names
-from coar_dask.solvers.lstsq import _PearsonAccumulator
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import Store, init_store, open_store
+from coar_dask.errors import RegressionError
+from coar_dask.fit.attributions import Attributions
+from coar_dask.fit.rows import infer_names
+from coar_dask.solvers.streaming import PearsonAccumulator
 
 __all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "eval_store_for"]
 
@@ -102,7 +104,7 @@ def evaluate(
     rng = np.random.default_rng(0)
     k = attributions.n_examples
     sample = np.sort(rng.choice(k, size=min(n_plot_examples, k), replace=False))
-    acc = _PearsonAccumulator(k)
+    acc = PearsonAccumulator(k)
     preds, actuals = [], []
     for _, data in store.iter_completed([x_name, y_name]):
         x = data[x_name].reshape(len(data[x_name]), -1)
@@ -112,8 +114,6 @@ def evaluate(
         preds.append(p[:, sample])
         actuals.append(y[:, sample])
     if acc.n < 3:
-        from coar_dask.errors import RegressionError
-
         raise RegressionError(
             f"evaluation store {str(store.path)!r} has {acc.n} completed rows; build it first (needs >= 3)."
         )
@@ -129,14 +129,18 @@ def evaluate(
 
 def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: str = "COAR held-out evaluation") -> Path:
     """Write a PNG: histogram of per-example correlations, and predicted vs actual
-    outputs for a few examples."""
-    import matplotlib
+    outputs for a few examples.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas:
+    pyplot's state and the process's backend are left untouched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n = len(result.sample_examples)
-    fig, axes = plt.subplots(1, 1 + n, figsize=(4 * (1 + n), 3.6), squeeze=False)
+    fig = Figure(figsize=(4 * (1 + n), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + n, squeeze=False)
     ax = axes[0, 0]
     r = result.correlations[np.isfinite(result.correlations)]
     ax.hist(r, bins=30, color="#4477aa")
@@ -160,5 +164,4 @@ def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

@@ -665,7 +665,7 @@ class BetonRows:
     Attributes
     ----------
     n_rows, n_features, n_targets : int
-        The row source interface of :mod:`coar_dask.solvers.lstsq`.
+        The row source interface of :class:`coar_dask.solvers.base.RowSource`.
     idx_available : bool
         Whether the file has the ``idx`` field (store row of each position).
 

@@ -1,3 +1,10 @@
 """Streaming linear solvers behind one protocol: exact least squares (Gram /
 CG), SAGA and fast_l1.
+
+Modules: :mod:`~coar_dask.solvers.base` (row-source and solver protocols,
+results, progress, options fields), :mod:`~coar_dask.solvers.streaming`
+(batches, read-ahead, moments, Pearson correlation),
+:mod:`~coar_dask.solvers.lstsq`, :mod:`~coar_dask.solvers.saga`,
+:mod:`~coar_dask.solvers.fast_l1` and :mod:`~coar_dask.solvers.registry`
+(name -> solver and options class).
 """

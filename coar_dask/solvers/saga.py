@@ -40,25 +40,37 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from coar_dask.errors import MissingDependencyError, RegressionError
-from coar_dask.solvers.lstsq import (
-    ConcatRows,
+from coar_dask.errors import RegressionError
+from coar_dask.solvers.base import (
     ProgressFn,
     RowSource,
     SolverResult,
-    _Moments,
-    _report,
-    _threads_for,
-    batch_rows_for,
-    iter_batches,
+    make_options,
+    option,
+    options_dict,
+    report,
+    threads_for,
+    torch_device,
 )
+from coar_dask.solvers.streaming import ConcatRows, EpochRows, Moments, iter_batches
 
-__all__ = ["SagaConfig", "saga", "fast_l1", "table_nbytes", "lambda_path"]
+__all__ = [
+    "LassoPathOptions",
+    "SagaOptions",
+    "SagaConfig",
+    "saga",
+    "table_nbytes",
+    "lambda_path",
+    "parse_max_lambda",
+    "check_path_rows",
+    "MAX_TABLE_BYTES",
+    "CACHE_BYTES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +80,29 @@ MAX_TABLE_BYTES = 4 * 2**30
 CACHE_BYTES = 2**30
 
 
+def parse_max_lambda(value: Any) -> float | str:
+    """``"auto"`` or a number, from a flag's text (``--max-lambda``)."""
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RegressionError(f"--max-lambda must be a number or 'auto'; found {value!r}.") from None
+
+
+def _seed_max_lambda(value: Any) -> float | str:
+    """The seed's ``manual_max_lambda``: -1 means each target's lambda_max."""
+    return "auto" if value == -1 else float(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
-class SagaConfig:
-    """Settings of :func:`saga` (the seed's regression config, under clearer names).
+class LassoPathOptions:
+    """Settings of fast_l1's lasso path, shared by :func:`saga` and :func:`coar_dask.solvers.fast_l1.fast_l1`
+    (the seed's regression config, under clearer names).
 
     Parameters
     ----------
@@ -91,65 +123,54 @@ class SagaConfig:
     early_stop_every, early_stop_eps
         Check frequency in epochs and weight-change tolerance (seed:
         ``early_stopping.check_every`` = 3 and ``early_stopping.eps`` = 1e-10).
-    min_lambdas
-        Lambdas tried before a worse validation MSE may stop a target's path
-        (fast_l1's ``min_lams_to_try``).
-    max_epochs
-        Epochs per stage (path, refit) after which unfinished targets stop.
-    refit
-        Refit on train + validation rows at the chosen penalties (the seed does).
     seed
         Seed of the row order of each epoch.
-    table
-        Where the ``n x K`` table lives: ``"memory"``, ``"disk"`` (a
-        memory-mapped file in ``table_dir``) or ``"auto"``.
+    cache_bytes
+        Rows are cached in RAM between epochs when they take less than this.
     """
 
-    lr: float = 1e-3
-    k: int = 1
-    eps: float = 1e-4
-    max_lambda: float | str | None = None
-    batch_size: int | None = None
-    early_stop_every: int = 3
-    early_stop_eps: float = 1e-10
-    min_lambdas: int = 10
-    max_epochs: int = 1000
-    refit: bool = True
-    seed: int = 0
-    table: str = "auto"
-    table_dir: str | None = None
-    max_table_bytes: int = MAX_TABLE_BYTES
-    cache_bytes: int = CACHE_BYTES
+    lr: float = option(1e-3, "saga: step size (seed CIFAR 1e-3, ViT 5e-4)", flag="--lr", seed_key="cfg.lr",
+                       type=float)
+    k: int = option(1, "saga: number of penalties on the lasso path (seed: 1)", flag="--k", seed_key="cfg.k",
+                    type=int)
+    eps: float = option(1e-4, "saga: smallest/largest penalty of the path (default 1e-4)", flag="--eps",
+                        seed_key="cfg.eps", type=float)
+    max_lambda: float | str | None = option(
+        None, "saga: largest penalty: a number, or auto (lambda_max per example); default 0 when k=1 (the seed's "
+        "manual_max_lambda 0), auto otherwise", flag="--max-lambda", seed_key="cfg.manual_max_lambda", type=str,
+        parse=parse_max_lambda, from_seed=_seed_max_lambda)
+    batch_size: int | None = option(None, "saga: rows per step (default min(rows, 2500))", flag="--batch-size",
+                                    seed_key="cfg.batch_size", type=int)
+    early_stop_every: int = option(3, "saga: check convergence every N epochs (seed: 3)", flag="--early-stop-every",
+                                   seed_key="early_stopping.check_every", type=int)
+    early_stop_eps: float = option(1e-10, "saga: weight-change tolerance (seed: 1e-10)", flag="--early-stop-eps",
+                                   seed_key="early_stopping.eps", type=float)
+    seed: int = option(0, "seed of each epoch's row order")
+    cache_bytes: int = option(CACHE_BYTES, "rows are cached in RAM between epochs below this size")
+
+    def _bad(self, name: str, expected: str) -> RegressionError:
+        return RegressionError(f"saga option {name}={getattr(self, name)!r}: expected {expected}.")
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> RegressionError:
-            return RegressionError(f"saga option {name}={getattr(self, name)!r}: expected {expected}.")
-
         if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", "a step size > 0, e.g. 1e-3 (the seed's CIFAR config)")
-        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
-            raise bad("k", "an integer >= 1 (number of penalties on the path)")
+            raise self._bad("lr", "a step size > 0, e.g. 1e-3 (the seed's CIFAR config)")
+        if not _positive_int(self.k):
+            raise self._bad("k", "an integer >= 1 (number of penalties on the path)")
         if not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
-            raise bad("eps", "a ratio 0 < eps <= 1 of the smallest to the largest penalty, e.g. 1e-4")
+            raise self._bad("eps", "a ratio 0 < eps <= 1 of the smallest to the largest penalty, e.g. 1e-4")
         if self.max_lambda is not None and self.max_lambda != "auto":
             try:
                 value = float(self.max_lambda)
             except (TypeError, ValueError):
-                raise bad("max_lambda", "a number >= 0, 'auto' or None") from None
+                raise self._bad("max_lambda", "a number >= 0, 'auto' or None") from None
             if not (np.isfinite(value) and value >= 0):
-                raise bad("max_lambda", "a number >= 0, 'auto' or None")
+                raise self._bad("max_lambda", "a number >= 0, 'auto' or None")
         if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
-            raise bad("batch_size", "a positive number of rows, e.g. 2500")
-        for name in ("early_stop_every", "max_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise bad(name, "an integer >= 1")
-        if not isinstance(self.min_lambdas, (int, np.integer)) or self.min_lambdas < 0:
-            raise bad("min_lambdas", "an integer >= 0")
+            raise self._bad("batch_size", "a positive number of rows, e.g. 2500")
+        if not _positive_int(self.early_stop_every):
+            raise self._bad("early_stop_every", "an integer >= 1")
         if not (isinstance(self.early_stop_eps, (int, float)) and self.early_stop_eps > 0):
-            raise bad("early_stop_eps", "a tolerance > 0, e.g. 1e-10 (the seed's)")
-        if self.table not in ("auto", "memory", "disk"):
-            raise bad("table", "'auto', 'memory' or 'disk'")
+            raise self._bad("early_stop_eps", "a tolerance > 0, e.g. 1e-10 (the seed's)")
 
     @property
     def lam_decay(self) -> float:
@@ -161,6 +182,63 @@ class SagaConfig:
         if self.max_lambda is None:
             return 0.0 if self.k == 1 else "auto"
         return "auto" if self.max_lambda == "auto" else float(self.max_lambda)
+
+
+@dataclass(frozen=True)
+class SagaOptions(LassoPathOptions):
+    """Settings of :func:`saga`: those of :class:`LassoPathOptions`, and
+
+    Parameters
+    ----------
+    min_lambdas
+        Lambdas tried before a worse validation MSE may stop a target's path
+        (fast_l1's ``min_lams_to_try``).
+    max_epochs
+        Epochs per stage (path, refit) after which unfinished targets stop.
+    refit
+        Refit on train + validation rows at the chosen penalties (the seed does).
+    table
+        Where the ``n x K`` table lives: ``"memory"``, ``"disk"`` (a
+        memory-mapped file in ``table_dir``) or ``"auto"``.
+    table_dir, max_table_bytes
+        Directory of a memory-mapped table; largest table ``"auto"`` keeps in RAM.
+    """
+
+    min_lambdas: int = option(10, "lambdas tried before a worse validation MSE may stop a path")
+    max_epochs: int = option(1000, "saga: epochs per stage before giving up (default 1000)", flag="--max-epochs",
+                             type=int)
+    refit: bool = option(True, "saga: skip the seed's refit on train + validation rows", flag="--no-refit",
+                         action="store_false")
+    table: str = option("auto", "where SAGA's rows x targets table lives: auto, memory or disk")
+    table_dir: str | None = option(None, "directory of a memory-mapped table")
+    max_table_bytes: int = option(MAX_TABLE_BYTES, "largest table kept in RAM by table='auto'")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _positive_int(self.max_epochs):
+            raise self._bad("max_epochs", "an integer >= 1")
+        if not isinstance(self.min_lambdas, (int, np.integer)) or self.min_lambdas < 0:
+            raise self._bad("min_lambdas", "an integer >= 0")
+        if self.table not in ("auto", "memory", "disk"):
+            raise self._bad("table", "'auto', 'memory' or 'disk'")
+
+
+#: The former name of :class:`SagaOptions`.
+SagaConfig = SagaOptions
+
+
+def check_path_rows(k: int, train: RowSource, val: RowSource | None) -> bool:
+    """Whether ``val`` has rows; raises when a path (``k > 1``) has none to choose its penalties on,
+    or ``train`` has no rows."""
+    has_val = val is not None and val.n_rows > 0
+    if k > 1 and not has_val:
+        raise RegressionError(
+            f"a lambda path (k={k}) chooses each target's penalty on validation rows; pass num_val > 0 "
+            f"(CLI: --num-val N), or k=1 with a fixed max_lambda."
+        )
+    if int(train.n_rows) == 0:
+        raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
+    return has_val
 
 
 def lambda_path(lambda_max: float, k: int, eps: float) -> np.ndarray:
@@ -184,77 +262,8 @@ def table_nbytes(n_rows: int, n_targets: int) -> int:
     return 4 * int(n_rows) * int(n_targets)
 
 
-# --------------------------------------------------------------------------
-# Data: batches of rows with their positions, every epoch
-# --------------------------------------------------------------------------
-class _Rows:
-    """The rows of a source as torch batches ``(positions, X, Y)`` of exactly
-    ``batch_size`` rows (the last batch of an epoch may be smaller).
 
-    Small sources are cached in RAM (masks as bool) and visited in a fresh
-    random order every epoch, like FFCV's ``OrderOption.RANDOM``; larger ones
-    are streamed in source order and shuffled within a window of
-    ``4 * batch_size`` rows or more.
-    """
-
-    def __init__(self, source: RowSource, batch_size: int, *, seed: int, cache_bytes: int):
-        import torch
-
-        self.source = source
-        self.n = int(source.n_rows)
-        self.P, self.K = int(source.n_features), int(source.n_targets)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.window = max(4 * self.batch_size, batch_rows_for(self.P, self.K))
-        self.cached = self.n * (self.P + 4 * self.K) <= cache_bytes
-        self.X = self.Y = None
-        if self.cached:
-            xs, ys, binary = [], [], True
-            for x, y in iter_batches(source):
-                binary = binary and bool(np.isin(x, (0, 1)).all())
-                xs.append(torch.from_numpy(np.ascontiguousarray(x)))
-                ys.append(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)))
-            X = torch.cat(xs) if xs else torch.zeros(0, self.P)
-            self.X = X.bool() if binary else X.float()
-            self.Y = torch.cat(ys) if ys else torch.zeros(0, self.K)
-            if self.X.shape[0] != self.n:
-                raise RegressionError(f"the row source said {self.n} rows but yielded {self.X.shape[0]}.")
-
-    def batches(self, epoch: int | None) -> Iterator[tuple[Any, Any, Any]]:
-        """Batches of epoch ``epoch`` (shuffled); ``None``: in order, unshuffled."""
-        import torch
-
-        B = self.batch_size
-        rng = None if epoch is None else np.random.default_rng([self.seed, int(epoch)])
-        if self.cached:
-            order = torch.arange(self.n) if rng is None else torch.from_numpy(rng.permutation(self.n))
-            for i in range(0, self.n, B):
-                idx = order[i : i + B]
-                yield idx, self.X[idx], self.Y[idx]
-            return
-        offset = 0
-        carry: tuple[Any, Any, Any] | None = None
-        for x, y in iter_batches(self.source, self.window):
-            pos = torch.arange(offset, offset + x.shape[0])
-            offset += x.shape[0]
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
-            if carry is not None:
-                pos, xt, yt = torch.cat([carry[0], pos]), torch.cat([carry[1], xt]), torch.cat([carry[2], yt])
-            if rng is not None:
-                perm = torch.from_numpy(rng.permutation(pos.shape[0]))
-                pos, xt, yt = pos[perm], xt[perm], yt[perm]
-            full = (pos.shape[0] // B) * B
-            for i in range(0, full, B):
-                yield pos[i : i + B], xt[i : i + B], yt[i : i + B]
-            carry = (pos[full:], xt[full:], yt[full:]) if full < pos.shape[0] else None
-        if offset != self.n:
-            raise RegressionError(f"the row source said {self.n} rows but yielded {offset}.")
-        if carry is not None:
-            yield carry
-
-
-def _make_table(n: int, K: int, cfg: SagaConfig, dev: Any) -> tuple[Any, Any]:
+def _make_table(n: int, K: int, cfg: SagaOptions, dev: Any) -> tuple[Any, Any]:
     """The zeroed ``n x K`` float32 residual table in host memory (or a memory-mapped file),
     and the temporary directory to clean up (or ``None``)."""
     import torch
@@ -284,11 +293,11 @@ class _Standardiser:
     def __init__(self, source: RowSource, dev: Any, need_lambda_max: bool, progress: ProgressFn | None):
         import torch
 
-        m = _Moments(source.n_features, source.n_targets, dev, gram=False, xy=need_lambda_max)
+        m = Moments(source.n_features, source.n_targets, dev, gram=False, xy=need_lambda_max)
         total = int(source.n_rows)
         for x, y in iter_batches(source):
             m.update(x, y)
-            _report(progress, "moments", m.n, total, f"{m.n}/{total} rows")
+            report(progress, "moments", m.n, total, f"{m.n}/{total} rows")
         if m.n == 0:
             raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
         self.n = m.n
@@ -318,8 +327,8 @@ class _Stage:
     rest (fast_l1 swaps them to the end for the same reason).
     """
 
-    def __init__(self, rows: _Rows, val: _Rows | None, std: _Standardiser, W0, b0, lam0, *, num_lambdas: int,
-                 lam_decay: float, cfg: SagaConfig, dev: Any, stage: str, progress: ProgressFn | None):
+    def __init__(self, rows: EpochRows, val: EpochRows | None, std: _Standardiser, W0, b0, lam0, *, num_lambdas: int,
+                 lam_decay: float, cfg: SagaOptions, dev: Any, stage: str, progress: ProgressFn | None):
         import torch
 
         self.rows, self.val, self.std, self.cfg, self.dev = rows, val, std, cfg, dev
@@ -495,38 +504,26 @@ class _Stage:
             return
         done = self.K - self.act.numel()
         mean_l = float(self.lambdas_done.float().mean()) if self.K else 0.0
-        _report(self.progress, self.stage, self.epochs, self.cfg.max_epochs,
-                f"epoch {self.epochs}, {mean_l:.1f}/{self.num_lambdas} lambdas, {done}/{self.K} targets done")
+        report(self.progress, self.stage, self.epochs, self.cfg.max_epochs,
+               f"epoch {self.epochs}, {mean_l:.1f}/{self.num_lambdas} lambdas, {done}/{self.K} targets done")
 
 
 def saga(
     train: RowSource,
     val: RowSource | None = None,
     *,
-    lr: float = 1e-3,
-    k: int = 1,
-    eps: float = 1e-4,
-    max_lambda: float | str | None = None,
-    batch_size: int | None = None,
-    early_stop_every: int = 3,
-    early_stop_eps: float = 1e-10,
-    min_lambdas: int = 10,
-    max_epochs: int = 1000,
-    refit: bool = True,
-    seed: int = 0,
-    table: str = "auto",
-    table_dir: str | None = None,
-    max_table_bytes: int = MAX_TABLE_BYTES,
-    cache_bytes: int = CACHE_BYTES,
     device: Any = None,
     progress: ProgressFn | None = None,
+    options: SagaOptions | None = None,
+    **kwargs: Any,
 ) -> SolverResult:
     """fast_l1's SAGA lasso path with per-target early stopping, in torch on ``device``.
 
-    The parameters are those of :class:`SagaConfig` (the seed's regression
-    config: ``lr``, ``k``, ``eps``, ``max_lambda`` = ``manual_max_lambda``,
-    ``batch_size``, ``early_stop_every`` = ``check_every``,
-    ``early_stop_eps``); see the module docstring for the algorithm.
+    ``options`` (a :class:`SagaOptions`) and/or its fields as keywords: the
+    seed's regression config (``lr``, ``k``, ``eps``, ``max_lambda`` =
+    ``manual_max_lambda``, ``batch_size``, ``early_stop_every`` =
+    ``check_every``, ``early_stop_eps``) and SAGA's own; see the module
+    docstring for the algorithm.
 
     Returns
     -------
@@ -550,22 +547,10 @@ def saga(
     """
     import torch
 
-    from coar_dask.solvers.lstsq import _device
-
-    cfg = SagaConfig(lr=lr, k=k, eps=eps, max_lambda=max_lambda, batch_size=batch_size,
-                     early_stop_every=early_stop_every, early_stop_eps=early_stop_eps, min_lambdas=min_lambdas,
-                     max_epochs=max_epochs, refit=refit, seed=seed, table=table, table_dir=table_dir,
-                     max_table_bytes=max_table_bytes, cache_bytes=cache_bytes)
-    dev = _device(device)
-    has_val = val is not None and val.n_rows > 0
-    if cfg.k > 1 and not has_val:
-        raise RegressionError(
-            f"a lambda path (k={cfg.k}) chooses each target's penalty on validation rows; pass num_val > 0 "
-            f"(CLI: --num-val N), or k=1 with a fixed max_lambda."
-        )
+    cfg = make_options(SagaOptions, "saga", options, kwargs)
+    dev = torch_device(device)
+    has_val = check_path_rows(cfg.k, train, val)
     n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
-    if n == 0:
-        raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
     B = int(min(cfg.batch_size or 2500, n))
     mode = cfg.start_mode()
     std = _Standardiser(train, dev, mode == "auto", progress)
@@ -576,25 +561,19 @@ def saga(
     info: dict[str, Any] = {
         "solver": "saga", "n_train": n, "batch_size": B,
         "saga_table_bytes": table_nbytes(n, K),
-        "saga_config": {k_: v for k_, v in asdict(cfg).items() if isinstance(v, (int, float, str)) and v is not None},
+        "saga_config": options_dict(cfg),
         "lambda_start_mean": float(lam0.mean()) if K else 0.0,
     }
     logger.info("SAGA on %d rows x %d features -> %d targets (batch %d, lr %g, k=%d, eps %g, %s), device %s; "
                 "gradient table %.1f MiB in host memory", n, P, K, B, cfg.lr, cfg.k, cfg.eps,
                 "lambda_max per target" if mode == "auto" else f"lambda {mode:g}", dev, table_nbytes(n, K) / 2**20)
-    rows = _Rows(train, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes)
-    vrows = _Rows(val, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes) if has_val else None
+    rows = EpochRows(train, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes)
+    vrows = EpochRows(val, B, seed=cfg.seed, cache_bytes=cfg.cache_bytes) if has_val else None
     W0 = torch.zeros(P, K, dtype=torch.float32, device=dev)
     b0 = torch.zeros(K, dtype=torch.float32, device=dev)
     path = _Stage(rows, vrows, std, W0, b0, lam0, num_lambdas=cfg.k, lam_decay=cfg.lam_decay, cfg=cfg, dev=dev,
                   stage="saga", progress=progress)
-    table_, tmp = _make_table(n, K, cfg, dev)
-    try:
-        with _threads_for(4.0 * B * P * K, dev):
-            path.run(table_)
-    finally:
-        del table_
-        _cleanup(tmp)
+    _run_stage(path, n, B, cfg, dev)
     info.update(saga_epochs=path.epochs, saga_converged=int(path.converged.sum()),
                 lambdas_done_mean=float(path.lambdas_done.float().mean()) if K else 0.0)
     if has_val:
@@ -603,23 +582,39 @@ def saga(
     W, b, lam = path.out_W, path.out_b, path.out_lam
     del rows, path
     if has_val and cfg.refit:
-        both = ConcatRows(train, val)
-        std2 = _Standardiser(both, dev, False, progress)
-        w_mask = W * std.inv_sd[:, None]
-        W2 = w_mask * std2.sd[:, None]
-        b2 = b - std.mu @ w_mask + std2.mu @ w_mask
-        rows2 = _Rows(both, min(B, both.n_rows), seed=cfg.seed + 1, cache_bytes=cfg.cache_bytes)
-        stage = _Stage(rows2, None, std2, W2, b2, lam, num_lambdas=1, lam_decay=1.0, cfg=cfg, dev=dev,
-                       stage="saga-refit", progress=progress)
-        table_, tmp = _make_table(both.n_rows, K, cfg, dev)
-        try:
-            with _threads_for(4.0 * B * P * K, dev):
-                stage.run(table_)
-        finally:
-            del table_
-            _cleanup(tmp)
-        W, b, std = stage.out_W, stage.out_b, std2
-        info.update(n_refit=both.n_rows, saga_refit_epochs=stage.epochs, saga_refit_converged=int(stage.converged.sum()))
+        W, b, std = _refit(ConcatRows(train, val), std, W, b, lam, B, cfg, dev, progress, info)
+    return _mask_units(W, b, lam, std, info)
+
+
+def _run_stage(stage: _Stage, n: int, B: int, cfg: SagaOptions, dev: Any) -> None:
+    """Run one stage with its ``n x K`` table, removed afterwards."""
+    table_, tmp = _make_table(n, stage.K, cfg, dev)
+    try:
+        with threads_for(4.0 * B * stage.rows.P * stage.K, dev):
+            stage.run(table_)
+    finally:
+        del table_
+        _cleanup(tmp)
+
+
+def _refit(both: ConcatRows, std: _Standardiser, W, b, lam, B: int, cfg: SagaOptions, dev: Any,
+           progress: ProgressFn | None, info: dict[str, Any]) -> tuple[Any, Any, _Standardiser]:
+    """The seed's refit on train + validation rows at the chosen penalties, warm started from the path's weights
+    (re-expressed in the standardisation of all the rows)."""
+    std2 = _Standardiser(both, dev, False, progress)
+    w_mask = W * std.inv_sd[:, None]
+    W2 = w_mask * std2.sd[:, None]
+    b2 = b - std.mu @ w_mask + std2.mu @ w_mask
+    rows2 = EpochRows(both, min(B, both.n_rows), seed=cfg.seed + 1, cache_bytes=cfg.cache_bytes)
+    stage = _Stage(rows2, None, std2, W2, b2, lam, num_lambdas=1, lam_decay=1.0, cfg=cfg, dev=dev,
+                   stage="saga-refit", progress=progress)
+    _run_stage(stage, both.n_rows, B, cfg, dev)
+    info.update(n_refit=both.n_rows, saga_refit_epochs=stage.epochs, saga_refit_converged=int(stage.converged.sum()))
+    return stage.out_W, stage.out_b, std2
+
+
+def _mask_units(W, b, lam, std: _Standardiser, info: dict[str, Any]) -> SolverResult:
+    """Weights of the standardised problem back in mask units."""
     w_mask = W * std.inv_sd[:, None]
     b_mask = b - std.mu @ w_mask
     return SolverResult(
@@ -635,139 +630,3 @@ def _cleanup(tmp: Any) -> None:
         directory, mm = tmp
         del mm
         directory.cleanup()
-
-
-# --------------------------------------------------------------------------
-# The real fast_l1
-# --------------------------------------------------------------------------
-FAST_L1_INSTALL = "pip install git+https://github.com/MadryLab/fast_l1 cupy-cuda12x"
-
-
-def _import_fast_l1() -> Any:
-    try:
-        from fast_l1 import regressor  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"solver 'fast_l1' needs the fast_l1 package (and cupy, an NVIDIA GPU), which cannot be imported "
-            f"({exc}). Install it with: {FAST_L1_INSTALL} -- or use --solver saga, the same algorithm in torch "
-            f"on CPU or GPU."
-        ) from None
-    return regressor
-
-
-class _FastL1Loader:
-    """What fast_l1 iterates: ``(X, y, idx)`` CUDA tensors in batches of exactly ``batch_size`` rows.
-
-    fast_l1 preallocates its buffers from the first batch, so every batch must
-    have that size (the seed's loaders assert the same).
-    """
-
-    def __init__(self, source: RowSource, batch_size: int, device: Any, *, seed: int, cache_bytes: int):
-        if source.n_rows % batch_size:
-            raise RegressionError(
-                f"fast_l1 needs a batch size that divides the number of rows ({source.n_rows}); "
-                f"{batch_size} does not. Choose batch_size dividing num_train and num_train + num_val "
-                f"(as the seed's configs do), or use --solver saga."
-            )
-        self.device = device
-        self.rows = _Rows(source, batch_size, seed=seed, cache_bytes=cache_bytes)
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
-        import torch
-
-        self.epoch += 1
-        for idx, x, y in self.rows.batches(self.epoch):
-            yield (x.to(self.device, torch.float32), y.to(self.device, torch.float32), idx.to(self.device))
-
-    def __len__(self) -> int:
-        return -(-self.rows.n // self.rows.batch_size)
-
-
-def fast_l1(
-    train: RowSource,
-    val: RowSource | None = None,
-    *,
-    lr: float = 1e-3,
-    k: int = 1,
-    eps: float = 1e-4,
-    max_lambda: float | str | None = None,
-    batch_size: int | None = None,
-    early_stop_every: int = 3,
-    early_stop_eps: float = 1e-10,
-    seed: int = 0,
-    cache_bytes: int = CACHE_BYTES,
-    device: Any = None,
-    progress: ProgressFn | None = None,
-) -> SolverResult:
-    """Fit with the real fast_l1 package, as the seed's ``run_regression.py`` does.
-
-    Needs fast_l1 (and cupy) importable and a CUDA GPU; otherwise raises
-    :class:`~coar_dask.errors.MissingDependencyError` or
-    :class:`~coar_dask.errors.RegressionError` saying what to do. The path
-    runs on the training rows with validation-based early stopping, then
-    fast_l1 refits on train + validation rows at the best penalties, and the
-    weights (fast_l1 returns them in standardised units) are converted to
-    mask units. Options as in :func:`saga`; the batch size must divide the
-    numbers of train and train + validation rows.
-    """
-    import torch
-
-    regressor = _import_fast_l1()
-    if not torch.cuda.is_available():
-        raise RegressionError(
-            "solver 'fast_l1' runs only on an NVIDIA GPU (it uses cupy kernels), and torch sees no CUDA device. "
-            "Use --solver saga (the same algorithm, on CPU) or --solver lstsq."
-        )
-    if device is not None and torch.device(device).type != "cuda":
-        raise RegressionError(f"solver 'fast_l1' runs only on CUDA; device={device!r} was asked for. Use --device cuda.")
-    cfg = SagaConfig(lr=lr, k=k, eps=eps, max_lambda=max_lambda, batch_size=batch_size,
-                     early_stop_every=early_stop_every, early_stop_eps=early_stop_eps, seed=seed,
-                     cache_bytes=cache_bytes)
-    has_val = val is not None and val.n_rows > 0
-    if cfg.k > 1 and not has_val:
-        raise RegressionError(f"a lambda path (k={cfg.k}) needs validation rows; pass num_val > 0 (CLI: --num-val N).")
-    dev = torch.device(device or "cuda")
-    n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
-    B = int(min(cfg.batch_size or 2500, n))
-    train_loader = _FastL1Loader(train, B, dev, seed=seed, cache_bytes=cache_bytes)
-    val_loader = _FastL1Loader(val, B, dev, seed=seed, cache_bytes=cache_bytes) if has_val else None
-    mode = cfg.start_mode()
-    if mode == "auto":
-        start = regressor.calc_max_lambda(train_loader)
-    else:
-        start = torch.full((K,), float(mode), dtype=torch.float32, device=dev)
-    weight = torch.zeros(P, K, dtype=torch.float32, device=dev)
-    bias = torch.zeros(K, dtype=torch.float32, device=dev)
-    _report(progress, "fast_l1", 0, 2 if has_val else 1, "lambda path")
-    best = regressor.train_saga(weight, bias, train_loader, val_loader, lr=cfg.lr, start_lams=start,
-                                lam_decay=cfg.lam_decay, num_lambdas=cfg.k, early_stop_freq=cfg.early_stop_every,
-                                early_stop_eps=cfg.early_stop_eps)
-    stats_loader = train_loader
-    lam = best if has_val else start
-    if has_val:
-        _report(progress, "fast_l1", 1, 2, "refit on train + validation")
-        full = _FastL1Loader(ConcatRows(train, val), B, dev, seed=seed + 1, cache_bytes=cache_bytes)
-        regressor.train_saga(weight, bias, full, None, lr=cfg.lr, start_lams=best, lam_decay=1.0, num_lambdas=1,
-                             early_stop_freq=cfg.early_stop_every, early_stop_eps=cfg.early_stop_eps)
-        stats_loader = full
-    mu, sd = regressor.calc_stats(stats_loader)
-    mu, sd = mu.float().to(dev), sd.float().to(dev)
-    w_mask = torch.where(sd[:, None] > 0, weight / torch.where(sd > 0, sd, torch.ones_like(sd))[:, None],
-                         torch.zeros_like(weight))
-    b_mask = bias - mu @ w_mask
-    _report(progress, "fast_l1", 2 if has_val else 1, 2 if has_val else 1, "done")
-    result = SolverResult(
-        weight=np.ascontiguousarray(w_mask.cpu().numpy(), dtype=np.float32),
-        bias=np.ascontiguousarray(b_mask.cpu().numpy(), dtype=np.float32),
-        lam=np.ascontiguousarray(torch.as_tensor(lam).float().cpu().numpy().reshape(-1), dtype=np.float32),
-        info={"solver": "fast_l1", "n_train": n, "batch_size": B, "saga_table_bytes": table_nbytes(n, K)},
-    )
-    if has_val:
-        # fast_l1 returns the refit weights only: these metrics are in-sample for the validation rows.
-        from coar_dask.solvers.lstsq import validation_metrics
-
-        result.info.update(validation_metrics(result, val))
-        result.info["val_metrics_after_refit"] = 1
-    return result
-

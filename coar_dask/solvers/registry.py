@@ -1,0 +1,107 @@
+"""The one registry of solvers: name -> solver function and its options class.
+
+Registered solvers (chosen by name with :func:`get_solver`):
+
+``lstsq`` (default)
+    Exact least squares or ridge with an intercept (:func:`coar_dask.solvers.lstsq.lstsq`,
+    options :class:`~coar_dask.solvers.lstsq.LstsqOptions`).
+``saga``
+    fast_l1's SAGA lasso path in torch on any device (:func:`coar_dask.solvers.saga.saga`,
+    options :class:`~coar_dask.solvers.saga.SagaOptions`).
+``fast_l1``
+    The real fast_l1 package on a CUDA GPU (:func:`coar_dask.solvers.fast_l1.fast_l1`,
+    options :class:`~coar_dask.solvers.fast_l1.FastL1Options`).
+
+Every solver follows :class:`~coar_dask.solvers.base.Solver`. To add one,
+write a module with its function and its frozen options dataclass (fields
+made with :func:`~coar_dask.solvers.base.option`) and add a
+:class:`SolverEntry` to :data:`REGISTRY`: the ``coar-dask fit`` flags and the
+option checks follow from the options class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from coar_dask.errors import RegressionError
+from coar_dask.solvers.base import OptionInfo, Solver, option_infos
+from coar_dask.solvers.fast_l1 import FastL1Options, fast_l1
+from coar_dask.solvers.lstsq import LstsqOptions, lstsq
+from coar_dask.solvers.saga import SagaOptions, saga
+
+__all__ = [
+    "SolverEntry",
+    "REGISTRY",
+    "SOLVERS",
+    "get_solver",
+    "get_entry",
+    "solver_options",
+    "check_solver_options",
+    "options_class",
+]
+
+
+@dataclass(frozen=True)
+class SolverEntry:
+    """A registered solver: its name, function, options class and one line of description."""
+
+    name: str
+    fn: Solver
+    options: type
+    description: str
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.options))
+
+    def option_infos(self) -> tuple[OptionInfo, ...]:
+        return option_infos(self.options)
+
+
+#: Every solver, in the order the command line lists them.
+REGISTRY: dict[str, SolverEntry] = {
+    e.name: e for e in (
+        SolverEntry("lstsq", lstsq, LstsqOptions, "exact least squares/ridge, default"),
+        SolverEntry("saga", saga, SagaOptions, "fast_l1's lasso path in torch, CPU or GPU"),
+        SolverEntry("fast_l1", fast_l1, FastL1Options, "the fast_l1 package, CUDA only"),
+    )
+}
+
+#: name -> solver function.
+SOLVERS: dict[str, Solver] = {name: e.fn for name, e in REGISTRY.items()}
+
+
+def get_entry(name: str) -> SolverEntry:
+    """The :class:`SolverEntry` registered under ``name``."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise RegressionError(f"unknown solver {name!r}; choose one of {sorted(REGISTRY)}.") from None
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered under ``name``."""
+    return get_entry(name).fn
+
+
+def options_class(name: str) -> type:
+    """The options dataclass of solver ``name``."""
+    return get_entry(name).options
+
+
+def solver_options(name: str) -> tuple[str, ...]:
+    """The keyword options solver ``name`` accepts (besides ``device`` and ``progress``)."""
+    return get_entry(name).option_names
+
+
+def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`RegressionError` naming the valid options if ``options`` has one ``solver`` lacks."""
+    allowed = solver_options(solver)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise RegressionError(
+            f"solver {solver!r} has no option(s) {unknown}; its options are {list(allowed)}. "
+            f"(CLI: the flags of another solver were given; check --solver.)"
+        )
