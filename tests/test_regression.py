@@ -271,3 +271,22 @@ def test_regression_benchmark_runs_small(tmp_path):
         assert np.isfinite(out[key]), key
     assert out["synthetic"]["num_train"] == 1200 and out["synthetic"]["saga_max_epochs"] == 6
     assert out["rss_100k_mb"] < 1.1 * out["rss_10k_mb"]
+
+
+def test_plot_evaluation_leaves_the_backend_alone(tmp_path):
+    """plot_evaluation draws on its own Figure: the process's matplotlib backend stays what it was."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from coar_dask.fit.evaluate import EvaluationResult, plot_evaluation
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        rng = np.random.default_rng(0)
+        result = EvaluationResult(correlations=rng.uniform(0.5, 1, 20), n_rows=30,
+                                  sample_examples=np.array([1, 4]), sample_predicted=rng.normal(size=(30, 2)),
+                                  sample_actual=rng.normal(size=(30, 2)))
+        path = plot_evaluation(result, tmp_path / "plots" / "eval.png")
+        assert matplotlib.get_backend() == "svg"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

@@ -501,3 +501,30 @@ def test_refit_without_grid_fits_train_and_validation_rows(method):
     assert rel_err(res.weight, w) < 1e-6 and res.info["n_refit"] == 240
     held = lstsq_mod.lstsq(ArrayRows(X[:160], Y[:160]), ArrayRows(X[160:], Y[160:]), method=method)
     np.testing.assert_allclose(res.info["val_mse"], held.info["val_mse"], rtol=1e-6)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(3, 120), k=st.integers(1, 5), cuts=st.lists(st.integers(1, 119), max_size=6))
+def test_pearson_accumulator_streamed_equals_corrcoef(seed, n, k, cuts):
+    """The public accumulator (used by solvers and evaluate): any split of the rows into batches
+    gives numpy's per-column correlation."""
+    rng = np.random.default_rng(seed)
+    pred = rng.normal(size=(n, k))
+    actual = 0.5 * pred + rng.normal(size=(n, k))
+    acc = streaming.PearsonAccumulator(k)
+    edges = [0, *sorted({c for c in cuts if c < n}), n]
+    for a, b in zip(edges[:-1], edges[1:]):
+        acc.update(pred[a:b], actual[a:b])
+    want = [np.corrcoef(pred[:, j], actual[:, j])[0, 1] for j in range(k)]
+    assert acc.n == n
+    np.testing.assert_allclose(acc.result(), want, rtol=1e-9, atol=1e-9)
+
+
+def test_unknown_option_names_the_solvers_options():
+    X, Y, _, _ = planted(n=50, p=4, k=2)
+    with pytest.raises(RegressionError, match="no option.*'ridge'"):
+        lstsq_mod.lstsq(ArrayRows(X, Y), lr=0.1)
+    with pytest.raises(RegressionError, match="no option.*'lr'"):
+        saga_mod.saga(ArrayRows(X, Y), ridge=1.0)
+    opts = lstsq_mod.LstsqOptions(ridge=2.0)
+    assert np.allclose(lstsq_mod.lstsq(ArrayRows(X, Y), options=opts).lam, 2.0)

@@ -22,6 +22,7 @@ from coar_dask.errors import ConfigError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.core import fit_sources
 from coar_dask.fit.rows import StoreRows, infer_names, seed_split
+from coar_dask.formats.beton import BetonRows, inspect_beton
 
 __all__ = ["open_rows", "run_regression", "OUT_FILE"]
 
@@ -32,8 +33,6 @@ OUT_FILE = "datamodels.pt"
 
 
 def _beton_rows(cfg: SeedRegressionConfig, path: Path) -> tuple[int, str, Any]:
-    from coar_dask.formats.beton import BetonRows, inspect_beton
-
     n = inspect_beton(path).n_rows
     where = f"{str(path)!r} has only {n} rows; lower them or write more rows into the .beton"
 
