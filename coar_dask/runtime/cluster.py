@@ -45,7 +45,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import dask
 import dask.config
-import yaml
 
 from coar_dask import config as _config  # noqa: F401  (loads coar_dask's dask.config defaults)
 from coar_dask._yaml import read_yaml_file
@@ -77,7 +76,7 @@ def default_local_workers() -> int:
 
 #: Environment of worker processes: one BLAS/OpenMP thread each, so that
 #: N single-threaded workers use N cores without oversubscription.
-# malloc: dask's MALLOC_TRIM_THRESHOLD_=65536 pins mmap at 128 KiB -> 3x CPU per digits model (BENCHMARKS.md); applied in workers by coar_dask.ablation.engine.apply_malloc_env
+# malloc: dask's MALLOC_TRIM_THRESHOLD_=65536 pins mmap at 128 KiB -> 3x CPU per digits model (BENCHMARKS.md); applied in workers by coar_dask.runtime.worker.apply_malloc_env
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
