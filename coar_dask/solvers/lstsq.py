@@ -254,7 +254,8 @@ def _finish(weight, bias, lam, info: dict[str, Any], val: RowSource | None, pre_
 
 
 def _eigh(cxx):
-    """Eigendecomposition of the centred Gram matrix; small ones on one thread (see :data:`SMALL_STEP_FLOPS`)."""
+    """Eigendecomposition of the centred Gram matrix; small ones on one thread
+    (see :data:`coar_dask.solvers.base.SMALL_STEP_FLOPS`)."""
     import torch
 
     with threads_for(float(cxx.shape[0]) ** 3, cxx.device):
