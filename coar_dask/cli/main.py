@@ -28,7 +28,7 @@ from coar_dask.cli.demo import add_demo_parser
 from coar_dask.cli.initialize_store import add_initialize_store_parser
 from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
 from coar_dask.cli.run_regression import add_run_regression_parser
-from coar_dask.cli.solver_flags import add_fit_solver_arguments, solver_options_from_args
+from coar_dask.cli.solver_flags import add_fit_solver_arguments, add_row_arguments, solver_options_from_args
 from coar_dask.cli.verify import add_verify_parser
 from coar_dask.cli.write_dataset import add_export_beton_parser
 from coar_dask.errors import ConfigError
@@ -127,7 +127,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     bar = tqdm(file=sys.stderr, disable=None, unit="step")
 
-    def progress(p: Any) -> None:  # a coar_dask.solvers.lstsq.FitProgress
+    def progress(p: Any) -> None:  # a coar_dask.solvers.base.FitProgress
         bar.total = p.total
         bar.n = p.done
         bar.set_description_str(p.describe(), refresh=False)
@@ -225,10 +225,7 @@ def _fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--cfg.out_dir", dest="out", required=True, help="output .pt file (an existing directory gets DIR/datamodels.pt, as the seed)")
     p.add_argument("--x-name", "--cfg.x_name", dest="x_name", default=None, help="mask array (default: the bool one)")
     p.add_argument("--y-name", "--cfg.y_name", dest="y_name", default=None, help="output array (default: the other one)")
-    p.add_argument("--num-train", "--data.num_train", dest="num_train", type=int, default=None,
-                   help="train rows (default: all completed rows not used for validation)")
-    p.add_argument("--num-val", "--data.num_val", dest="num_val", type=int, default=0, help="validation rows (default 0)")
-    p.add_argument("--split-seed", "--data.seed", dest="split_seed", type=int, default=0, help="seed of the train/val split")
+    add_row_arguments(p)
     p.add_argument("--target-slice", default=None, help="fit only outputs START:STOP")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     add_fit_solver_arguments(p)

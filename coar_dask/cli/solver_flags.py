@@ -7,8 +7,7 @@ a ``flag`` becomes one flag (its ``seed_key``, e.g. ``cfg.lr``, an alias
 into the keywords of :func:`coar_dask.fit.fit.fit`.
 
 The seed's row keys (``--data.num_train``, ``--data.num_val``,
-``--data.seed``), when the parser accepts them as aliases of ``--num-train``,
-``--num-val`` and ``--split-seed``, select rows by the seed's rule (the first
+``--data.seed``; :func:`add_row_arguments`) select rows by the seed's rule (the first
 ``num_train`` rows, then ``num_val``; see :mod:`coar_dask.fit.rows`), as
 ``run-regression`` does with the same keys; the plain flags keep the seeded
 shuffle.
@@ -25,7 +24,7 @@ from coar_dask.errors import RegressionError
 from coar_dask.solvers.base import OptionInfo
 from coar_dask.solvers.registry import REGISTRY
 
-__all__ = ["add_fit_solver_arguments", "solver_options_from_args", "solver_flags", "SolverFlag", "SEED_ROW_FLAGS"]
+__all__ = ["add_fit_solver_arguments", "add_row_arguments", "solver_options_from_args", "solver_flags", "SolverFlag", "SEED_ROW_FLAGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +71,16 @@ class _SeedRowFlag(argparse.Action):
         setattr(namespace, _SEED_ROWS_SEEN, (*getattr(namespace, _SEED_ROWS_SEEN, ()), option_string))
 
 
-def _take_over_seed_row_flags(parser: argparse.ArgumentParser) -> None:
-    """Move the seed's row keys the parser already has (as aliases of ``--num-train`` ...) to an action
-    that also notes their use.
-
-    argparse has no public call to take an option string from an argument;
-    this does what its ``conflict_handler="resolve"`` does.
-    """
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """The row flags of ``coar-dask fit``: ``--num-train``, ``--num-val``, ``--split-seed`` (a seeded
+    shuffle) and the seed's keys ``--data.num_train``, ``--data.num_val``, ``--data.seed`` (the seed's
+    rule: the first rows, in order; see :data:`SEED_ROW_FLAGS`)."""
+    parser.add_argument("--num-train", dest="num_train", type=int, default=None,
+                        help="train rows (default: all completed rows not used for validation)")
+    parser.add_argument("--num-val", dest="num_val", type=int, default=0, help="validation rows (default 0)")
+    parser.add_argument("--split-seed", dest="split_seed", type=int, default=0,
+                        help="seed of the shuffled train/val split")
     for flag, dest in SEED_ROW_FLAGS.items():
-        old = parser._option_string_actions.pop(flag, None)  # noqa: SLF001 - see the docstring
-        if old is None:
-            continue
-        old.option_strings.remove(flag)
         parser.add_argument(flag, dest=dest, type=int, action=_SeedRowFlag, default=argparse.SUPPRESS,
                             help=f"the seed's {flag[2:]}: rows by the seed's rule (the first rows, in order)")
 
@@ -98,11 +95,9 @@ def add_fit_solver_arguments(parser: argparse.ArgumentParser) -> None:
     seed's ``--cfg.*`` / ``--early_stopping.*`` spellings as aliases);
     ``--slices N`` and ``--max-targets M``. Every option defaults to ``None``
     (solver default); flags the parser already has (e.g. ``--solver``,
-    ``--ridge``) are left as they are, except the seed's row keys
-    (:data:`SEED_ROW_FLAGS`), which are re-added to note their use. Read
-    them back with :func:`solver_options_from_args`.
+    ``--ridge``) are left as they are. Read them back with
+    :func:`solver_options_from_args`.
     """
-    _take_over_seed_row_flags(parser)
     g = parser.add_argument_group("solver", "how the per-example regressions are solved")
 
     def add(*flags: str, **kwargs: Any) -> None:
