@@ -92,7 +92,7 @@ def _tests_on_path():
 def coar_dask_cli() -> list[str]:
     """The command of the installed ``coar-dask`` CLI (its console script, else ``python -m``)."""
     script = Path(sys.executable).parent / "coar-dask"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli.main"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coar_dask.cli"]
 
 
 @pytest.fixture

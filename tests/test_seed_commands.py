@@ -261,11 +261,11 @@ ACCEPTANCE_SCRIPT = """\
 # The seed README's commands, with `coar_dask.` in front of the module names.
 set -euo pipefail
 STORE_DIR="$1"
-python -m coar_dask.cli.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
-python -m coar_dask.cli.main build --store $STORE_DIR --experiment "$REPO/configs/digits.yaml" --cluster none
-python -m coar_dask.cli.write_dataset --cfg.data_dir $STORE_DIR --cfg.out_path $STORE_DIR/component_datasets.beton \\
+python -m coar_dask.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
+python -m coar_dask.cli build --store $STORE_DIR --experiment "$REPO/configs/digits.yaml" --cluster none
+python -m coar_dask.write_dataset --cfg.data_dir $STORE_DIR --cfg.out_path $STORE_DIR/component_datasets.beton \\
     --cfg.x_name masks --cfg.y_name margins --cfg.ignore_completed
-python -m coar_dask.cli.run_regression --config regression_config.yaml \\
+python -m coar_dask.run_regression --config regression_config.yaml \\
     --data.data_path $STORE_DIR/component_datasets.beton --cfg.out_dir $STORE_DIR/coar_attributions.pt
 """
 

@@ -1,8 +1,8 @@
-"""``python -m coar_dask.cli.initialize_store``: the seed's store initialization, on zarr.
+"""``python -m coar_dask.initialize_store``: the seed's store initialization, on zarr.
 
 Same flags as the research code's ``initialize_store.py``::
 
-    python -m coar_dask.cli.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
+    python -m coar_dask.initialize_store --logging.logdir $STORE_DIR --logging.spec spec.json
 
 It creates a zarr store (lazily: no chunk is written) for the seed's JSON
 spec at ``--logging.logdir``. Run again with the same spec, it opens the
@@ -39,7 +39,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m coar_dask.cli.initialize_store``."""
+    """The parser of ``python -m coar_dask.initialize_store``."""
     return standalone_parser("initialize_store", "Initialize a zarr store from the seed's JSON spec (the seed's initialize_store.py).", _add_arguments)
 
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m coar_dask.cli.initialize_store``."""
+    """Entry point of ``python -m coar_dask.initialize_store``."""
     return run_main(build_parser(), run, argv, done="Done!")
 
 

@@ -1,8 +1,8 @@
-"""``python -m coar_dask.cli.run_regression``: the seed's regression command, on CPU or GPU.
+"""``python -m coar_dask.run_regression``: the seed's regression command, on CPU or GPU.
 
 Same flags and YAML as the research code's ``run_regression.py``::
 
-    python -m coar_dask.cli.run_regression --config regression_config.yaml \\
+    python -m coar_dask.run_regression --config regression_config.yaml \\
         --data.data_path $STORE_DIR/component_datasets.beton \\
         --cfg.out_dir $STORE_DIR/coar_attributions.pt
 
@@ -73,7 +73,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m coar_dask.cli.run_regression``."""
+    """The parser of ``python -m coar_dask.run_regression``."""
     return standalone_parser("run_regression", "Fit attributions from a .beton or a store with the seed's regression YAML.", _add_arguments, epilog="Every key of the YAML is also a flag: --data.num_train N, --cfg.batch_size B, ...")
 
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m coar_dask.cli.run_regression``."""
+    """Entry point of ``python -m coar_dask.run_regression``."""
     return run_main(build_parser(), run, argv)
 
 

@@ -1,8 +1,8 @@
-"""``python -m coar_dask.cli.write_dataset``: a store -> FFCV ``.beton``, the seed's flags.
+"""``python -m coar_dask.write_dataset``: a store -> FFCV ``.beton``, the seed's flags.
 
 Same flags as the research code's ``write_dataset.py``::
 
-    python -m coar_dask.cli.write_dataset --cfg.data_dir $STORE_DIR \\
+    python -m coar_dask.write_dataset --cfg.data_dir $STORE_DIR \\
         --cfg.out_path $STORE_DIR/component_datasets.beton \\
         --cfg.x_name masks --cfg.y_name val_margins --cfg.ignore_completed
 
@@ -51,7 +51,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m coar_dask.cli.write_dataset``."""
+    """The parser of ``python -m coar_dask.write_dataset``."""
     return standalone_parser("write_dataset", "Write a store's rows to an FFCV .beton (the seed's write_dataset.py).", _add_arguments)
 
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m coar_dask.cli.write_dataset``."""
+    """Entry point of ``python -m coar_dask.write_dataset``."""
     return run_main(build_parser(), run, argv)
 
 

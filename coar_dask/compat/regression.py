@@ -48,7 +48,7 @@ def _store_rows(cfg: SeedRegressionConfig, path: Path, x_name: str | None, y_nam
     if path.is_dir() and not (path / "zarr.json").exists() and any(path.glob("*.npy")):
         raise ConfigError(
             f"{str(path)!r} is a seed store directory of .npy files; convert it first with "
-            f"`python -m coar_dask.cli.write_dataset --cfg.data_dir {path} --cfg.out_path "
+            f"`python -m coar_dask.write_dataset --cfg.data_dir {path} --cfg.out_path "
             f"{path}/component_datasets.beton --cfg.y_name NAME` or `coar-dask import-npy`."
         )
     store = open_store(path, read_only=True)

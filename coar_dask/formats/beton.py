@@ -507,7 +507,7 @@ def _reader(path: Path) -> Any:
     ffcv = import_ffcv("Reading a .beton")
     if not path.is_file():
         raise BetonNotFoundError(
-            f"no .beton file at {str(path)!r}; write one with `python -m coar_dask.cli.write_dataset "
+            f"no .beton file at {str(path)!r}; write one with `python -m coar_dask.write_dataset "
             f"--cfg.data_dir STORE --cfg.out_path {path} --cfg.y_name NAME` or export_beton()."
         )
     try:
