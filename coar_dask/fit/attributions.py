@@ -12,12 +12,39 @@ import numpy as np
 from coar_dask.core.store import Store
 from coar_dask.errors import RegressionError, StoreMismatchError
 
-__all__ = ["Attributions", "SIGN_CONVENTION"]
+__all__ = ["Attributions", "SIGN_CONVENTION", "plain_metadata"]
 
 SIGN_CONVENTION = (
     "weights in mask units: prediction = mask @ weight + bias, mask 1 = kept; "
     "a positive weight means keeping the component raises the output"
 )
+
+
+def plain_metadata(value: Any, where: str = "metadata") -> Any:
+    """``value`` as plain Python data that ``torch.load(weights_only=True)`` accepts.
+
+    NumPy scalars become Python numbers, arrays become lists,
+    paths become strings and mapping keys strings; anything else raises
+    :class:`RegressionError` naming where it was found, so that a file that
+    could not be loaded is never written.
+    """
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass, yet unpicklable safely
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return plain_metadata(value.tolist(), where)
+    if isinstance(value, Mapping):
+        return {str(k): plain_metadata(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_metadata(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    raise RegressionError(
+        f"{where} holds a {type(value).__name__}, which an attributions file cannot store safely; "
+        f"use numbers, strings, lists or dicts."
+    )
 
 
 @dataclass(frozen=True)
@@ -48,9 +75,11 @@ class Attributions:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save as a torch file with keys ``weight``, ``bias``, ``lam``, ``metadata``
-        (the seed's keys), loadable with ``torch.load(path, weights_only=True)``."""
+        (the seed's keys), loadable with ``torch.load(path, weights_only=True)``
+        (the metadata is stored as plain data: :func:`plain_metadata`)."""
         import torch
 
+        metadata = plain_metadata(dict(self.metadata))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -59,7 +88,7 @@ class Attributions:
                 "weight": torch.from_numpy(np.ascontiguousarray(self.weight)),
                 "bias": torch.from_numpy(np.ascontiguousarray(self.bias)),
                 "lam": torch.from_numpy(np.ascontiguousarray(self.lam)),
-                "metadata": dict(self.metadata),
+                "metadata": metadata,
             },
             tmp,
         )

@@ -1,0 +1,107 @@
+"""Every attributions file ``fit`` writes loads with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from coar_dask import fit, init_store  # noqa: E402
+from coar_dask.core.masks import sample_masks  # noqa: E402
+from coar_dask.errors import RegressionError  # noqa: E402
+from coar_dask.fit.attributions import Attributions, plain_metadata  # noqa: E402
+
+P, K, N = 12, 3, 240
+
+_numpy_scalars = st.one_of(
+    st.floats(allow_nan=False, width=32).map(np.float32), st.floats(allow_nan=False).map(np.float64),
+    st.integers(-2**31, 2**31 - 1).map(np.int64), st.booleans().map(np.bool_),
+)
+_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
+                    _numpy_scalars,
+                    st.lists(st.floats(allow_nan=False), max_size=4).map(np.asarray))
+_metadata = st.recursive(_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.tuples(inner, inner),
+    st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=3)), max_leaves=12)
+
+
+def _same(a, b) -> bool:
+    """Equal as plain data: numpy values compare by their Python value."""
+    a = plain_metadata(a)
+    return a == b
+
+
+@settings(max_examples=60, deadline=None)
+@given(meta=st.dictionaries(st.text(min_size=1, max_size=6), _metadata, max_size=4))
+def test_any_plain_or_numpy_metadata_round_trips_through_a_safe_load(tmp_path_factory, meta):
+    path = tmp_path_factory.mktemp("attr") / "a.pt"
+    a = Attributions(np.zeros((2, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32), meta)
+    a.save(path)
+    loaded = torch.load(path, weights_only=True)["metadata"]
+    assert _same(meta, loaded)
+    for value in _walk(loaded):
+        assert value is None or type(value) in (bool, int, float, str, list, tuple, dict)
+
+
+def _walk(value):
+    yield value
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _walk(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _walk(v)
+
+
+def test_metadata_that_cannot_be_stored_is_refused_before_writing(tmp_path):
+    a = Attributions(np.zeros((2, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+                     {"solver": {"state": object()}})
+    with pytest.raises(RegressionError, match=r"metadata\['solver'\]\['state'\] holds a object"):
+        a.save(tmp_path / "a.pt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("store") / "s"
+    spec = {"num_models": N, "schema": {"masks": {"dtype": "bool_", "shape": [P]},
+                                        "margins": {"dtype": "float16", "shape": [K]}}}
+    s = init_store(path, spec, rows_per_chunk=60)
+    w = rng.normal(size=(P, K))
+    for b in range(s.n_blocks):
+        rows = np.arange(b * 60, (b + 1) * 60)
+        masks = sample_masks(0, rows, P, 0.2)
+        y = masks @ w + 700 + 0.1 * rng.normal(size=(60, K))
+        s.write_block(b, {"masks": masks, "margins": y})
+    return path
+
+
+VARIANTS = {
+    "lstsq": {},
+    "ridge": {"ridge": 0.5},
+    "ridge-grid": {"num_val": 40, "ridge_grid": "auto"},
+    "ridge-grid-refit": {"num_val": 40, "ridge_grid": "auto", "refit": True},
+    "cg": {"method": "cg"},
+    "validated": {"num_val": 40},
+    "target-slice": {"target_slice": (1, 3)},
+    "slices": {"slices": 2},
+    "saga": {"solver": "saga", "num_val": 40, "max_epochs": 30, "lr": 0.01, "batch_size": 50},
+    "saga-k1": {"solver": "saga", "k": 1, "max_epochs": 30, "lr": 0.01, "batch_size": 50},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_fit_variant_writes_a_file_that_loads_safely(store, tmp_path, variant):
+    attrs = fit(store, **VARIANTS[variant])
+    path = attrs.save(Path(tmp_path) / f"{variant}.pt")
+    data = torch.load(path, weights_only=True)
+    assert set(data) >= {"weight", "bias", "lam", "metadata"}
+    loaded = Attributions.load(path)
+    np.testing.assert_array_equal(loaded.weight, attrs.weight)
+    assert _same(dict(attrs.metadata), loaded.metadata)
