@@ -197,11 +197,11 @@ def test_cli_handler_prints_preset_json_with_total():
 
 def test_cli_handler_prints_a_table_and_lists_presets():
     out = io.StringIO()
-    components_main(_parse(["components", "--preset", "gpt2_small"]), out)
+    components_main(_parse(["components", "--preset", "gpt2_tinystories"]), out)
     assert out.getvalue().rstrip().endswith("total: 64,512 components in 48 layers")
     out = io.StringIO()
     components_main(_parse(["components", "--list"]), out)
-    assert "imagenet_vit_b16" in out.getvalue()
+    assert "imagenet_vit" in out.getvalue()
 
 
 def test_cli_handler_reads_an_experiment_file(tmp_path, tiny_experiment):

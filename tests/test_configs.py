@@ -17,9 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # setup -> (component preset, components, examples per row, rows, output array)
 SETUPS = {
     "cifar_resnet": ("cifar_resnet", 2_304, 10_000, 50_000, "test_margins"),
-    "imagenet_resnet": ("imagenet_resnet50", 22_720, 50_000, 100_000, "val_margins"),
-    "imagenet_vit": ("imagenet_vit_b16", 82_944, 5_000, 200_000, "val_margins"),
-    "gpt2_tinystories": ("gpt2_small", 64_512, 500, 100_000, "test_margins"),
+    "imagenet_resnet": ("imagenet_resnet", 22_720, 50_000, 100_000, "val_margins"),
+    "imagenet_vit": ("imagenet_vit", 82_944, 5_000, 200_000, "val_margins"),
+    "gpt2_tinystories": ("gpt2_tinystories", 64_512, 500, 100_000, "test_margins"),
 }
 
 

@@ -24,9 +24,9 @@ from coar_dask.zoo import architectures  # noqa: E402
 # resnet50 / vit_b_16, Hugging Face's GPT2LMHeadModel with tied embeddings).
 EXPECTED = {
     "cifar_resnet": (2_304, None),
-    "imagenet_resnet50": (22_720, 25_557_032),
-    "imagenet_vit_b16": (82_944, 86_567_656),
-    "gpt2_small": (64_512, 124_439_808),
+    "imagenet_resnet": (22_720, 25_557_032),
+    "imagenet_vit": (82_944, 86_567_656),
+    "gpt2_tinystories": (64_512, 124_439_808),
 }
 
 
@@ -52,14 +52,14 @@ def test_cifar_resnet_is_nine_convs_of_256():
 
 
 def test_resnet50_excludes_downsample_convs():
-    comps = preset_components("imagenet_resnet50")
+    comps = preset_components("imagenet_resnet")
     assert len(comps.groups) == 1 + 16 * 3
     assert not any("downsample" in m for m in comps.modules)
     assert comps.index("layer4.2.conv3").size == 2048
 
 
 def test_vit_block_is_in_proj_out_proj_and_mlp_rows():
-    comps = preset_components("imagenet_vit_b16")
+    comps = preset_components("imagenet_vit")
     block = "encoder.layers.encoder_layer_0"
     first = [(g.module, g.kind, g.param, g.n_units) for g in comps.groups[:4]]
     assert first == [
@@ -73,7 +73,7 @@ def test_vit_block_is_in_proj_out_proj_and_mlp_rows():
 
 
 def test_gpt2_units_are_conv1d_input_rows():
-    comps = preset_components("gpt2_small")
+    comps = preset_components("gpt2_tinystories")
     h0 = [(g.module, g.n_units) for g in comps.groups[:4]]
     assert h0 == [("transformer.h.0.attn.c_attn", 768), ("transformer.h.0.attn.c_proj", 768),
                   ("transformer.h.0.mlp.c_fc", 768), ("transformer.h.0.mlp.c_proj", 3072)]
@@ -84,7 +84,7 @@ def test_gpt2_units_are_conv1d_input_rows():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ExperimentError, match="imagenet_vit_b16"):
+    with pytest.raises(ExperimentError, match="imagenet_vit"):
         get_preset("resnet")
 
 
@@ -147,3 +147,16 @@ def test_presets_table_in_docs_lists_every_preset():
     for name in PRESETS:
         assert f"``{name}``" in mod.__doc__
     assert all(p.input_shape for p in PRESETS.values())
+
+
+def test_preset_names_are_the_configs_folders_and_old_names_still_work():
+    from pathlib import Path
+
+    from coar_dask.zoo.presets import ALIASES
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    folders = {p.name for p in configs.iterdir() if p.is_dir()}
+    assert set(PRESETS) == folders
+    for old, new in ALIASES.items():
+        assert get_preset(old) is get_preset(new)
+        assert old not in PRESETS

@@ -1,17 +1,21 @@
 """The paper's setups as named presets: a model builder plus a component selection.
 
-==================  ===========================  ==========================================  ======
-preset              model                        components                                  count
-==================  ===========================  ==========================================  ======
-``cifar_resnet``    seed's CIFAR MiniResNet      every Conv2d named ``*conv*``: out channels  2,304
-``imagenet_resnet50``  torchvision ``resnet50``  every Conv2d named ``*conv*`` (not          22,720
-                                                 ``downsample``): output channels
-``imagenet_vit_b16``   torchvision ``vit_b_16``  every Linear but the head (rows) and each   82,944
-                                                 attention's ``in_proj_weight`` rows
-``gpt2_small``      HF GPT-2 small               ``attn.c_attn``, ``attn.c_proj``,           64,512
-                                                 ``mlp.c_fc``, ``mlp.c_proj`` Conv1D input
-                                                 rows (the seed's ``weight[idx]``)
-==================  ===========================  ==========================================  ======
+======================  ===========================  ==========================================  ======
+preset                  model                        components                                  count
+======================  ===========================  ==========================================  ======
+``cifar_resnet``        seed's CIFAR MiniResNet      every Conv2d named ``*conv*``: out channels  2,304
+``imagenet_resnet``     torchvision ``resnet50``     every Conv2d named ``*conv*`` (not          22,720
+                                                     ``downsample``): output channels
+``imagenet_vit``        torchvision ``vit_b_16``     every Linear but the head (rows) and each   82,944
+                                                     attention's ``in_proj_weight`` rows
+``gpt2_tinystories``    HF GPT-2 small               ``attn.c_attn``, ``attn.c_proj``,           64,512
+                                                     ``mlp.c_fc``, ``mlp.c_proj`` Conv1D input
+                                                     rows (the seed's ``weight[idx]``)
+======================  ===========================  ==========================================  ======
+
+Each preset is named after its folder in ``configs/``. The earlier names
+(``imagenet_resnet50``, ``imagenet_vit_b16``, ``gpt2_small``) still work
+(:data:`ALIASES`).
 
 The models come from :mod:`coar_dask.zoo.architectures` (same module names
 and shapes as the originals; random weights), built on the ``meta`` device
@@ -20,7 +24,7 @@ when only the components are wanted: instant, no memory, no download.
 Examples
 --------
 >>> from coar_dask.zoo.presets import preset_components
->>> len(preset_components("imagenet_resnet50"))
+>>> len(preset_components("imagenet_resnet"))
 22720
 """
 
@@ -38,6 +42,7 @@ from coar_dask.errors import ExperimentError
 __all__ = [
     "Preset",
     "PRESETS",
+    "ALIASES",
     "get_preset",
     "build_model",
     "preset_components",
@@ -95,13 +100,13 @@ PRESETS: dict[str, Preset] = {
         Preset("cifar_resnet", "CIFAR-10 MiniResNet (width 256, 4 blocks): Conv2d output channels",
                f"{_ARCH}:mini_resnet", include=("conv",), kinds=("conv2d",), total=2_304,
                input_shape=(3, 32, 32)),
-        Preset("imagenet_resnet50", "ImageNet ResNet-50 (torchvision): Conv2d named *conv* output channels",
+        Preset("imagenet_resnet", "ImageNet ResNet-50 (torchvision): Conv2d named *conv* output channels",
                f"{_ARCH}:resnet50", include=("conv",), kinds=("conv2d",), total=22_720,
                input_shape=(3, 224, 224)),
-        Preset("imagenet_vit_b16", "ImageNet ViT-B/16 (torchvision): Linear rows but the head, "
+        Preset("imagenet_vit", "ImageNet ViT-B/16 (torchvision): Linear rows but the head, "
                "MultiheadAttention in_proj rows", f"{_ARCH}:vit_b_16", exclude=(r"^heads",),
                kinds=("linear", "mha_in_proj"), total=82_944, input_shape=(3, 224, 224)),
-        Preset("gpt2_small", "GPT-2 small (HF): c_attn, c_proj, c_fc, mlp.c_proj Conv1D input rows",
+        Preset("gpt2_tinystories", "GPT-2 small (HF): c_attn, c_proj, c_fc, mlp.c_proj Conv1D input rows",
                f"{_ARCH}:gpt2_small",
                include=(r"attn\.c_attn$", r"attn\.c_proj$", r"mlp\.c_fc$", r"mlp\.c_proj$"),
                kinds=("conv1d",), total=64_512, input_shape=(16,)),
@@ -109,10 +114,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: Earlier preset names, kept working: alias -> preset name.
+ALIASES: dict[str, str] = {
+    "imagenet_resnet50": "imagenet_resnet",
+    "imagenet_vit_b16": "imagenet_vit",
+    "gpt2_small": "gpt2_tinystories",
+}
+
+
 def get_preset(name: str) -> Preset:
-    """The preset ``name``; an unknown name lists the known ones."""
+    """The preset ``name`` (or one of its :data:`ALIASES`); an unknown name lists the known ones."""
     try:
-        return PRESETS[name]
+        return PRESETS[ALIASES.get(name, name)]
     except KeyError:
         raise ExperimentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.") from None
 
@@ -168,7 +181,7 @@ def seeded_model(factory: str, seed: int = 0, **kwargs: Any) -> Any:
     """
     import torch
 
-    builder = get_preset(factory).builder() if factory in PRESETS else import_object(factory)
+    builder = get_preset(factory).builder() if (factory in PRESETS or factory in ALIASES) else import_object(factory)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
