@@ -17,6 +17,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "StoreMismatchError",
+    "CorruptBlockError",
     "ExperimentError",
     "ConfigError",
     "MissingDependencyError",
@@ -43,6 +44,14 @@ class StoreNotFoundError(CoarError, FileNotFoundError):
 
 class StoreMismatchError(StoreError):
     """A store was made from another spec, experiment or chunking."""
+
+
+class CorruptBlockError(StoreError):
+    """A completed block's chunks are missing, damaged, or not the ones written for it.
+
+    Its message names the block and ``coar-dask repair``, which marks it pending
+    so the next build recomputes it.
+    """
 
 
 class ExperimentError(CoarError, ValueError):

@@ -35,9 +35,11 @@ def _write(store, b: int) -> None:
     store.write_block(b, {"masks": sample_masks(SEED, rows, P, ALPHA), "margins": _outputs(rows)})
 
 
-def make_store(path: Path, blocks=None, *, seed: int | None = SEED, alpha: float | None = ALPHA):
+def make_store(path: Path, blocks=None, *, seed: int | None = SEED, alpha: float | None = ALPHA,
+               digests: bool = True):
     """A store of N rows in RPC-row blocks with ``blocks`` (default all) written."""
-    store = init_store(path, Spec.for_experiment(N, P, K), rows_per_chunk=RPC, mask_seed=seed, alpha=alpha)
+    store = init_store(path, Spec.for_experiment(N, P, K), rows_per_chunk=RPC, mask_seed=seed, alpha=alpha,
+                       digests=digests)
     for b in range(store.n_blocks) if blocks is None else blocks:
         _write(store, b)
     return store
@@ -134,15 +136,29 @@ def test_incomplete_blocks_are_listed_and_fail_unless_allowed(tmp_path, capsys):
     assert run_cli(["verify", str(s.path), "--allow-incomplete"]) == 0
 
 
-def test_a_partly_flagged_block_is_incomplete_and_its_flagged_rows_are_checked(tmp_path):
-    s = make_store(tmp_path / "s", blocks=[0])
+def _flag_rows_of_block_1(s) -> None:
     rows = np.arange(20, 27)  # 7 rows of block 1, as a seed import might flag them
     s.array("masks")[20:27] = sample_masks(SEED, rows, P, ALPHA)
     s.array("margins")[20:27] = _outputs(rows)
     s.array(COMPLETED)[20:27] = True
+
+
+def test_a_partly_flagged_block_is_incomplete_and_its_flagged_rows_are_checked(tmp_path):
+    # An imported store (no digests: the import writes rows without write_block).
+    s = make_store(tmp_path / "s", blocks=[0], digests=False)
+    _flag_rows_of_block_1(s)
     report = verify_store(s)
     assert report.intact and report.partial_blocks == (1,) and 1 in report.incomplete_blocks
     assert report.rows_checked == RPC + 7 and report.completed_rows == RPC + 7
+    assert any("no block digests" in n for n in report.notes)
+
+
+def test_rows_flagged_without_a_build_in_a_store_with_digests_are_a_bad_block(tmp_path):
+    s = make_store(tmp_path / "s", blocks=[0])
+    _flag_rows_of_block_1(s)
+    report = verify_store(s)
+    assert report.bad_blocks == (1,) and [p.kind for p in report.problems] == ["no_digest"]
+    assert not any("no block digests" in n for n in report.notes)
 
 
 def test_store_without_a_mask_seed_is_checked_without_masks(tmp_path):

@@ -9,13 +9,38 @@ tasks never need a lock.
 
 The group's ``coar_dask`` attribute keeps the spec, its sha256, the chunking,
 the mask seed and alpha (when given), the experiment fingerprint once a build
-has started, and the package and format versions.
+has started, the package and format versions, and a random ``store_id``.
+
+Integrity (format 2):
+
+* ``_digests`` (uint8, ``(n_blocks, n_arrays, 32)``, one chunk per block) holds,
+  for each block, the sha256 of every schema array's block as written, bound to
+  the block index and the ``store_id`` (:func:`block_digest`). A build task
+  writes it after the block's data and before its ``_completed`` chunk, so a
+  chunk swapped with another block's, copied from another store or changed in
+  place no longer matches, and a block flagged completed without a build has
+  no digest. :meth:`Store.read_verified` (used by :meth:`Store.iter_completed`,
+  hence by fit and evaluate, and by the .beton export) refuses such blocks.
+  Format-1 stores have no digests and still open; their readers check only
+  that chunk files exist and are regular files.
+* ``coar_dask.claim.json`` at the store's root records the experiment that
+  owns the store. It is created atomically (written to a temporary file, then
+  hard-linked into place, which fails when the name exists -- atomic on local
+  filesystems and NFS alike), so of two builds that start together with
+  different experiments exactly one wins and the other is refused before it
+  computes anything (:meth:`Store.claim`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
+import stat
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -23,7 +48,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from coar_dask._version import FORMAT_VERSION, __version__
-from coar_dask.errors import StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.errors import CorruptBlockError, StoreError, StoreMismatchError, StoreNotFoundError
 from coar_dask.core.spec import Spec, load_spec
 
 __all__ = [
@@ -32,13 +57,30 @@ __all__ = [
     "init_store",
     "open_store",
     "default_rows_per_chunk",
+    "block_digest",
     "COMPLETED",
+    "DIGESTS",
+    "CLAIM_FILE",
 ]
 
 logger = logging.getLogger(__name__)
 
 COMPLETED = "_completed"
+#: Per-block digests of what a build wrote (format 2).
+DIGESTS = "_digests"
+#: The file naming the experiment a store belongs to (first build wins).
+CLAIM_FILE = "coar_dask.claim.json"
 _ATTR = "coar_dask"
+_DIGEST_ALGORITHM = "sha256"
+_DIGEST_SIZE = 32
+_DIGEST_TAG = b"coar_dask block digest v1"
+#: How a chunk path that is not a regular file reads in messages.
+_CHUNK_KINDS = {
+    "missing": "missing (it would read as zeros)",
+    "folder": "a folder, not a chunk file",
+    "link": "a symbolic link (zarr never writes one; it may point at another block's or store's data)",
+    "other": "not a regular file",
+}
 #: Target for the uncompressed size of one chunk of the widest array.
 _CHUNK_BYTES_TARGET = 64 * 2**20
 _MAX_ROWS_PER_CHUNK = 100
@@ -68,6 +110,37 @@ class Block:
         return np.arange(self.start, self.stop)
 
 
+def block_digest(store_id: str, index: int, name: str, values: np.ndarray) -> bytes:
+    """sha256 of block ``index`` of array ``name`` as written, bound to the store and the block.
+
+    The same values give another digest in another store (``store_id``) or at
+    another block index, so a chunk moved between blocks or stores is detected.
+    """
+    values = np.ascontiguousarray(values)
+    values = values.astype(values.dtype.newbyteorder("<"), copy=False)
+    h = hashlib.sha256(b"\0".join([
+        _DIGEST_TAG, str(store_id).encode(), str(int(index)).encode(), name.encode(),
+        values.dtype.str.encode(), repr(tuple(values.shape)).encode(), b"",
+    ]))
+    h.update(values.reshape(-1).view(np.uint8))
+    return h.digest()
+
+
+def _chunk_kind(path: Path) -> str:
+    """``"file"``, ``"missing"``, ``"folder"``, ``"link"`` or ``"other"`` (without following links)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError:  # e.g. a parent folder replaced by a file
+        return "other"
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
 def _open_group(path: Path, mode: str):
     import zarr
 
@@ -78,11 +151,16 @@ class Store:
     """An opened coar_dask store. Build one with :func:`init_store` or :func:`open_store`."""
 
     def __init__(self, path: Path, group: Any, meta: Mapping[str, Any]):
-        self.path = Path(path)
+        # Absolute: the path travels to remote workers, whose working folder differs.
+        self.path = Path(os.path.abspath(path))
         self._group = group
         self._meta = dict(meta)
         self.spec = Spec.from_dict(meta["spec"])
         self.rows_per_chunk = int(meta["rows_per_chunk"])
+        #: Check chunk files and digests as rows are read (:meth:`read_verified`);
+        #: only benchmarks turn it off.
+        self.verify_reads = True
+        self._digest_array: Any = None
 
     # -- metadata ---------------------------------------------------------
     @property
@@ -106,6 +184,16 @@ class Store:
     def experiment_fingerprint(self) -> str | None:
         return self._meta.get("experiment_fingerprint")
 
+    @property
+    def store_id(self) -> str | None:
+        """A random id given at init (format 2); block digests are bound to it."""
+        return self._meta.get("store_id")
+
+    @property
+    def has_digests(self) -> bool:
+        """Whether builds record a digest per block (stores of format 2 made by a build's init)."""
+        return bool(self.store_id) and self._meta.get("block_digest") == _DIGEST_ALGORITHM
+
     def update_meta(self, **values: Any) -> None:
         """Set keys of the ``coar_dask`` attribute (reopening it first, so
         concurrent writers of different keys don't undo each other)."""
@@ -127,7 +215,7 @@ class Store:
     # -- arrays -----------------------------------------------------------
     def array(self, name: str):
         """The zarr array ``name`` (a schema name or ``_completed``)."""
-        if name != COMPLETED and name not in self.spec:
+        if name not in (COMPLETED, DIGESTS) and name not in self.spec:
             raise StoreError(
                 f"store {str(self.path)!r} has no array {name!r}; its arrays are "
                 f"{list(self.spec.names)}."
@@ -196,6 +284,7 @@ class Store:
         if missing:
             raise StoreError(f"write_block needs every schema array; missing {sorted(missing)}.")
         arrays = {}  # each array's metadata is read once per block
+        written = {}
         for name in self.spec.names:
             a = self.spec[name]
             values = np.asarray(data[name])
@@ -205,11 +294,85 @@ class Store:
                     f"block {index} of {name!r} must have shape {expected}; got {values.shape}."
                 )
             arrays[name] = self._group[name]
-            arrays[name][block.start : block.stop] = values.astype(a.np_dtype, copy=False)
+            written[name] = values.astype(a.np_dtype, copy=False)
+            arrays[name][block.start : block.stop] = written[name]
         _fsync([self.chunk_path(name, index, array=arr) for name, arr in arrays.items()])
+        if self.has_digests:
+            digests = self._digests()
+            digests[index] = np.stack([
+                np.frombuffer(block_digest(self.store_id, index, name, values), np.uint8)
+                for name, values in written.items()  # the codecs are lossless: readers decode these bytes
+            ])
+            _fsync([self.chunk_path(DIGESTS, index, array=digests)])
         completed = self._group[COMPLETED]
         completed[block.start : block.stop] = True
         _fsync([self.chunk_path(COMPLETED, index, array=completed)])
+
+    # -- integrity --------------------------------------------------------
+    def _digests(self) -> Any:
+        if self._digest_array is None:
+            self._digest_array = self._group[DIGESTS]
+        return self._digest_array
+
+    def _corrupt(self, index: int, what: str) -> CorruptBlockError:
+        block = self.block(index)
+        return CorruptBlockError(
+            f"block {index} (rows {block.start}-{block.stop - 1}) of store {str(self.path)!r}: {what}. Run "
+            f"`coar-dask repair {self.path}` to mark it pending, then `coar-dask build` to recompute it."
+        )
+
+    def chunk_kind(self, name: str, index: int, *, array: Any = None) -> str:
+        """What lies at block ``index``'s chunk path of ``name``: ``"file"``, ``"missing"``,
+        ``"folder"``, ``"link"`` or ``"other"`` (symbolic links are not followed)."""
+        return _chunk_kind(self.chunk_path(name, index, array=array))
+
+    def stored_digests(self, index: int) -> dict[str, bytes] | None:
+        """The digests recorded for block ``index`` (array name -> sha256), or ``None``
+        when the block has none (never written by a build, or a store without digests)."""
+        if not self.has_digests:
+            return None
+        try:
+            raw = np.asarray(self._digests()[index], dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise various errors on damaged chunks
+            raise self._corrupt(index, f"its digest chunk cannot be decoded ({type(exc).__name__})") from None
+        if not raw.any():
+            return None
+        return {name: raw[i].tobytes() for i, name in enumerate(self.spec.names)}
+
+    def read_verified(self, index: int, names: Sequence[str] | None = None, *,
+                      arrays: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Every row of block ``index`` of ``names``, refusing data not written for this block.
+
+        Raises :class:`CorruptBlockError` (naming the block and ``coar-dask
+        repair``) when a chunk is a folder, a link or (without digests) missing,
+        cannot be decoded, or does not match the block's digest, and when a
+        store with digests has none for the block (flags set without a build).
+        ``arrays``: the opened zarr arrays, if the caller has them.
+        """
+        block = self.block(index)
+        names = list(self.spec.names if names is None else names)
+        given = dict(arrays or {})
+        arrays = {n: given[n] if given.get(n) is not None else self.array(n) for n in names}
+        check = self.verify_reads
+        kinds = {n: self.chunk_kind(n, index, array=arrays[n]) if check else "file" for n in names}
+        digests = self.stored_digests(index) if check else None
+        for n, kind in kinds.items():
+            if kind != "file" and not (kind == "missing" and digests is not None):
+                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
+        if check and digests is None and self.has_digests:
+            raise self._corrupt(index, "its rows are flagged completed but no digest was written with them "
+                                       "(no build wrote this block)")
+        out = {}
+        for n in names:
+            try:
+                out[n] = np.asarray(arrays[n][block.start : block.stop])
+            except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise various errors on damaged chunks
+                raise self._corrupt(index, f"the chunk of {n!r} cannot be decoded ({type(exc).__name__})") from None
+            if digests is not None and block_digest(self.store_id, index, n, out[n]) != digests[n]:
+                found = "is missing" if kinds[n] == "missing" else "does not hold what was written for this block"
+                raise self._corrupt(index, f"the chunk of {n!r} {found} (its digest differs: swapped with another "
+                                           f"block, copied from another store, or changed)")
+        return out
 
     def read_block(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         block = self.block(index)
@@ -227,20 +390,68 @@ class Store:
         """Yield ``(row_indices, {name: values})`` block by block.
 
         ``rows`` (sorted or not) restricts to given rows; by default all
-        completed rows. Memory is one block at a time.
+        completed rows. Memory is one block at a time. Each block is read
+        with :meth:`read_verified`: a block whose chunks are missing, damaged
+        or not its own raises :class:`CorruptBlockError`.
         """
         if rows is None:
             rows = np.flatnonzero(self.completed_rows())
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         if rows.size == 0:
             return
+        if rows[0] < 0 or rows[-1] >= self.num_rows:
+            raise StoreError(f"rows must lie in 0..{self.num_rows - 1}; found {rows[0]}..{rows[-1]}.")
         block_ids = rows // self.rows_per_chunk
         bounds = np.flatnonzero(np.diff(block_ids)) + 1
+        arrays = {n: self.array(n) for n in names}
         for chunk_rows in np.split(rows, bounds):
             block = self.block(int(chunk_rows[0]) // self.rows_per_chunk)
             local = chunk_rows - block.start
-            out = {n: self.array(n)[block.start : block.stop][local] for n in names}
-            yield chunk_rows, out
+            data = self.read_verified(block.index, names, arrays=arrays)
+            yield chunk_rows, {n: values[local] for n, values in data.items()}
+
+    # -- the experiment that owns the store --------------------------------
+    def read_claim(self) -> dict[str, Any] | None:
+        """The claim recorded in :data:`CLAIM_FILE`, or ``None`` when the store is unclaimed."""
+        path = self.path / CLAIM_FILE
+        for attempt in range(50):  # a claim written without hard links is briefly empty
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                return None
+            try:
+                claim = json.loads(text)
+            except ValueError:
+                claim = None
+            if isinstance(claim, dict) and isinstance(claim.get("experiment_fingerprint"), str):
+                return claim
+            time.sleep(0.1)
+        raise StoreError(
+            f"the claim file {str(path)!r} of store {str(self.path)!r} is damaged (no experiment fingerprint); "
+            f"restore it from a backup, or build into a new store."
+        )
+
+    def claim(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Claim the store for one experiment; the first claim wins, atomically.
+
+        ``record`` holds at least ``experiment_fingerprint``. Claiming again
+        with the same fingerprint is a no-op. Raises :class:`StoreMismatchError`
+        when the store is claimed by another experiment (then nothing was
+        changed), so two builds of different experiments cannot both write.
+        """
+        wanted = str(record["experiment_fingerprint"])
+        claim = self.read_claim()
+        if claim is None:
+            _create_exclusive(self.path / CLAIM_FILE, json.dumps(dict(record), sort_keys=True, default=str))
+            claim = self.read_claim()
+        have = claim["experiment_fingerprint"] if claim else None
+        if have != wanted:
+            raise StoreMismatchError(
+                f"store {str(self.path)!r} belongs to another experiment ({str(have)[:12]}…, this one is "
+                f"{wanted[:12]}…), claimed by a build that started first; a store must not mix two experiments. "
+                f"Use a new store, or the experiment file the store was built with."
+            )
+        return claim
 
     def status(self) -> dict[str, Any]:
         """A summary: rows, completed rows and blocks, chunking, seeds."""
@@ -257,6 +468,7 @@ class Store:
             "alpha": self.alpha,
             "experiment_fingerprint": self.experiment_fingerprint,
             "spec_sha256": self.spec.sha256,
+            "block_digests": self.has_digests,
         }
 
 
@@ -284,6 +496,45 @@ def _fsync(paths: Sequence[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text`` unless it exists, atomically; no error when it exists.
+
+    The text goes to a unique temporary file first, which is hard-linked to
+    ``path``: ``link`` fails when ``path`` exists, on local filesystems and on
+    NFS (where ``O_EXCL`` was unreliable before NFSv3), and the claim appears
+    whole. An NFS client may report a failed ``link`` that did happen (a lost
+    reply to a retried call), so the link count of the temporary file decides.
+    Filesystems without hard links fall back to ``O_CREAT | O_EXCL``.
+    """
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            _create_exclusive_open(path, text)
+        elif os.stat(tmp).st_nlink < 2:
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive_open(path: Path, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _is_store_dir(path: Path) -> bool:
@@ -314,7 +565,7 @@ def open_store(path: str | os.PathLike, *, read_only: bool = False) -> Store:
     StoreNotFoundError
         When ``path`` holds no store.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_file():
         raise StoreError(f"{str(path)!r} is a file, not a store directory; pass a store directory.")
     if not _is_store_dir(path):
@@ -342,6 +593,7 @@ def init_store(
     mask_seed: int | None = None,
     alpha: float | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    digests: bool | None = None,
 ) -> Store:
     """Create a store for ``spec`` at ``path`` (lazily: no chunk is written).
 
@@ -360,6 +612,11 @@ def init_store(
     mask_seed, alpha
         The mask sampling parameters, recorded so that every row's mask can be
         regenerated and verified later.
+    digests
+        Record a digest of each block as :meth:`Store.write_block` writes it,
+        and check it on every read (default). ``None`` means yes, except for
+        a store that ``extra_meta`` marks ``imported_from`` another layout:
+        the import writes its rows without :meth:`Store.write_block`.
 
     Examples
     --------
@@ -372,10 +629,10 @@ def init_store(
     >>> s.n_blocks, s.rows_per_chunk
     (2000, 100)
     """
-    import zarr
-
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     spec = load_spec(spec)
+    if DIGESTS in spec.names:
+        raise StoreError(f"the array name {DIGESTS!r} is reserved for the block digests; rename the array.")
     if rows_per_chunk is not None:
         if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk <= 0:
             raise StoreError(f"rows_per_chunk must be a positive integer; found {rows_per_chunk!r}.")
@@ -404,6 +661,32 @@ def init_store(
         )
     rpc = rows_per_chunk or default_rows_per_chunk(spec)
     rpc = min(rpc, spec.num_models)
+    if digests is None:
+        digests = "imported_from" not in dict(extra_meta or {})
+    group = _create_arrays(path, spec, rpc, bool(digests))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "spec": spec.to_dict(),
+        "spec_sha256": spec.sha256,
+        "rows_per_chunk": rpc,
+        "mask_seed": None if mask_seed is None else int(mask_seed),
+        "alpha": None if alpha is None else float(alpha),
+        "experiment_fingerprint": None,
+        "store_id": uuid.uuid4().hex,
+        "block_digest": _DIGEST_ALGORITHM if digests else None,
+        **dict(extra_meta or {}),
+    }
+    # Written last: a store without it is recognisably an interrupted init.
+    group.attrs[_ATTR] = meta
+    logger.info("initialized store %s: %d rows in %d-row blocks", path, spec.num_models, rpc)
+    return Store(path, group, meta)
+
+
+def _create_arrays(path: Path, spec: Spec, rpc: int, digests: bool) -> Any:
+    """Create the group and its arrays (no chunk written); return the group."""
+    import zarr
+
     group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
     n = spec.num_models
     # zarr's default zstd, plus its frame checksum: a chunk whose bytes changed on
@@ -421,18 +704,10 @@ def init_store(
         )
     group.create_array(COMPLETED, shape=(n,), chunks=(rpc,), dtype=bool, fill_value=False,
                        compressors=compressors)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "package_version": __version__,
-        "spec": spec.to_dict(),
-        "spec_sha256": spec.sha256,
-        "rows_per_chunk": rpc,
-        "mask_seed": None if mask_seed is None else int(mask_seed),
-        "alpha": None if alpha is None else float(alpha),
-        "experiment_fingerprint": None,
-        **dict(extra_meta or {}),
-    }
-    # Written last: a store without it is recognisably an interrupted init.
-    group.attrs[_ATTR] = meta
-    logger.info("initialized store %s: %d rows in %d-row blocks", path, n, rpc)
-    return Store(path, group, meta)
+    if digests:
+        n_blocks = -(-n // rpc)
+        # One chunk per block, like every other array: written only by that block's task.
+        group.create_array(DIGESTS, shape=(n_blocks, len(spec.schema), _DIGEST_SIZE),
+                           chunks=(1, len(spec.schema), _DIGEST_SIZE), dtype=np.uint8, fill_value=0,
+                           compressors=compressors)
+    return group

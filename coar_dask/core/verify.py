@@ -9,7 +9,12 @@ in memory at a time) and checks what a component dataset promises:
   (shape, row chunking, dtype), ``_completed`` included;
 * every chunk of a completed row can be read and decoded (a truncated file or
   one overwritten with other bytes is reported with its block), and no chunk
-  file of a completed block is missing;
+  file of a completed block is missing, a folder or a symbolic link;
+* in a store with block digests (format 2), every completed block has one and
+  every array's block matches it: a chunk swapped with another block's, copied
+  from another store, linked to another block's or changed is found, as are
+  flags set for rows no build wrote. A store without digests (written by an
+  earlier coar_dask, or imported from ``.npy`` files) says so in a note;
 * the mask of every completed row equals the mask regenerated from
   ``(mask seed, row)`` (bitwise);
 * the outputs of completed rows are finite.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +50,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coar_dask.errors import CoarError, StoreError
+from coar_dask.errors import CoarError, CorruptBlockError, StoreError
 from coar_dask.core.masks import sample_masks
-from coar_dask.core.store import COMPLETED, Store, open_store
+from coar_dask.core.store import COMPLETED, DIGESTS, Store, block_digest, open_store
 
 __all__ = [
     "Problem",
@@ -63,6 +69,10 @@ logger = logging.getLogger(__name__)
 PROBLEM_KINDS = {
     "unreadable": "a chunk file cannot be read or decoded (truncated, or overwritten with other bytes)",
     "missing": "a completed block has no chunk file, so it reads as zeros",
+    "not_a_file": "a chunk path holds a folder or a symbolic link, not a chunk file",
+    "digest_mismatch": "a chunk does not hold what the build wrote for this block of this store "
+                       "(swapped, copied from another store, linked or changed)",
+    "no_digest": "rows are flagged completed but no build recorded the block's digest",
     "mask_mismatch": "stored masks differ from the masks regenerated from (mask seed, row)",
     "nonfinite": "outputs of completed rows hold NaN or inf",
     "spec": "the spec recorded in the store does not match its sha256",
@@ -310,6 +320,10 @@ def _check_metadata(store: Store) -> tuple[list[Problem], list[str], dict[str, A
         bools = [a.name for a in spec.schema if a.np_dtype == np.bool_]
         x_name = bools[0] if len(bools) == 1 else None
     seed, alpha = meta.get("mask_seed"), meta.get("alpha")
+    if not store.has_digests:
+        notes.append("no block digests: this store was written by an earlier coar_dask (format 1) or imported, "
+                     "so chunks swapped between blocks or copied from another store cannot be detected; build "
+                     "into a new store to get them.")
     if x_name is None or x_name not in spec:
         notes.append("masks not compared: the store has no single bool mask array.")
         x_name = None
@@ -386,29 +400,60 @@ class _BlockScan:
             ))
             return None
 
+    def _digests(self, b: int) -> dict[str, bytes] | None:
+        """The block's recorded digests; ``None`` (and a problem) when a store with digests has none."""
+        if not self.store.has_digests:
+            return None
+        try:
+            digests = self.store.stored_digests(b)
+        except CorruptBlockError as exc:
+            self.problems.append(Problem("unreadable", f"the block's digest chunk cannot be decoded: {exc}",
+                                         block=b, array=DIGESTS))
+            return None
+        if digests is None:
+            self.problems.append(Problem(
+                "no_digest", "rows are flagged completed but no build recorded the block's digest (flags set "
+                             "without a build, or its digest chunk was deleted).", block=b))
+        return digests
+
     def _read(self, b: int, block: Any, local: np.ndarray) -> dict[str, np.ndarray]:
-        """The completed rows of every readable array of block ``b``; missing or undecodable chunks are problems."""
+        """The completed rows of every readable array of block ``b``; chunks that are missing, undecodable,
+        not files or not the block's own (digest) are problems."""
+        digests = self._digests(b)
         data: dict[str, np.ndarray] = {}
         for name, arr in self.arrays.items():
-            path = _chunk_file(self.store, name, b, arr)
-            if not path.is_file():
+            path = _chunk_file(self.store, name, b, arr).relative_to(self.store.path)
+            kind = self.store.chunk_kind(name, b, array=arr)
+            if kind in ("folder", "link", "other"):
+                what = {"folder": "a folder", "link": "a symbolic link"}.get(kind, "not a regular file")
+                self.problems.append(Problem("not_a_file", f"{name!r} chunk {path} is {what}, not a chunk file "
+                                                           f"(zarr never writes one).", block=b, array=name))
+                continue
+            if kind == "missing" and digests is None:
+                self.problems.append(self._missing(b, block, name, path))
+                continue
+            try:
+                values = np.asarray(arr[block.start : block.stop])
+            except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
                 self.problems.append(Problem(
-                    "missing",
-                    f"{name!r} has no chunk file {path.relative_to(self.store.path)} although rows "
-                    f"{block.start}-{block.stop - 1} are flagged completed (they read as zeros).",
+                    "unreadable", f"{name!r} chunk {path} cannot be decoded ({type(exc).__name__}: {exc}).",
                     block=b, array=name,
                 ))
                 continue
-            try:
-                data[name] = np.asarray(arr[block.start : block.stop])[local]
-            except Exception as exc:  # noqa: BLE001 - an undecodable chunk is the finding
-                self.problems.append(Problem(
-                    "unreadable",
-                    f"{name!r} chunk {path.relative_to(self.store.path)} cannot be decoded "
-                    f"({type(exc).__name__}: {exc}).",
-                    block=b, array=name,
-                ))
+            if digests is not None and block_digest(self.store.store_id, b, name, values) != digests.get(name):
+                self.problems.append(self._missing(b, block, name, path) if kind == "missing" else Problem(
+                    "digest_mismatch", f"{name!r} chunk {path} does not hold what the build wrote for block {b} of "
+                                       f"this store (swapped with another block, copied from another store, or "
+                                       f"changed).", block=b, array=name))
+                continue
+            data[name] = values[local]
         return data
+
+    @staticmethod
+    def _missing(b: int, block: Any, name: str, path: Path) -> Problem:
+        return Problem(
+            "missing", f"{name!r} has no chunk file {path} although rows {block.start}-{block.stop - 1} are "
+                       f"flagged completed (they read as zeros).", block=b, array=name)
 
     def _check_masks(self, b: int, rows: np.ndarray, values: np.ndarray) -> None:
         stored = values.reshape(len(rows), -1)
@@ -514,6 +559,14 @@ def _open(path: str | os.PathLike, *, read_only: bool) -> Store:
         ) from None
 
 
+def _remove(path: Path) -> None:
+    """Remove what lies at a bad chunk's path (a file, a link -- not its target -- or a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 @dataclass(frozen=True)
 class RepairReport:
     """What :func:`repair_store` did (or, with ``dry_run``, would do)."""
@@ -568,7 +621,8 @@ def repair_store(
     """Mark the bad blocks of a store pending so the next build recomputes them.
 
     For every block with a problem (see :func:`verify_store`), the block's
-    undecodable chunk files are deleted and its ``_completed`` flags cleared;
+    undecodable chunk files (and folders or links found at chunk paths) are
+    deleted and its ``_completed`` flags cleared;
     no other block is touched. Temporary files left by interrupted writes are
     removed. Run it while no build writes to the store.
 
@@ -596,12 +650,12 @@ def repair_store(
     removed: list[str] = []
     bad = report.bad_blocks
     for p in report.problems:
-        if p.block is not None and p.kind == "unreadable" and p.array is not None:
+        if p.block is not None and p.kind in ("unreadable", "not_a_file") and p.array is not None:
             file = _chunk_file(opened, p.array, p.block)
-            if file.is_file():
+            if file.is_symlink() or file.exists():
                 removed.append(str(file.relative_to(opened.path)))
                 if not dry_run:
-                    file.unlink()
+                    _remove(file)
     for name in report.temp_files:
         file = opened.path / name
         if file.is_file():

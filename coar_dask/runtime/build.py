@@ -1,8 +1,11 @@
 """Build a component dataset: plan the pending blocks, then run one task per block.
 
 ``plan = plan_build(store, experiment)`` checks that the experiment fits the
-store, records the experiment's fingerprint in the store, and lists the
-blocks whose ``_completed`` flags are not all set. The plan is small, frozen
+store, claims the store for the experiment (atomically: of two builds of
+different experiments started together, one is refused before it computes;
+see :meth:`coar_dask.core.store.Store.claim`), records the experiment's
+fingerprint in the store, and lists the blocks whose ``_completed`` flags are
+not all set. The plan is small, frozen
 and readable. :func:`run_block` is the task (a module-level function taking
 the frozen experiment, so it pickles): it regenerates the block's masks from
 ``(mask_seed, row)``, computes the outputs, writes the block's chunks and only
@@ -18,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from coar_dask.errors import BuildError, ExperimentError, StoreMismatchError
+from coar_dask.errors import BuildError, ExperimentError, StoreMismatchError, StoreNotFoundError
 from coar_dask.ablation.engine import compute_outputs
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.masks import sample_masks
@@ -146,6 +150,15 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
     experiment = load_experiment(experiment)
     state = load_state(experiment)
     check_experiment_fits(store, experiment, state.n_components, state.n_examples)
+    # First writer wins, atomically; the attributes below cannot be compared-and-set.
+    store.claim({
+        "experiment_fingerprint": experiment.fingerprint,
+        "mask_seed": experiment.mask_seed,
+        "alpha": experiment.alpha,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
     if store.experiment_fingerprint is None:
         store.update_meta(
             experiment_fingerprint=experiment.fingerprint,
@@ -163,11 +176,32 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
     )
 
 
+def _open_on_worker(store_path: str, experiment: Experiment) -> Store:
+    """The store, as this worker sees it; refuses a store claimed by another experiment."""
+    try:
+        store = open_store(store_path)
+    except StoreNotFoundError:
+        raise BuildError(
+            f"this worker ({socket.gethostname()}) does not see the store folder {store_path!r} that the client "
+            f"found: the client and every worker need one shared filesystem. Put the store on a folder they all "
+            f"mount at the same path."
+        ) from None
+    claim = store.read_claim()
+    owner = claim["experiment_fingerprint"] if claim else store.experiment_fingerprint
+    if owner is not None and owner != experiment.fingerprint:
+        raise BuildError(
+            f"store {store_path!r} belongs to another experiment ({owner[:12]}…, this task's is "
+            f"{experiment.fingerprint[:12]}…); the block is not written. Plan the build again with the store's "
+            f"experiment, or use a new store."
+        )
+    return store
+
+
 def run_block(store_path: str, experiment: Experiment, block_index: int) -> BlockResult:
     """Compute and write one block (the Dask task). Idempotent."""
     t0 = time.perf_counter()
     apply_malloc_env()  # once per worker process, before its first ablated pass (workers without the preload)
-    store = open_store(store_path)
+    store = _open_on_worker(store_path, experiment)
     block = store.block(block_index)
     state = load_state(experiment)
     masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
