@@ -216,8 +216,14 @@ def test_streamed_validation_metrics_equal_numpy(sizes, seed):
     if n > 2:
         with np.errstate(invalid="ignore", divide="ignore"):
             ref = corr_cols(pred, Y)
+        # A prediction that does not vary (every mask alike) has no correlation: NaN, where
+        # corrcoef returns rounding noise (e.g. -1.3e-16).
+        ref[np.ptp(pred, axis=0) == 0] = np.nan
+        got = np.array(m["val_correlation"])
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
         ok = np.isfinite(ref)
-        np.testing.assert_allclose(np.array(m["val_correlation"])[ok], ref[ok], atol=1e-7)
+        np.testing.assert_allclose(got[ok], ref[ok], atol=1e-7)
+        assert m["val_correlation_nan"] == int(np.isnan(ref).sum())
 
 
 @settings(max_examples=20, deadline=None)

@@ -32,6 +32,8 @@ from coar_dask.solvers.streaming import (
     batch_rows_for,
     compute_dtype,
     iter_batches,
+    no_variance,
+    pearson_centred,
     stream_moments,
     validation_metrics,
 )
@@ -67,7 +69,13 @@ class LstsqOptions:
         solution. Costs O(n P^2 + n P K) time, O(P^2 + P K) memory.
         ``"cg"``: Jacobi-preconditioned conjugate gradients on the normal
         equations, all targets at once; one pass over the rows per iteration,
-        O(P K) memory. ``"auto"``: ``"gram"`` when a ``P x P`` float64 matrix
+        O(P K) memory. Each target keeps its best iterate and stops once its
+        residual grows (rounding in float32). With fewer rows than
+        components (and no ridge) many weights fit exactly and a warning is
+        logged: ``"gram"`` returns the minimum-norm solution in mask units
+        (least ``sum_j w_j^2``), ``"cg"`` the one in standardised units
+        (least ``sum_j var_j w_j^2``, as :func:`~coar_dask.solvers.saga.saga`
+        at lambda 0): both fit the training rows, they differ on new masks. ``"auto"``: ``"gram"`` when a ``P x P`` float64 matrix
         fits in ``max_gram_bytes``.
     rcond
         Eigenvalues below ``rcond`` times the largest are treated as zero.
@@ -205,6 +213,7 @@ def lstsq(
         ridge_grid = [float(opts.ridge)]  # one candidate: the grid path does the refit
     logger.info("lstsq (%s) on %d rows x %d features -> %d targets, device %s",
                 method, train.n_rows, P, train.n_targets, dev)
+    _warn_underdetermined(int(train.n_rows), P, method, opts.ridge if ridge_grid is None else 0.0)
     solve = _lstsq_gram if method == "gram" else _lstsq_cg
     K = int(train.n_targets)
     step = 2.0 * min(int(train.n_rows), opts.batch_rows or batch_rows_for(P, K)) * P * (P + K)
@@ -214,25 +223,40 @@ def lstsq(
                      cg_max_iter=int(opts.cg_max_iter), rows=opts.batch_rows, progress=progress)
 
 
-def moment_metrics(vm: Moments, weight, bias) -> dict[str, Any]:
-    """Validation MSE and Pearson correlation of ``x @ weight + bias`` from validation moments
-    (no pass over the rows): with ``p = x w + b``, ``sum p = sx.w + n b``, ``sum p^2 =
-    diag(w^T XX w) + 2 b sx.w + n b^2`` and ``sum p y = diag(w^T XY) + b sy``."""
-    import torch
+def _warn_underdetermined(n: int, P: int, method: str, ridge: float) -> None:
+    """Warn (the CLI shows warnings) when fewer rows than unknowns leave many exact fits."""
+    if n > P or ridge > 0:
+        return
+    units = ("minimum-norm solution in mask units (least sum_j w_j^2)" if method == "gram" else
+             "minimum-norm solution in standardised units (least sum_j var_j w_j^2, as saga at lambda 0)")
+    logger.warning(
+        "lstsq: %d training rows for %d components and an intercept: the system is underdetermined and "
+        "many weights fit the rows exactly; method %r returns the %s. Build more rows (masks), or use a "
+        "ridge penalty (--ridge or --ridge-grid auto) for a unique answer.", n, P, method, units)
 
+
+def moment_metrics(vm: Moments, weight, bias) -> dict[str, Any]:
+    """Validation MSE and Pearson correlation of ``p = x @ weight + bias`` from validation moments
+    (no pass over the rows), from centred moments so that no offset cancels: with ``e = y - p``,
+    ``sum e^2 = n mean(e)^2 + Cyy - 2 w.Cxy + w^T Cxx w``, ``cov = w.Cxy``, ``var p = w^T Cxx w``.
+    A target with no variance in ``p`` or ``y`` gets correlation NaN (counted in
+    ``val_correlation_nan``)."""
     n = vm.n
-    w, b = weight.double(), bias.double()
-    xw = vm.sx @ w
-    ww = (w * (vm.full_gram() @ w)).sum(0)
-    sp = xw + n * b
-    spp = ww + 2 * b * xw + n * b**2
-    spa = (w * vm.xy).sum(0) + b * vm.sy
-    mse = (vm.syy - 2 * spa + spp) / n
-    cov = spa / n - (sp / n) * (vm.sy / n)
-    vp = torch.clamp(spp / n - (sp / n) ** 2, min=0)
-    va = torch.clamp(vm.syy / n - (vm.sy / n) ** 2, min=0)
-    corr = torch.clamp(cov / torch.sqrt(vp * va), -1, 1)
-    return {"val_mse": torch.clamp(mse, min=0).cpu().tolist(), "val_correlation": corr.cpu().tolist()}
+    w, b = weight.double().to(vm.sx.device), bias.double().to(vm.sx.device)
+    cxx, cxy = vm.centred()
+    cyy = vm.centred_yy()
+    mx, my = vm.sx / n, vm.shifted_mean_y()
+    mean_e = my - mx @ w - (b - vm.shift)
+    wxy = (w * cxy).sum(0)
+    wxxw = (w * (cxx @ w)).sum(0)
+    del cxx, cxy
+    sse = (cyy - 2 * wxy + wxxw).clamp(min=0) + n * mean_e**2
+    to_np = lambda t: t.cpu().numpy()  # noqa: E731
+    mean_p = to_np(mx @ w + b)
+    flat = no_variance(to_np(wxxw / n), 0.0, mean_p) | no_variance(to_np(cyy / n), to_np(my), to_np(vm.shift + my))
+    corr = pearson_centred(to_np(wxy / n), to_np(wxxw / n), to_np(cyy / n), flat)
+    return {"val_mse": (to_np(sse) / n).tolist(), "val_correlation": corr.tolist(),
+            "val_correlation_nan": int(np.isnan(corr).sum())}
 
 
 def _finish(weight, bias, lam, info: dict[str, Any], val: RowSource | None, pre_refit: SolverResult | None = None,
@@ -317,7 +341,7 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
     vm = None
     if ridge_grid is not None or refit:
         vm = stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)",
-                             precise=True)
+                             precise=True, shift=tm.shift)
     mx, my = tm.means()
     cxx, cxy = tm.centred()
     info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
@@ -375,7 +399,7 @@ def _grid_mse(tm: Moments, vm: Moments, evals, evecs, C, grid: list[float], rcon
     """
     import torch
 
-    mx, my = tm.means()
+    mx, my = tm.sx / tm.n, tm.shifted_mean_y()  # vm shares tm's shift
     n = vm.n
     xx = vm.full_gram() - torch.outer(vm.sx, mx) - torch.outer(mx, vm.sx) + n * torch.outer(mx, mx)
     xy = vm.xy - torch.outer(vm.sx, my) - torch.outer(mx, vm.sy) + n * torch.outer(mx, my)
@@ -402,7 +426,12 @@ def _cg_tolerance(cg_tol: float | None, dtype: np.dtype | None) -> float:
 
 
 class _NormalOperator:
-    """``A V = Xc^T Xc V + lam V`` (``Xc``: X centred at the train means), one pass over the rows per call."""
+    """``A V = Xc^T Xc V + lam V`` (``Xc``: X centred at the train means), one pass over the rows per call.
+
+    Each batch is centred before the products: ``X^T X V - n mx mx^T V`` in
+    float32 cancels most of its digits when masks are mostly ones (at alpha
+    0.1 and P = 200 about a thousandfold), enough to stop CG from converging.
+    """
 
     def __init__(self, source: RowSource, m: Moments, dev: Any, rows: int | None):
         self.source, self.m, self.dev, self.rows = source, m, dev, rows
@@ -415,11 +444,20 @@ class _NormalOperator:
         acc = torch.zeros_like(V)
         for x, _ in iter_batches(self.source, self.rows, reuse=True):
             dt = compute_dtype(x)
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dt)).to(self.dev)
             tdt = torch.float64 if dt == np.float64 else torch.float32
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dt)).to(self.dev)
+            xt = xt - self.mx.to(tdt)
             acc += (xt.T @ (xt @ V.to(tdt))).double()
         self.passes += 1
-        return acc - self.m.n * torch.outer(self.mx, self.mx @ V) + lam * V
+        return acc + lam * V
+
+
+#: A target's conjugate gradients stop when its residual has grown this many times above its best,
+#: or has not improved for ``_CG_STALL`` iterations; the best iterate is returned. In float32
+#: (and on singular systems, N < P) rounding ends CG's progress and the residual then climbs
+#: without bound (7e-6 at iteration 61, 2.7e5 with |w| ~ 6e8 by iteration 500).
+_CG_GROWTH = 1e3
+_CG_STALL = 50
 
 
 def _cg(op: _NormalOperator, rhs, lam, diag, x0, tol: float, max_iter: int, progress: ProgressFn | None,
@@ -427,7 +465,11 @@ def _cg(op: _NormalOperator, rhs, lam, diag, x0, tol: float, max_iter: int, prog
     """Jacobi-preconditioned conjugate gradients, one independent system per column.
 
     ``lam`` is a per-column penalty ``(K,)``; features with zero variance
-    (``diag == 0``) are held at zero.
+    (``diag == 0``) are held at zero. Returns each column's best iterate (the
+    smallest residual seen); a column stops at ``tol``, or once its residual
+    grows (see :data:`_CG_GROWTH`). Started at zero, the iterates stay in the
+    preconditioned Krylov space, so on a singular system (N < P) the result is
+    the solution of least *standardised* norm ``sum_j var_j w_j^2``.
     """
     import torch
 
@@ -441,10 +483,11 @@ def _cg(op: _NormalOperator, rhs, lam, diag, x0, tol: float, max_iter: int, prog
     rz = (r * z).sum(0)
     bnorm = torch.linalg.vector_norm(rhs, dim=0)
     bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    best = _BestIterate(x, torch.linalg.vector_norm(r, dim=0) / bnorm)
     it = 0
     for it in range(1, max_iter + 1):
         rel = torch.linalg.vector_norm(r, dim=0) / bnorm
-        active = rel > tol
+        active = best.update(x, rel, tol)
         if not bool(active.any()):
             it -= 1
             break
@@ -460,8 +503,37 @@ def _cg(op: _NormalOperator, rhs, lam, diag, x0, tol: float, max_iter: int, prog
         p = z + beta * p
         rz = rz_new
         report(progress, "cg", it, max_iter, f"{label}max rel. residual {float(rel.max()):.2e}")
-    rel = torch.linalg.vector_norm(r, dim=0) / bnorm
-    return x, it, rel
+    best.update(x, torch.linalg.vector_norm(r, dim=0) / bnorm, tol)
+    if best.diverged:
+        logger.warning("conjugate gradients: the residual of %d target(s) grew after its best (rounding, e.g. "
+                       "float32 rows or N < P); returning each target's best iterate", best.diverged)
+    return best.x, it, best.rel
+
+
+class _BestIterate:
+    """Each column's iterate with the smallest residual, and which columns are still running."""
+
+    def __init__(self, x, rel):
+        import torch
+
+        self.x, self.rel = x.clone(), rel.clone()
+        self.stall = torch.zeros_like(rel, dtype=torch.long)
+        self.stopped = torch.zeros_like(rel, dtype=torch.bool)
+        self.diverged = 0
+
+    def update(self, x, rel, tol: float):
+        """Record ``x`` where ``rel`` is a new best; return the columns that should keep iterating."""
+        import torch
+
+        better = (rel < self.rel) & ~self.stopped
+        if bool(better.any()):
+            self.x[:, better] = x[:, better]
+            self.rel = torch.where(better, rel, self.rel)
+        self.stall = torch.where(better, torch.zeros_like(self.stall), self.stall + 1)
+        grew = ~self.stopped & (self.rel > tol) & ((rel > _CG_GROWTH * self.rel) | (self.stall > _CG_STALL))
+        self.diverged += int(grew.sum())
+        self.stopped |= grew | (self.rel <= tol)
+        return ~self.stopped
 
 
 def _lstsq_cg(train, val, *, ridge, ridge_grid, refit, dev, cg_tol, cg_max_iter, rows, progress, **_: Any) -> SolverResult:
@@ -469,7 +541,7 @@ def _lstsq_cg(train, val, *, ridge, ridge_grid, refit, dev, cg_tol, cg_max_iter,
 
     tm = stream_moments(train, dev, gram=False, rows=rows, progress=progress)
     mx, my = tm.means()
-    cxy = tm.xy - tm.n * torch.outer(mx, my)
+    cxy = tm.xy - tm.n * torch.outer(mx, tm.shifted_mean_y())
     diag = torch.clamp(tm.dxx - tm.n * mx**2, min=0)
     diag = torch.where(diag > 1e-12 * max(float(diag.max()), 1e-300), diag, torch.zeros_like(diag))
     tol = _cg_tolerance(cg_tol, tm.dtype)
@@ -511,7 +583,7 @@ def _lstsq_cg(train, val, *, ridge, ridge_grid, refit, dev, cg_tol, cg_max_iter,
     both_src = ConcatRows(train, val)
     both = stream_moments(both_src, dev, gram=False, rows=rows, progress=progress, stage="moments (refit)")
     mx, my = both.means()
-    cxy = both.xy - both.n * torch.outer(mx, my)
+    cxy = both.xy - both.n * torch.outer(mx, both.shifted_mean_y())
     diag = torch.clamp(both.dxx - both.n * mx**2, min=0)
     w, iters, rel = _cg(_NormalOperator(both_src, both, dev, rows), cxy, lam, diag, w, tol, cg_max_iter, progress,
                         "refit, ")

@@ -29,6 +29,11 @@ __all__ = [
     "Moments",
     "stream_moments",
     "PearsonAccumulator",
+    "NO_VARIANCE_RTOL",
+    "pearson_from_sums",
+    "pearson_centred",
+    "no_variance",
+    "correlation_summary",
     "validation_metrics",
     "EpochRows",
 ]
@@ -206,16 +211,32 @@ def compute_dtype(x: np.ndarray) -> np.dtype:
 
 
 class Moments:
-    """Streamed sums of a row source: n, sum x, sum y, sum y^2, X^T Y and
+    """Streamed sums of a row source: n, sum x, sum y', sum y'^2, X^T Y' and
     either X^T X (``gram=True``) or its diagonal, accumulated in float64.
+
+    ``y' = y - shift`` is the outputs shifted by a per-target reference:
+    the first batch's mean (rounded to the batch's precision), or ``shift``
+    when given (validation rows take the training rows' shift, so that both
+    sums live in one frame). Per-batch products run in float32 (exact for
+    0/1 masks); on uncentred outputs their rounding error grows with
+    ``|mean(y)|`` and survives the centring (``X^T Y - n mx my^T`` cancels
+    it into the result), so a raw logit around 700 in a float16 store moved
+    least-squares weights by 0.3-1.6. Shifting costs one subtraction per
+    batch; float64 products cost about twice the BLAS time and twice the
+    batch memory (``benchmarks/regression.py --moments-only``). Everything
+    centred (:meth:`centred`, :meth:`means`) is independent of the shift.
 
     On CPU the Gram matrix comes from BLAS ``syrk`` (half the work of a
     general product); on CUDA from torch.
     """
 
-    def __init__(self, P: int, K: int, dev: Any, *, gram: bool, xy: bool = True, precise: bool = False):
+    def __init__(self, P: int, K: int, dev: Any, *, gram: bool, xy: bool = True, precise: bool = False,
+                 shift: Any = None):
         import torch
 
+        self.shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float64).to(dev).clone()
+        self._ybuf: np.ndarray | None = None
+        self._ref: dict[np.dtype, np.ndarray] = {}
         self.dev = dev
         self.gram = gram
         self.precise = precise
@@ -236,7 +257,7 @@ class Moments:
         dt = np.dtype(np.float64) if self.precise else compute_dtype(x)
         self.dtype = dt if self.dtype is None else np.promote_types(self.dtype, dt)
         x = np.ascontiguousarray(x, dtype=dt)
-        y = np.ascontiguousarray(y, dtype=dt)
+        y = self._shifted(y, dt)
         self.n += x.shape[0]
         xt = torch.from_numpy(x).to(self.dev)
         yt = torch.from_numpy(y).to(self.dev)
@@ -261,6 +282,25 @@ class Moments:
             else:
                 self.xx += torch.mm(xt.T, xt, out=self._scratch("xx", (xt.shape[1], xt.shape[1]), xt.dtype))
 
+    def _shifted(self, y: np.ndarray, dt: np.dtype) -> np.ndarray:
+        """``y - shift`` in ``dt``, in a reused buffer (the shift is set from the first batch)."""
+        import torch
+
+        if self.shift is None:
+            # float32 values sum exactly in float64 (up to 2**29 rows), so a constant column's
+            # reference is its value and its shifted outputs are exactly zero.
+            ref = np.asarray(y, dtype=np.float64).mean(0).astype(dt).astype(np.float64)
+            self.shift = torch.from_numpy(ref).to(self.dev)
+        ref_dt = self._ref.get(dt)
+        if ref_dt is None:
+            ref_dt = self._ref[dt] = self.shift.cpu().numpy().astype(dt)
+        buf = self._ybuf
+        if buf is None or buf.dtype != dt or buf.shape[1:] != y.shape[1:] or buf.shape[0] < y.shape[0]:
+            buf = self._ybuf = np.empty(y.shape, dtype=dt)
+        out = buf[: y.shape[0]]
+        np.subtract(y, ref_dt, out=out, casting="same_kind" if y.dtype.kind == "f" else "unsafe")
+        return out
+
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any, fortran: bool = False):
         import torch
 
@@ -279,8 +319,15 @@ class Moments:
 
     def add(self, other: "Moments") -> "Moments":
         """Sums of both (e.g. train + validation)."""
+        import torch
+
+        if self.shift is not None and other.shift is not None and not torch.equal(self.shift, other.shift):
+            raise RegressionError("Moments.add: the two sums have different output shifts; stream the second "
+                                  "with shift=first.shift.")
         out = Moments.__new__(Moments)
         out.dev, out.gram, out.dtype, out.precise = self.dev, self.gram and other.gram, self.dtype, False
+        out.shift = self.shift if self.shift is not None else other.shift
+        out._ybuf, out._ref = None, {}
         out.n = self.n + other.n
         out._buffers = {}
         for name in ("sx", "sy", "syy", "dxx"):
@@ -300,11 +347,23 @@ class Moments:
         return self.xx.clone()
 
     def means(self):
-        return self.sx / self.n, self.sy / self.n
+        """Means of x and of y (y's in its own units, shift added back)."""
+        return self.sx / self.n, self.shift + self.sy / self.n
+
+    def shifted_mean_y(self):
+        """Mean of ``y' = y - shift``: the frame of ``sy``, ``syy`` and ``xy``."""
+        return self.sy / self.n
+
+    def centred_yy(self):
+        """``sum (y - my)^2`` per target."""
+        import torch
+
+        my = self.shifted_mean_y()
+        return torch.clamp(self.syy - self.n * my * my, min=0)
 
     def centred(self):
         """Centred Gram ``sum (x - mx)(x - mx)^T`` and cross moments ``sum (x - mx)(y - my)^T``."""
-        mx, my = self.means()
+        mx, my = self.sx / self.n, self.shifted_mean_y()
         cxx = self.full_gram()
         cxx.addr_(mx, mx, alpha=-self.n)
         cxy = self.xy.clone()
@@ -314,11 +373,12 @@ class Moments:
 
 def stream_moments(
     source: RowSource, dev: Any, *, gram: bool, rows: int | None, progress: ProgressFn | None, stage: str = "moments",
-    precise: bool = False,
+    precise: bool = False, shift: Any = None,
 ) -> Moments:
     """Moments of ``source``; ``precise=True`` computes every product in float64 (for validation
-    rows, whose MSE comes out of a cancellation of much larger sums)."""
-    m = Moments(source.n_features, source.n_targets, dev, gram=gram, precise=precise)
+    rows, whose MSE comes out of a cancellation of much larger sums); ``shift``: the outputs'
+    reference (default: the first batch's mean; see :class:`Moments`)."""
+    m = Moments(source.n_features, source.n_targets, dev, gram=gram, precise=precise, shift=shift)
     total = int(source.n_rows)
     for x, y in iter_batches(source, rows, reuse=True):
         m.update(x, y)
@@ -331,7 +391,9 @@ def stream_moments(
 def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = None) -> dict[str, Any]:
     """Per-target validation MSE and Pearson correlation, streamed over ``val``.
 
-    Returns ``{"val_mse": [...], "val_correlation": [...]}`` (lists of K floats).
+    Returns ``{"val_mse": [...], "val_correlation": [...], "val_correlation_nan": m}``
+    (lists of K floats; a target whose prediction or outputs do not vary on
+    ``val`` has correlation NaN, and ``m`` counts them).
     """
     stats = PearsonAccumulator(val.n_targets)
     sq = np.zeros(val.n_targets)
@@ -343,11 +405,71 @@ def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = 
         stats.update(pred, actual)
         err = pred - actual
         sq += np.einsum("ij,ij->j", err, err, dtype=np.float64)
-    return {"val_mse": (sq / max(stats.n, 1)).tolist(), "val_correlation": stats.result().tolist()}
+    corr = stats.result()
+    return {"val_mse": (sq / max(stats.n, 1)).tolist(), "val_correlation": corr.tolist(),
+            "val_correlation_nan": int(np.isnan(corr).sum())}
+
+
+#: A column whose standard deviation is at most this fraction of its largest
+#: magnitude has no variance: its values differ by rounding alone, and its
+#: correlation is NaN (a one-pass formula would give +-1 or noise there).
+NO_VARIANCE_RTOL = 1e-12
+
+
+def pearson_from_sums(n: int, sp, sa, spp, saa, spa, scale_p=0.0, scale_a=0.0) -> np.ndarray:
+    """Per-column Pearson correlation from sums of *shifted* values (``p - c_p``, ``a - c_a``, with
+    ``c`` near the column's values, e.g. its first one; the sums' rounding error then scales with
+    the spread, not the offset). ``scale_p``, ``scale_a``: the columns' largest ``|value|``; a column
+    with no variance (see :data:`NO_VARIANCE_RTOL`) gives NaN.
+    """
+    n = max(int(n), 1)
+    sp, sa, spp, saa, spa = (np.asarray(v, dtype=np.float64) for v in (sp, sa, spp, saa, spa))
+    mp, ma = sp / n, sa / n
+    vp = spp / n - mp * mp
+    va = saa / n - ma * ma
+    cov = spa / n - mp * ma
+    return pearson_centred(cov, vp, va, no_variance(vp, mp, scale_p) | no_variance(va, ma, scale_a))
+
+
+def no_variance(var, shifted_mean, scale) -> np.ndarray:
+    """Whether a column's variance ``var`` (from sums of values shifted by ``c``, whose mean is
+    ``shifted_mean``) is rounding alone: at most :data:`NO_VARIANCE_RTOL` of ``scale`` (the
+    values' magnitude) squared, or within the cancellation error of ``E[(v-c)^2] - E[v-c]^2``."""
+    var = np.asarray(var, dtype=np.float64)
+    m2 = np.asarray(shifted_mean, dtype=np.float64) ** 2
+    return (var <= (NO_VARIANCE_RTOL * np.asarray(scale, dtype=np.float64)) ** 2) | (var <= _CANCELLATION * m2)
+
+
+#: Relative error of a variance computed as ``E[v^2] - E[v]^2`` in float64 (a few hundred ulps).
+_CANCELLATION = 1e-13
+
+
+def pearson_centred(cov, vp, va, flat) -> np.ndarray:
+    """``cov / sqrt(vp va)`` clipped to [-1, 1], NaN where ``flat``."""
+    cov, vp, va = (np.asarray(v, dtype=np.float64) for v in (cov, vp, va))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.clip(cov / np.sqrt(np.clip(vp, 0, None) * np.clip(va, 0, None)), -1.0, 1.0)
+    return np.where(np.asarray(flat) | ~np.isfinite(r), np.nan, r)
+
+
+def correlation_summary(correlations: Any) -> dict[str, Any]:
+    """Mean and median over the examples with a correlation, and how many have none (NaN: a
+    constant prediction or constant outputs)."""
+    r = np.asarray(correlations, dtype=np.float64).ravel()
+    ok = r[np.isfinite(r)]
+    return {"mean": float(ok.mean()) if ok.size else float("nan"),
+            "median": float(np.median(ok)) if ok.size else float("nan"),
+            "n_nan": int(r.size - ok.size), "n": int(r.size)}
 
 
 class PearsonAccumulator:
-    """Streamed per-column Pearson correlation of predictions with actual values."""
+    """Streamed per-column Pearson correlation of predictions with actual values.
+
+    Sums are of values shifted by each column's first row, so the result
+    does not lose digits to a large common offset, and a constant column
+    gives exactly zero variance: its correlation is NaN (see
+    :func:`pearson_from_sums`).
+    """
 
     def __init__(self, k: int):
         self.n = 0
@@ -356,23 +478,31 @@ class PearsonAccumulator:
         self.spp = np.zeros(k)
         self.saa = np.zeros(k)
         self.spa = np.zeros(k)
+        self.scale_p = np.zeros(k)
+        self.scale_a = np.zeros(k)
+        self.cp: np.ndarray | None = None
+        self.ca: np.ndarray | None = None
 
     def update(self, pred: np.ndarray, actual: np.ndarray) -> None:
-        self.n += pred.shape[0]
-        self.sp += pred.sum(0, dtype=np.float64)
-        self.sa += actual.sum(0, dtype=np.float64)
-        self.spp += np.einsum("ij,ij->j", pred, pred, dtype=np.float64)
-        self.saa += np.einsum("ij,ij->j", actual, actual, dtype=np.float64)
-        self.spa += np.einsum("ij,ij->j", pred, actual, dtype=np.float64)
+        if pred.shape[0] == 0:
+            return
+        if self.cp is None:
+            self.cp = np.array(pred[0], dtype=np.float64)
+            self.ca = np.array(actual[0], dtype=np.float64)
+        p = np.asarray(pred, dtype=np.float64) - self.cp
+        a = np.asarray(actual, dtype=np.float64) - self.ca
+        self.n += p.shape[0]
+        self.scale_p = np.maximum(self.scale_p, np.abs(pred).max(0))
+        self.scale_a = np.maximum(self.scale_a, np.abs(actual).max(0))
+        self.sp += p.sum(0)
+        self.sa += a.sum(0)
+        self.spp += np.einsum("ij,ij->j", p, p)
+        self.saa += np.einsum("ij,ij->j", a, a)
+        self.spa += np.einsum("ij,ij->j", p, a)
 
     def result(self) -> np.ndarray:
-        n = max(self.n, 1)
-        cov = self.spa / n - (self.sp / n) * (self.sa / n)
-        vp = self.spp / n - (self.sp / n) ** 2
-        va = self.saa / n - (self.sa / n) ** 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = cov / np.sqrt(np.clip(vp, 0, None) * np.clip(va, 0, None))
-        return np.clip(r, -1.0, 1.0)
+        """Correlation per column; NaN where the prediction or the actual values do not vary."""
+        return pearson_from_sums(self.n, self.sp, self.sa, self.spp, self.saa, self.spa, self.scale_p, self.scale_a)
 
 
 class EpochRows:
