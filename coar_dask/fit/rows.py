@@ -32,6 +32,8 @@ def infer_names(store: Store, x_name: str | None = None, y_name: str | None = No
     """The mask array (``x_name``) and output array (``y_name``) of a store.
 
     Defaults: the one bool array is the masks, the one other array the outputs.
+    The mask array must be bool (True = component kept): another array given
+    as ``x_name`` (e.g. the outputs) is refused rather than fitted as masks.
     """
     names = store.spec.names
     if x_name is None:
@@ -53,11 +55,25 @@ def infer_names(store: Store, x_name: str | None = None, y_name: str | None = No
     for label, name in (("x_name", x_name), ("y_name", y_name)):
         if name not in names:
             raise RegressionError(f"{label}={name!r} is not an array of the store; it has {list(names)}.")
+    x_dtype = store.spec[x_name].np_dtype
+    if x_dtype != np.bool_:
+        bools = [a.name for a in store.spec.schema if a.np_dtype == np.bool_]
+        raise RegressionError(
+            f"x_name={x_name!r} is a {x_dtype} array, but the mask array must be bool (True = component kept); "
+            f"pass the store's mask array as x_name (CLI: --x-name){f', e.g. {bools[0]!r}' if bools else ''}."
+        )
+    if x_name == y_name:
+        raise RegressionError(f"x_name and y_name are both {x_name!r}; the outputs are another array.")
     return x_name, y_name
 
 
 class StoreRows:
     """A row source over chosen rows of a store: yields ``(X, Y)`` float32 blocks.
+
+    Each block is read with :meth:`~coar_dask.core.store.Store.read_verified`:
+    a block whose chunks are missing, damaged, or do not match the digest
+    its build recorded raises :class:`~coar_dask.errors.CorruptBlockError`
+    naming the block and ``coar-dask repair``; nothing is fitted on it.
 
     Parameters
     ----------

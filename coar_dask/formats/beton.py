@@ -40,7 +40,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from coar_dask.errors import BetonError, BetonNotFoundError, CoarError, MissingDependencyError, StoreError, missing_dependency
+from coar_dask.errors import (BetonError, BetonNotFoundError, CoarError, CorruptBlockError, MissingDependencyError,
+                              StoreError, missing_dependency)
 
 __all__ = [
     "BetonError",
@@ -93,7 +94,7 @@ def import_ffcv(purpose: str = "Reading and writing .beton files") -> SimpleName
     types.SimpleNamespace
         ``DatasetWriter``, ``NDArrayField``, ``IntField``, ``NDArrayDecoder``,
         ``IntDecoder``, ``Loader``, ``OrderOption``, ``ToTensor``,
-        ``ToDevice``, ``Squeeze``, ``Reader``.
+        ``ToDevice``, ``Squeeze``, ``Reader``, ``ALLOC_TABLE_TYPE``, ``HeaderType``.
 
     Raises
     ------
@@ -112,6 +113,7 @@ def import_ffcv(purpose: str = "Reading and writing .beton files") -> SimpleName
         from ffcv.loader import Loader, OrderOption
         from ffcv.reader import Reader
         from ffcv.transforms import Squeeze, ToDevice, ToTensor
+        from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
         from ffcv.writer import DatasetWriter
     except ImportError as exc:
         base = missing_dependency("ffcv", "ffcv", purpose)
@@ -132,6 +134,8 @@ def import_ffcv(purpose: str = "Reading and writing .beton files") -> SimpleName
         ToDevice=ToDevice,
         Squeeze=Squeeze,
         Reader=Reader,
+        ALLOC_TABLE_TYPE=ALLOC_TABLE_TYPE,
+        HeaderType=HeaderType,
     )
     return _FFCV
 
@@ -209,16 +213,21 @@ class _ZarrSource(_Source):
 
         store = open_store(self.path, read_only=True)
         # Opened once per process: looking an array up reads its metadata.
-        return store, store.array(self.x_name), store.array(self.y_name)
+        return store, {n: store.array(n) for n in (self.x_name, self.y_name, "_completed")}
 
     def completed(self) -> np.ndarray:
         return self._handles()[0].completed_rows()
 
     def read_block(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
-        _, x, y = self._handles()
+        """Block ``index``; a block with completed rows is checked (chunk files, digests), one that no
+        build wrote is read as it is (the seed's ``ignore_completed`` exports such rows)."""
+        store, arrays = self._handles()
         start = index * self.block_rows
         stop = min(start + self.block_rows, self.n_total)
-        return start, x[start:stop], y[start:stop]
+        if np.asarray(arrays["_completed"][start:stop]).any():
+            data = store.read_verified(index, [self.x_name, self.y_name], arrays=arrays)
+            return start, data[self.x_name], data[self.y_name]
+        return start, arrays[self.x_name][start:stop], arrays[self.y_name][start:stop]
 
 
 class _NpySource(_Source):
@@ -332,10 +341,13 @@ class _BlockDataset:
     """An indexed dataset for FFCV's writer: item ``i`` is row ``rows[i]``
     as ``(mask, targets, idx)``, served from a one-block cache per process."""
 
-    def __init__(self, source: _Source, rows: np.ndarray, y_cols: tuple[int, int]):
+    def __init__(self, source: _Source, rows: np.ndarray, y_cols: tuple[int, int], errors: Path | None = None):
         self.source = source
         self.rows = rows
         self.y_cols = y_cols
+        #: Where a writer process records a block it cannot read: FFCV's writer waits forever
+        #: for rows of a process that raised, so the process writes zeros and the parent refuses.
+        self.errors = errors
         self._block = -1
         self._start = 0
         self._x: np.ndarray | None = None
@@ -357,11 +369,28 @@ class _BlockDataset:
         self._y = np.ascontiguousarray(np.asarray(y).reshape(n, -1)[:, s0:s1], dtype=np.float32)
         self._block, self._start = block, start
 
+    def _fail(self, block: int, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, CoarError) else (
+            f"block {block} of {self.source.describe()} cannot be read ({type(exc).__name__}: {exc}); run "
+            f"`coar-dask verify` on it, then `coar-dask repair`.")
+        if self.errors is None:
+            raise exc
+        with open(self.errors, "a") as f:
+            f.write(message.replace("\n", " ") + "\n")
+        start = block * self.source.block_rows
+        n = min(start + self.source.block_rows, self.source.n_total) - start
+        self._x = np.zeros((n, self.source.x_size), dtype=self.source.x_dtype)
+        self._y = np.zeros((n, self.y_cols[1] - self.y_cols[0]), dtype=np.float32)
+        self._block, self._start = block, start
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
         row = int(self.rows[i])
         block = row // self.source.block_rows
         if block != self._block:
-            self._load(block)
+            try:
+                self._load(block)
+            except Exception as exc:  # noqa: BLE001 - any failure is reported by the parent, see errors
+                self._fail(block, exc)
         local = row - self._start
         return self._x[local], self._y[local], row
 
@@ -482,13 +511,7 @@ def export_beton(
         rows.size, src.describe(), src.x_name, src.x_size, src.y_name, y_cols[0], y_cols[1],
         out_path, workers,
     )
-    try:
-        writer = ffcv.DatasetWriter(str(tmp), fields, page_size=page, num_workers=workers)
-    except ValueError as exc:
-        raise BetonError(f"cannot write {str(out_path)!r}: {exc} (page_size={page}).") from None
-    dataset = _BlockDataset(src, rows, y_cols)
-    # Chunks of one store block keep each writer process on one cached block.
-    writer.from_indexed_dataset(dataset, chunksize=src.block_rows)
+    _write(ffcv, tmp, fields, page, workers, _BlockDataset(src, rows, y_cols), out_path)
     os.replace(tmp, out_path)
     return BetonInfo(
         path=out_path,
@@ -498,6 +521,28 @@ def export_beton(
         x_dtype=np.dtype(src.x_dtype).name,
         fields=tuple(fields),
     )
+
+
+def _write(ffcv: Any, tmp: Path, fields: dict[str, Any], page: int, workers: int, dataset: _BlockDataset,
+           out_path: Path) -> None:
+    """Run FFCV's writer into ``tmp``; raise (and remove ``tmp``) when a writer process could not read a block."""
+    errors = tmp.with_name(tmp.name + ".errors")
+    errors.unlink(missing_ok=True)
+    dataset.errors = errors
+    try:
+        writer = ffcv.DatasetWriter(str(tmp), fields, page_size=page, num_workers=workers)
+    except ValueError as exc:
+        raise BetonError(f"cannot write {str(out_path)!r}: {exc} (page_size={page}).") from None
+    try:
+        # Chunks of one store block keep each writer process on one cached block.
+        writer.from_indexed_dataset(dataset, chunksize=dataset.source.block_rows)
+        failed = errors.read_text().splitlines() if errors.exists() else []
+    finally:
+        errors.unlink(missing_ok=True)
+    if failed:
+        tmp.unlink(missing_ok=True)
+        more = f" (and {len(failed) - 1} more block(s))" if len(failed) > 1 else ""
+        raise CorruptBlockError(f"{str(out_path)!r} was not written: {failed[0]}{more}")
 
 
 # --------------------------------------------------------------------------
@@ -511,12 +556,48 @@ def _reader(path: Path) -> Any:
             f"--cfg.data_dir STORE --cfg.out_path {path} --cfg.y_name NAME` or export_beton()."
         )
     try:
-        return ffcv.Reader(str(path))
+        reader = ffcv.Reader(str(path))
     except Exception as exc:  # noqa: BLE001 - FFCV raises AssertionError/ValueError/IndexError on bad files
         raise BetonError(
             f"{str(path)!r} is not a .beton file FFCV 1.0 can read ({type(exc).__name__}: {exc}); "
             f"write it again with export_beton() or the seed's write_dataset.py."
         ) from None
+    problem = _truncation(ffcv, path, reader)
+    if problem:
+        raise BetonError(
+            f"{str(path)!r} is truncated or was not finished ({problem}); FFCV would read it as if whole. "
+            f"Write it again with export_beton() or `python -m coar_dask.write_dataset`."
+        )
+    return reader
+
+
+def _truncation(ffcv: Any, path: Path, reader: Any) -> str | None:
+    """Why the file is shorter than its header and allocation table say, or ``None`` when it is whole.
+
+    A ``.beton`` is: header, field descriptors, per-sample metadata, data
+    pages, then the allocation table (24 bytes per allocation) to the end of
+    the file, at ``alloc_table_ptr``; every array field's sample points at one
+    allocation that lies before the table.
+    """
+    size = path.stat().st_size
+    n = int(reader.num_samples)
+    table_at = int(reader.header["alloc_table_ptr"])
+    data_start = ffcv.HeaderType.itemsize + reader.field_descriptors.nbytes + n * reader.metadata_type.itemsize
+    if len(reader.metadata) != n or not data_start <= table_at <= size:
+        return f"{size} bytes, but its header needs {max(data_start, table_at)} before the allocation table"
+    entry = ffcv.ALLOC_TABLE_TYPE.itemsize
+    if (size - table_at) % entry:
+        return f"its allocation table of {size - table_at} bytes is not a whole number of {entry}-byte entries"
+    table = reader.alloc_table
+    if table.size and int((table["ptr"] + table["size"]).max()) > table_at:
+        return "an allocation reaches past the start of the allocation table"
+    columns = reader.metadata.dtype.names  # one unnamed column per field, in field order
+    for column, (name, handler) in zip(columns, reader.handlers.items()):
+        if isinstance(handler, ffcv.NDArrayField) and n:
+            missing = int((~np.isin(reader.metadata[column], table["ptr"])).sum())
+            if missing:
+                return f"{missing} of {n} rows of field {name!r} have no entry in its allocation table"
+    return None
 
 
 def inspect_beton(
