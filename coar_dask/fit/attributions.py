@@ -12,7 +12,7 @@ import numpy as np
 from coar_dask.core.store import Store
 from coar_dask.errors import RegressionError, StoreMismatchError
 
-__all__ = ["Attributions", "SIGN_CONVENTION", "plain_metadata"]
+__all__ = ["Attributions", "TopComponents", "SIGN_CONVENTION", "plain_metadata", "component_names"]
 
 SIGN_CONVENTION = (
     "weights in mask units: prediction = mask @ weight + bias, mask 1 = kept; "
@@ -47,6 +47,36 @@ def plain_metadata(value: Any, where: str = "metadata") -> Any:
     )
 
 
+def component_names(summary: Mapping[str, Any] | None) -> list[str] | None:
+    """``"<module>[<unit>]"`` for every component of a components summary
+    (:meth:`coar_dask.core.components.Components.summary`), in flat-index order; ``None`` without one."""
+    if not summary or not summary.get("layers"):
+        return None
+    return [f"{layer['module']}[{u}]" for layer in summary["layers"] for u in range(int(layer["units"]))]
+
+
+@dataclass(frozen=True)
+class TopComponents:
+    """The components with the largest positive and negative weights for one example.
+
+    ``positive`` and ``negative`` are ``(component, weight)`` pairs, strongest
+    first; a component is its name (``"layer1.0.conv2[17]"``) when the
+    attributions know the names, else its flat index.
+    """
+
+    example: int
+    positive: tuple[tuple[str | int, float], ...]
+    negative: tuple[tuple[str | int, float], ...]
+
+    def format(self) -> str:
+        """Aligned text: one line per component, positive ones first."""
+        rows = [("+", c, w) for c, w in self.positive] + [("-", c, w) for c, w in self.negative]
+        width = max((len(str(c)) for _, c, _ in rows), default=9)
+        lines = [f"example {self.example}: keeping a component with a positive weight raises the output"]
+        lines += [f"  {sign} {str(c):<{width}}  {w:+.4g}" for sign, c, w in rows]
+        return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Attributions:
     """Per-example attributions. ``weight`` (P, K), ``bias`` (K,), ``lam`` (K,).
@@ -67,7 +97,66 @@ class Attributions:
 
     @property
     def n_examples(self) -> int:
+        """Examples (columns) held here: the fitted target slice."""
         return int(self.weight.shape[1])
+
+    @property
+    def example_count(self) -> int | None:
+        """The experiment's number of examples, when the store recorded its experiment (else ``None``)."""
+        count = self.metadata.get("example_count")
+        return None if count is None else int(count)
+
+    @property
+    def first_example(self) -> int:
+        """The experiment's index of column 0 (the start of the fitted target slice)."""
+        return int(self.metadata.get("target_slice", (0,))[0])
+
+    @property
+    def component_names(self) -> list[str] | None:
+        """``"<module>[<unit>]"`` of each component (row of ``weight``), when known (else ``None``)."""
+        names = component_names(self.metadata.get("components"))
+        return names if names is not None and len(names) == self.n_components else None
+
+    def top_components(self, example: int, k: int = 10) -> TopComponents:
+        """The ``k`` components with the most positive and the ``k`` with the most negative weight for
+        ``example`` (the experiment's example index).
+
+        Examples
+        --------
+        >>> a = Attributions(np.array([[0.5], [-2.0], [0.1]]), np.zeros(1), np.zeros(1))
+        >>> a.top_components(0, k=1)
+        TopComponents(example=0, positive=((0, 0.5),), negative=((1, -2.0),))
+        """
+        first = self.first_example
+        column = int(example) - first
+        if not 0 <= column < self.n_examples:
+            raise RegressionError(
+                f"example {example} is not in these attributions (examples {first} to "
+                f"{first + self.n_examples - 1}); pass an example in that range."
+            )
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RegressionError(f"k must be a positive integer; found {k!r}.")
+        w = np.asarray(self.weight[:, column], dtype=np.float64)
+        names = self.component_names
+        order = np.argsort(w, kind="stable")
+
+        def pick(indices: np.ndarray) -> tuple[tuple[str | int, float], ...]:
+            return tuple((names[i] if names else int(i), float(w[i])) for i in indices)
+
+        return TopComponents(
+            example=int(example),
+            positive=pick(np.array([i for i in order[::-1][:k] if w[i] > 0], dtype=np.int64)),
+            negative=pick(np.array([i for i in order[:k] if w[i] < 0], dtype=np.int64)),
+        )
+
+    def __repr__(self) -> str:
+        meta = self.metadata
+        how = f", {meta['solver']} on {meta['n_train']} rows" if "solver" in meta and "n_train" in meta else ""
+        first, examples = self.first_example, f"{self.n_examples} examples"
+        if first or (self.example_count not in (None, self.n_examples)):
+            examples += f" ({first}-{first + self.n_examples - 1} of {self.example_count or '?'})"
+        names = "named" if self.component_names else "unnamed"
+        return f"<Attributions: {self.n_components} {names} components x {examples}{how}>"
 
     def predict(self, masks: np.ndarray) -> np.ndarray:
         """Predicted outputs ``(n, K)`` for masks ``(n, P)``."""

@@ -14,10 +14,17 @@ slices or a Dask client are asked for, plans and executes a sliced fit
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from coar_dask.core.store import Store
+import numpy as np
+
+from coar_dask.core.components import select_components
+from coar_dask.core.experiment import Experiment, import_object
+from coar_dask.core.store import Store, open_store
+from coar_dask.errors import CoarError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
 from coar_dask.fit.core import FitSettings, fit_store
 from coar_dask.fit.distributed import fit_distributed
@@ -34,7 +41,10 @@ __all__ = [
     "fit",
     "infer_names",
     "split_rows",
+    "experiment_metadata",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def fit(
@@ -98,6 +108,49 @@ def fit(
     elif options:
         raise TypeError(f"fit: pass settings or their fields as keywords, not both (got {sorted(options)}).")
     if slices is not None or client is not None or max_targets is not None:
-        return fit_distributed(store, settings=settings, slices=slices, client=client, progress=progress,
-                               max_targets=max_targets)
-    return fit_store(store, settings, progress)
+        attrs = fit_distributed(store, settings=settings, slices=slices, client=client, progress=progress,
+                                max_targets=max_targets)
+    else:
+        attrs = fit_store(store, settings, progress)
+    extra = experiment_metadata(store if isinstance(store, Store) else open_store(store, read_only=True))
+    return dataclasses.replace(attrs, metadata={**attrs.metadata, **extra})
+
+
+def _components_summary(meta: Mapping[str, Any], experiment: Experiment) -> dict[str, Any] | None:
+    """The store's recorded components summary, or one made by calling the model factory (not the examples)."""
+    if meta.get("components"):
+        return dict(meta["components"])
+    try:
+        model = import_object(experiment.model)(**experiment.model_kwargs)
+        comps = select_components(model, include=experiment.include, exclude=experiment.exclude,
+                                  kinds=experiment.kinds)
+    except (CoarError, ImportError, OSError, RuntimeError, TypeError, ValueError) as exc:
+        logger.warning("component names unknown: the experiment's model could not be loaded here (%s)", exc)
+        return None
+    return comps.summary()
+
+
+def experiment_metadata(store: Store) -> dict[str, Any]:
+    """What attributions fitted on ``store`` record about its experiment (plain data).
+
+    ``experiment`` (the description the store was built with), ``example_count``
+    and ``components`` (layers and units, which name every component) when the
+    store records its experiment; each is ``None`` otherwise (e.g. a store
+    imported from the seed's ``.npy`` files).
+    """
+    meta = store.meta
+    recorded = meta.get("experiment")
+    if not recorded:
+        return {"experiment": None, "example_count": None, "components": None}
+    experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
+    summary = _components_summary(meta, experiment)
+    n_masks = int(np.prod(store.spec[experiment.x_name].shape))
+    if summary is not None and int(summary.get("total", -1)) != n_masks:
+        logger.warning("component names unknown: the model has %s components, the store %d",
+                       summary.get("total"), n_masks)
+        summary = None
+    return {
+        "experiment": dict(recorded),
+        "example_count": int(np.prod(store.spec[experiment.y_name].shape)),
+        "components": summary,
+    }
