@@ -211,6 +211,10 @@ def test_cli_handler_reads_an_experiment_file(tmp_path, tiny_experiment):
     components_main(_parse(["components", "--experiment", str(path), "--json"]), out)
     data = json.loads(out.getvalue())
     assert [layer["module"] for layer in data["layers"]] == ["7", "9"] and data["total"] == 13
+    assert data["examples"] == 12
+    out = io.StringIO()
+    components_main(_parse(["components", "--experiment", str(path)]), out)
+    assert out.getvalue().rstrip().endswith("examples: 12 (outputs per row)")
 
 
 def test_cli_requires_a_source():

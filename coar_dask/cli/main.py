@@ -27,11 +27,17 @@ from coar_dask.cli.config import add_config_parser
 from coar_dask.cli.demo import add_demo_parser
 from coar_dask.cli.initialize_store import add_initialize_store_parser
 from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
+from coar_dask.cli.parser_rules import apply_parser_rules, resolve_store
+from coar_dask.cli.recorded import (describe_experiment, experiment_for_store, import_from_current_folder,
+                                    recorded_experiment)
 from coar_dask.cli.run_regression import add_run_regression_parser
 from coar_dask.cli.solver_flags import add_fit_solver_arguments, add_row_arguments, solver_options_from_args
+from coar_dask.cli.top import add_top_parser
 from coar_dask.cli.verify import add_verify_parser
 from coar_dask.cli.write_dataset import add_export_beton_parser
+from coar_dask.compat.seed import choose_solver
 from coar_dask.errors import ConfigError
+from coar_dask.solvers.registry import REGISTRY
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -54,6 +60,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from coar_dask.core.store import init_store, _is_store_dir
 
     existed = _is_store_dir(Path(args.store))
+    exp = None
     if args.spec:
         spec: Any = args.spec
         mask_seed, alpha = args.mask_seed, args.alpha
@@ -71,7 +78,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         alpha = exp.alpha if args.alpha is None else args.alpha
     else:
         raise ConfigError("init needs --spec SPEC.json, or --experiment EXP.yaml with --rows N.")
-    store = init_store(args.store, spec, rows_per_chunk=args.rows_per_chunk, mask_seed=mask_seed, alpha=alpha)
+    # From an experiment, the store records it, so that `build STORE` needs no --experiment (the
+    # first build records the experiment it actually runs, with its fingerprint: runtime.build.plan_build).
+    planned = None if exp is None else {"experiment": exp.replace(mask_seed=mask_seed, alpha=alpha).to_dict()}
+    store = init_store(args.store, spec, rows_per_chunk=args.rows_per_chunk, mask_seed=mask_seed, alpha=alpha,
+                       extra_meta=planned)
     if existed:
         echo(f"Store {args.store} already exists with this spec; nothing changed.")
     else:
@@ -92,8 +103,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not repaired.ok:
             return 1
         store = open_store(args.store)
+    experiment = experiment_for_store(args.experiment, store, "build")
     with client_for(args) as client:
-        report = build_with_progress(store, args.experiment, client, "build")
+        report = build_with_progress(store, experiment, client, "build")
     status = open_store(args.store).status()
     echo(f"Built {report.rows_done} rows in {report.seconds:.1f} s ({report.rows_per_second:.1f} models/s); "
          f"{status['completed_rows']}/{status['num_rows']} rows completed.")
@@ -103,9 +115,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from coar_dask.core.store import open_store
 
-    status = open_store(args.store, read_only=True).status()
+    store = open_store(args.store, read_only=True)
+    status = store.status()
+    recorded = store.meta.get("experiment")
     if args.json:
-        echo(json.dumps(status, indent=2))
+        echo(json.dumps({**status, "experiment": recorded}, indent=2))
         return 0
     echo(f"store:    {status['path']}")
     echo(f"rows:     {status['completed_rows']} / {status['num_rows']} completed "
@@ -115,12 +129,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     echo(f"masks:    seed {status['mask_seed']}, alpha {status['alpha']}")
     fp = status["experiment_fingerprint"]
     echo(f"experiment: {fp[:16] + '…' if fp else '(not built yet)'}")
+    for line in describe_experiment(recorded) if recorded else ():
+        echo(f"  {line}")
     return 0
+
+
+def _auto_solver(args: argparse.Namespace) -> str:
+    """``--solver auto`` as ``run-regression`` reads it (compat.seed.choose_solver): lstsq for
+    ``--k`` 1 (or absent) and ``--max-lambda`` 0 (or absent), else saga."""
+    value = getattr(args, "max_lambda", None)
+    try:
+        max_lambda = 0.0 if value is None else float(value)
+    except ValueError:  # "auto": a lasso path
+        max_lambda = -1.0
+    return choose_solver(getattr(args, "k", None), max_lambda, "auto")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from coar_dask.fit.fit import fit
 
+    if args.solver == "auto":
+        args.solver = _auto_solver(args)
     options = solver_options_from_args(args)
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -159,11 +188,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from coar_dask.fit.evaluate import evaluate, plot_evaluation
 
     store = args.store
-    if args.experiment:
+    if args.experiment or args.rows:
         store = _build_eval_store(args)
     elif not store:
-        raise ConfigError("evaluate needs --store EVAL_STORE, or --experiment EXP.yaml --store DIR --rows N "
-                          "to build one.")
+        raise ConfigError("evaluate needs --store EVAL_STORE, or --store DIR --rows N to build one (with the "
+                          "experiment of the attributions, or --experiment EXP.yaml).")
+    else:
+        _finish_eval_store(store, args)
     result = evaluate(args.attributions, store)
     summary = result.summary()
     if args.plot:
@@ -179,15 +210,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_experiment(args: argparse.Namespace) -> Any:
+    """The evaluation build's experiment: --experiment, else the one the evaluation store records
+    (resumed as it is), else the one the attributions record; fresh masks (mask seed + 1) by default."""
+    from coar_dask.core.experiment import Experiment, load_experiment
+    from coar_dask.core.store import _is_store_dir
+    from coar_dask.fit.attributions import Attributions
+
+    if args.experiment:
+        exp = load_experiment(args.experiment)
+    elif _is_store_dir(Path(args.store)) and recorded_experiment(args.store) is not None:
+        exp = recorded_experiment(args.store)
+        return exp.replace(mask_seed=exp.mask_seed if args.mask_seed is None else args.mask_seed,
+                           alpha=exp.alpha if args.alpha is None else args.alpha)
+    else:
+        data = Attributions.load(args.attributions).metadata.get("experiment")
+        if not data:
+            raise ConfigError(f"attributions {args.attributions!r} do not record their experiment (their store "
+                              f"recorded none); give it: --experiment EXP.yaml.")
+        exp = Experiment.from_dict(data, source=f"the experiment recorded in {args.attributions!r}")
+    return exp.replace(mask_seed=exp.mask_seed + 1 if args.mask_seed is None else args.mask_seed,
+                       alpha=exp.alpha if args.alpha is None else args.alpha)
+
+
+def _finish_eval_store(store: str, args: argparse.Namespace) -> None:
+    """Build an evaluation store's pending blocks (an interrupted evaluation) with the experiment it records."""
+    from coar_dask.core.store import open_store
+
+    opened = open_store(store)
+    experiment = recorded_experiment(opened)
+    if experiment is None or not opened.pending_blocks():
+        return
+    with client_for(args) as client:
+        build_with_progress(opened, experiment, client, "evaluation build")
+
+
 def _build_eval_store(args: argparse.Namespace) -> Any:
     from coar_dask.fit.evaluate import eval_store_for
-    from coar_dask.core.experiment import load_experiment, load_state
+    from coar_dask.core.experiment import load_state
 
     if not args.store or not args.rows:
         raise ConfigError("evaluate --experiment needs --store DIR (the evaluation store) and --rows N.")
-    exp = load_experiment(args.experiment)
-    exp = exp.replace(mask_seed=exp.mask_seed + 1 if args.mask_seed is None else args.mask_seed,
-                      alpha=exp.alpha if args.alpha is None else args.alpha)
+    exp = _eval_experiment(args)
     state = load_state(exp)
     store = eval_store_for(args.store, exp, args.rows, state.n_components, state.n_examples)
     with client_for(args) as client:
@@ -209,7 +273,8 @@ def _init_arguments(p: argparse.ArgumentParser) -> None:
 
 def _build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store directory")
-    p.add_argument("--experiment", required=True, help="experiment YAML (e.g. configs/digits.yaml)")
+    p.add_argument("--experiment", default=None,
+                   help="experiment YAML (e.g. configs/digits.yaml); default: the one the store was built with")
     p.add_argument("--repair", action="store_true",
                    help="first reset the blocks `coar-dask verify` finds bad, so this build recomputes them")
     add_cluster_arguments(p)
@@ -228,15 +293,20 @@ def _fit_arguments(p: argparse.ArgumentParser) -> None:
     add_row_arguments(p)
     p.add_argument("--target-slice", default=None, help="fit only outputs START:STOP")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--solver", choices=("auto", *sorted(REGISTRY)), default="lstsq",
+                   help=", ".join(f"{name} ({e.description})" for name, e in REGISTRY.items())
+                   + "; auto: as run-regression, lstsq for --k 1 and --max-lambda 0 (or absent), else saga")
     add_fit_solver_arguments(p)
     add_cluster_arguments(p)
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attributions", required=True, help="attributions .pt from `coar-dask fit`")
-    p.add_argument("--store", help="evaluation store directory")
-    p.add_argument("--experiment", help="experiment YAML: build the evaluation store first")
-    p.add_argument("--rows", type=int, help="rows of the evaluation store to build")
+    p.add_argument("--store", help="evaluation store directory (its pending blocks are built first)")
+    p.add_argument("--experiment",
+                   help="experiment YAML of the evaluation build (default: the one the evaluation store or the "
+                        "attributions record)")
+    p.add_argument("--rows", type=int, help="rows of the evaluation store to build (creates it)")
     p.add_argument("--mask-seed", type=int, default=None, help="mask seed of the evaluation masks")
     p.add_argument("--alpha", type=float, default=None, help="alpha of the evaluation masks")
     p.add_argument("--plot", help="write a PNG plot here")
@@ -279,6 +349,7 @@ COMMANDS: tuple[Callable[[Any], Any], ...] = (
     add_demo_parser,
     add_stage_parsers,
     add_components_parser,
+    add_top_parser,
     add_verify_parser,
     add_cluster_parser,
     add_config_parser,
@@ -304,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    apply_parser_rules(parser)
     return parser
 
 
@@ -315,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    return run_command(args.func, args, f"coar-dask {args.command}", INTERRUPTED)
+    import_from_current_folder()
+    return run_command(lambda a: a.func(resolve_store(a)), args, f"coar-dask {args.command}", INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,9 +21,11 @@ def add_import_npy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("source", help="seed store directory (the seed's --logging.logdir)")
     p.add_argument("--store", "--cfg.data_dir", dest="store", required=True, help="zarr store to create")
     p.add_argument("--names", nargs="+", default=None, help="arrays to import (default all)")
-    p.add_argument("--rows-per-chunk", type=int, default=None)
-    p.add_argument("--mask-seed", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--rows-per-chunk", type=int, default=None,
+                   help="rows per block and chunk of the new store (default: auto, <= 100)")
+    p.add_argument("--mask-seed", type=int, default=None,
+                   help="record the mask seed the seed's masks were drawn with (lets verify regenerate them)")
+    p.add_argument("--alpha", type=float, default=None, help="record the masks' alpha")
     p.add_argument("--mark-all-completed", action="store_true",
                    help="mark every row completed (when there is no _completed.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")

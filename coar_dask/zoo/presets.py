@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from coar_dask.core.components import Components, select_components
-from coar_dask.core.experiment import import_object, load_experiment
+from coar_dask.core.experiment import import_object, load_experiment, load_state
 from coar_dask.errors import ExperimentError
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "build_model",
     "preset_components",
     "experiment_components",
+    "experiment_counts",
     "seeded_model",
     "random_examples",
 ]
@@ -169,6 +170,15 @@ def experiment_components(source: Any) -> Components:
     experiment = load_experiment(source)
     model = import_object(experiment.model)(**experiment.model_kwargs)
     return select_components(model, include=experiment.include, exclude=experiment.exclude, kinds=experiment.kinds)
+
+
+def experiment_counts(source: Any) -> tuple[Components, int]:
+    """The components an experiment selects and its number of examples: both factories are called (on
+    the CPU) and the model is run on two examples, so a mismatch shows here rather than in a build."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise ExperimentError(f"experiment file {str(source)!r} does not exist.")
+    state = load_state(load_experiment(source).replace(device="cpu"))
+    return state.components, state.n_examples
 
 
 def seeded_model(factory: str, seed: int = 0, **kwargs: Any) -> Any:
