@@ -210,13 +210,27 @@ def compute_dtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
+def _reference(y: np.ndarray) -> np.ndarray:
+    """Per-column reference of a first batch of outputs: its mean rounded to 8 significant bits
+    (a column constant in the batch: its value).
+
+    A coarse reference keeps ``y - ref`` exact in float32 and on the outputs' own grid (float16
+    outputs stay on theirs, on which float32 products and sums are exact, as they are unshifted),
+    while removing the offset; a constant column becomes exactly zero.
+    """
+    yb = np.asarray(y, dtype=np.float64)
+    frac, exp = np.frexp(yb.mean(0))
+    ref = np.ldexp(np.round(frac * 256.0) / 256.0, exp)
+    return np.where(yb.min(0) == yb.max(0), yb[0], ref)
+
+
 class Moments:
     """Streamed sums of a row source: n, sum x, sum y', sum y'^2, X^T Y' and
     either X^T X (``gram=True``) or its diagonal, accumulated in float64.
 
     ``y' = y - shift`` is the outputs shifted by a per-target reference:
-    the first batch's mean (rounded to the batch's precision), or ``shift``
-    when given (validation rows take the training rows' shift, so that both
+    the first batch's mean rounded to 8 significant bits (see
+    :func:`_reference`), or ``shift`` when given (validation rows take the training rows' shift, so that both
     sums live in one frame). Per-batch products run in float32 (exact for
     0/1 masks); on uncentred outputs their rounding error grows with
     ``|mean(y)|`` and survives the centring (``X^T Y - n mx my^T`` cancels
@@ -287,10 +301,7 @@ class Moments:
         import torch
 
         if self.shift is None:
-            # float32 values sum exactly in float64 (up to 2**29 rows), so a constant column's
-            # reference is its value and its shifted outputs are exactly zero.
-            ref = np.asarray(y, dtype=np.float64).mean(0).astype(dt).astype(np.float64)
-            self.shift = torch.from_numpy(ref).to(self.dev)
+            self.shift = torch.from_numpy(_reference(y)).to(self.dev)
         ref_dt = self._ref.get(dt)
         if ref_dt is None:
             ref_dt = self._ref[dt] = self.shift.cpu().numpy().astype(dt)
@@ -377,7 +388,7 @@ def stream_moments(
 ) -> Moments:
     """Moments of ``source``; ``precise=True`` computes every product in float64 (for validation
     rows, whose MSE comes out of a cancellation of much larger sums); ``shift``: the outputs'
-    reference (default: the first batch's mean; see :class:`Moments`)."""
+    reference (default: from the first batch; see :class:`Moments`)."""
     m = Moments(source.n_features, source.n_targets, dev, gram=gram, precise=precise, shift=shift)
     total = int(source.n_rows)
     for x, y in iter_batches(source, rows, reuse=True):
