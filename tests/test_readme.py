@@ -18,16 +18,29 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+#: A block whose first line is ``# name.py ...`` is that file of the user's folder (e.g. their own module).
+FILE_NAME = re.compile(r"# (\w+\.py)\b")
 #: Blocks that need what a test machine does not have (say why); every other block must run.
 NEEDS = {"cluster_client(\"slurm\"": "starts SLURM jobs for the user's own experiment and shared store"}
 
 
+def user_files(folder: Path) -> None:
+    """Write the README's named files (``# my_model.py`` blocks) into ``folder``, as a user saves them."""
+    for block in BLOCKS:
+        match = FILE_NAME.match(block)
+        if match:
+            (folder / match.group(1)).write_text(block)
+
+
 def run_script(code: str, folder: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Save ``code`` as ``folder/example.py`` and run it with this venv's python, in ``folder``."""
-    script = folder / "example.py"
+    """Save ``code`` in ``folder`` (as the file it names, else ``example.py``) next to the README's other
+    named files and run it with this venv's python, in ``folder``, without PYTHONPATH."""
+    user_files(folder)
+    match = FILE_NAME.match(code)
+    script = folder / (match.group(1) if match else "example.py")
     script.write_text(code)
-    env = {**os.environ, "PYTHONPATH": ""}  # only the installed package, as a user has it
-    return subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True,
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed package, as a user
+    return subprocess.run([sys.executable, script.name], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -51,6 +64,22 @@ def test_readme_python_block_runs_as_a_script(index, tmp_path, digits_experiment
         mean = float(re.search(r"held-out correlation: mean (\d\.\d+)", done.stdout).group(1))
         assert mean > 0.6
         assert (tmp_path / "api-out" / "attributions.pt").is_file()
+    if "my-out" in code:  # Attribute your own model: the user's module beside the script, no PYTHONPATH
+        assert (tmp_path / "my_model.py").is_file()
+        assert "<Attributions: 96 named components x 297 examples" in done.stdout
+        assert re.search(r"\+ fc[12]\[\d+\]", done.stdout)
+        mean = float(re.search(r"held-out correlation: mean (\d\.\d+)", done.stdout).group(1))
+        assert mean > 0.6
+
+
+def test_readme_attributes_a_users_own_model():
+    """The own-model section: a module of the user's, a script importing it by path, its YAML form."""
+    named = [FILE_NAME.match(b).group(1) for b in BLOCKS if FILE_NAME.match(b)]
+    assert {"my_model.py", "attribute_my_model.py"} <= set(named)
+    script = next(b for b in BLOCKS if b.startswith("# attribute_my_model.py"))
+    assert 'if __name__ == "__main__":' in script and '"my_model:load_model"' in script
+    text = README.read_text()
+    assert "# my_experiment.yaml" in text and "client.upload_file" in text and "regular expression" in text
 
 
 @pytest.mark.slow
