@@ -356,12 +356,12 @@ class Store:
         check = self.verify_reads
         kinds = {n: self.chunk_kind(n, index, array=arrays[n]) if check else "file" for n in names}
         digests = self.stored_digests(index) if check else None
-        for n, kind in kinds.items():
-            if kind != "file" and not (kind == "missing" and digests is not None):
-                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
         if check and digests is None and self.has_digests:
             raise self._corrupt(index, "its rows are flagged completed but no digest was written with them "
                                        "(no build wrote this block)")
+        for n, kind in kinds.items():
+            if kind != "file" and not (kind == "missing" and digests is not None):
+                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
         out = {}
         for n in names:
             try:
