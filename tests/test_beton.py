@@ -344,3 +344,61 @@ def test_export_benchmark_runs_and_reports_its_ratio(ffcv, tmp_path, capsys):
     for key in ("raw_rows_per_s", "export_rows_per_s", "raw_mb_per_s", "export_mb_per_s", "export_over_raw"):
         assert result[key] > 0
     assert result["same_file_size"] and result["sizes"]["rows"] == 300
+
+
+# --------------------------------------------------------------------------
+# Integrity (issue 14): truncated files, damaged or swapped store chunks
+# --------------------------------------------------------------------------
+@pytest.mark.ffcv
+@pytest.mark.parametrize("cut", [1, 64, 5000])
+def test_a_truncated_beton_is_refused_when_opened(exported, cut, tmp_path):
+    import shutil
+
+    short = tmp_path / "short.beton"
+    shutil.copyfile(exported.path, short)
+    with open(short, "r+b") as f:
+        f.truncate(exported.path.stat().st_size - cut)
+    with pytest.raises(beton.BetonError, match="truncated") as err:
+        beton.BetonRows(short)
+    assert "\n" not in str(err.value)
+    with pytest.raises(beton.BetonError, match="truncated"):
+        beton.inspect_beton(short)
+    beton.inspect_beton(exported.path)  # the whole file still opens
+
+
+def _damaged_copy(store, tmp_path, damage):
+    import shutil
+
+    from coar_dask.core.store import open_store
+
+    path = tmp_path / "damaged"
+    shutil.copytree(store.path, path)
+    damage(path)
+    return open_store(path, read_only=True)
+
+
+def _garbage(path):
+    chunk = path / "val_margins" / "c" / "1" / "0"
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(60))  # a zstd magic number, then nothing valid
+
+
+def _swap_0_3(path):
+    import os
+
+    a, b = path / "masks" / "c" / "0" / "0", path / "masks" / "c" / "3" / "0"
+    os.replace(a, path / "tmp")
+    os.replace(b, a)
+    os.replace(path / "tmp", b)
+
+
+@pytest.mark.ffcv
+@pytest.mark.parametrize("damage, block", [(_garbage, 1), (_swap_0_3, 0)], ids=["damaged-bytes", "swapped"])
+def test_export_of_a_bad_block_is_one_error_not_a_hang(store, ffcv, tmp_path, damage, block):
+    from coar_dask.errors import CorruptBlockError
+
+    bad = _damaged_copy(store, tmp_path, damage)
+    out = tmp_path / "out.beton"
+    with pytest.raises(CorruptBlockError, match=rf"block {block} .*coar-dask repair") as err:
+        beton.export_beton(bad, out, y_name="val_margins", num_workers=2)
+    assert "\n" not in str(err.value) and "was not written" in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob("out.beton*"))
