@@ -65,7 +65,9 @@ def _print_table(summary: dict[str, Any], echo: Echo) -> None:
         ("build rate", rate),
         ("fit time", f"{summary['fit_seconds']:.2f} s"),
         ("held-out correlation", f"mean {summary['mean_correlation']:.3f}, median "
-                                 f"{summary['median_correlation']:.3f} ({summary['n_eval_rows']} masks)"),
+                                 f"{summary['median_correlation']:.3f} ({summary['n_eval_rows']} masks"
+                                 + (f"; {summary['n_nan_examples']} examples without variance: NaN, left out)"
+                                    if summary.get("n_nan_examples") else ")")),
     ]
     width = max(len(k) for k, _ in table)
     echo("")
@@ -133,6 +135,7 @@ def run_demo(
         "fit_seconds": round(fit_seconds, 3),
         "mean_correlation": result.mean,
         "median_correlation": result.median,
+        "n_nan_examples": result.n_nan,
         "workers": workers,
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "attributions": str(out / "attributions.pt"),

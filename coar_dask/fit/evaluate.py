@@ -22,7 +22,7 @@ from coar_dask.core.store import Store, init_store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.rows import infer_names
-from coar_dask.solvers.streaming import PearsonAccumulator
+from coar_dask.solvers.streaming import PearsonAccumulator, correlation_summary
 
 __all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "eval_store_for"]
 
@@ -31,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationResult:
-    """Per-example correlations on held-out rows, and a sample for plotting."""
+    """Per-example correlations on held-out rows, and a sample for plotting.
+
+    An example whose prediction or actual outputs do not vary over the rows
+    has correlation NaN: :attr:`mean` and :attr:`median` leave it out, and
+    :attr:`n_nan` (``n_nan_examples`` in :meth:`summary`) counts it.
+    """
 
     correlations: np.ndarray
     n_rows: int
@@ -42,11 +47,26 @@ class EvaluationResult:
 
     @property
     def mean(self) -> float:
-        return float(np.nanmean(self.correlations))
+        """Mean correlation over the examples that have one (NaN if none has)."""
+        return correlation_summary(self.correlations)["mean"]
 
     @property
     def median(self) -> float:
-        return float(np.nanmedian(self.correlations))
+        """Median correlation over the examples that have one (NaN if none has)."""
+        return correlation_summary(self.correlations)["median"]
+
+    @property
+    def n_nan(self) -> int:
+        """Examples without a correlation (constant prediction or constant outputs)."""
+        return correlation_summary(self.correlations)["n_nan"]
+
+    def describe(self) -> str:
+        """One line: mean and median, and how many examples had no correlation."""
+        text = f"mean {self.mean:.4f}, median {self.median:.4f}"
+        if self.n_nan:
+            text += (f" over {self.correlations.size - self.n_nan} of {self.correlations.size} examples "
+                     f"({self.n_nan} without variance: NaN, left out)")
+        return text
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -55,6 +75,7 @@ class EvaluationResult:
             "mean_correlation": self.mean,
             "median_correlation": self.median,
             "n_examples": int(self.correlations.size),
+            "n_nan_examples": self.n_nan,
         }
 
 
