@@ -80,8 +80,9 @@ def import_object(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ExperimentError(
-            f"cannot import module {module_name!r} for factory {path!r} ({exc}); check the name and "
-            f"that the module is installed on every worker (pip install it or add it to PYTHONPATH)."
+            f"cannot import module {module_name!r} for factory {path!r} ({exc}); check the name, and make "
+            f"the module importable in every process: run from the folder that holds it, add that folder to "
+            f"PYTHONPATH, pip install it, or send it to running workers with client.upload_file()."
         ) from None
     obj = module
     for part in attr.split("."):
