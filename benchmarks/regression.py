@@ -202,6 +202,53 @@ def rss(store_path: Path, device: str | None) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def moments_precision(P: int = 1024, K: int = 1000, rows: int = 2000, batches: int = 4, offset: float = 700.0,
+                      repeat: int = 3) -> dict[str, Any]:
+    """Streaming moments (X^T X by syrk and X^T Y) of float16 outputs around ``offset``: the outputs shifted
+    by a per-target reference with float32 products (what :class:`Moments` does) against every product in
+    float64 (``precise=True``: the other way to make X^T Y independent of the offset). Best of ``repeat``;
+    wall-clock and CPU seconds (process time, all threads), with the error of the centred X^T Y against float64."""
+    import torch
+
+    from coar_dask.solvers.streaming import Moments
+
+    rng = np.random.default_rng(0)
+    xs = [(rng.random((rows, P)) >= 0.05).astype(np.float32) for _ in range(batches)]
+    W = rng.normal(size=(P, K)).astype(np.float32) * 0.1
+    ys = [(offset + x @ W + rng.normal(size=(rows, K)).astype(np.float32)).astype(np.float16) for x in xs]
+    x64 = np.concatenate(xs).astype(np.float64)
+    y64 = np.concatenate(ys).astype(np.float64)
+    ref = (x64 - x64.mean(0)).T @ (y64 - y64.mean(0))
+    out: dict[str, Any] = {"P": P, "K": K, "rows": rows * batches, "offset": offset}
+    for name, precise in (("shift_f32", False), ("float64", True)):
+        best = (float("inf"), float("inf"))
+        for _ in range(repeat):
+            m = Moments(P, K, torch.device("cpu"), gram=True, precise=precise)
+            w0, c0 = time.perf_counter(), time.process_time()
+            for x, y in zip(xs, ys):
+                m.update(x, y)
+            best = min(best, (time.perf_counter() - w0, time.process_time() - c0))
+        out[f"{name}_seconds"], out[f"{name}_cpu_seconds"] = best
+        out[f"{name}_cxy_max_error"] = float(np.abs(m.centred()[1].numpy() - ref).max())
+    out["float64_over_shift_wall"] = out["float64_seconds"] / out["shift_f32_seconds"]
+    out["float64_over_shift_cpu"] = out["float64_cpu_seconds"] / out["shift_f32_cpu_seconds"]
+    return out
+
+
+def _moments_report(args: argparse.Namespace, result: dict[str, Any], log: Any) -> dict[str, Any]:
+    mp = moments_precision(*((256, 100, 1000) if args.quick else ()))
+    result["moments"] = mp
+    log(f"moments of {mp['rows']} rows x P={mp['P']} x K={mp['K']}, float16 outputs around {mp['offset']:g}:\n"
+        f"  shifted, float32 products: {mp['shift_f32_seconds']:.3f} s wall, {mp['shift_f32_cpu_seconds']:.3f} s "
+        f"CPU; max error of centred X^T Y {mp['shift_f32_cxy_max_error']:.2e}\n"
+        f"  float64 products:          {mp['float64_seconds']:.3f} s wall, {mp['float64_cpu_seconds']:.3f} s "
+        f"CPU; max error {mp['float64_cxy_max_error']:.2e}\n"
+        f"  float64 / shifted: {mp['float64_over_shift_wall']:.2f}x wall, {mp['float64_over_shift_cpu']:.2f}x CPU")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -220,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeat", type=int, default=3,
                     help="digits: time each solver this many times and keep the best (synthetic: once each)")
     ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS check")
+    ap.add_argument("--moments-only", action="store_true",
+                    help="only the moments' precision check: shifted float32 vs float64 products")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -240,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     P, K = p or SYNTH_P, k or SYNTH_K
     result: dict[str, Any] = {"machine": machine(), "device": args.device or "cpu"}
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+    if args.moments_only:
+        return _moments_report(args, result, log)
 
     stores = []
     if not args.no_digits and not args.rss_only:
