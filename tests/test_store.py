@@ -126,3 +126,65 @@ def test_default_chunking_is_bounded(n, p, k):
     rpc = default_rows_per_chunk(spec)
     assert 1 <= rpc <= min(100, n)
     assert rpc == 1 or rpc * max(p, 2 * k) <= 64 * 2**20
+
+
+# ------------------------------------------------ the experiment claim (issue 14)
+
+
+def _claim_in_process(path: str, fingerprint: str, start_at: float) -> str:
+    import time as _time
+
+    from coar_dask.core.store import open_store as _open
+    from coar_dask.errors import StoreMismatchError as _Mismatch
+
+    while _time.time() < start_at:
+        pass
+    try:
+        _open(path).claim({"experiment_fingerprint": fingerprint})
+        return "won"
+    except _Mismatch:
+        return "refused"
+
+
+def test_concurrent_claims_of_different_experiments_have_one_winner(tmp_path):
+    import multiprocessing
+    import time
+
+    from coar_dask.errors import StoreMismatchError
+
+    store = init_store(tmp_path / "s", {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [3]}}})
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        start = time.time() + 3.0  # every process is up and spinning before the first claim
+        results = pool.starmap(_claim_in_process, [(str(store.path), f"fp{i}", start) for i in range(4)])
+    assert sorted(results) == ["refused"] * 3 + ["won"]
+    winner = f"fp{results.index('won')}"
+    assert store.read_claim()["experiment_fingerprint"] == winner
+    assert store.claim({"experiment_fingerprint": winner})["experiment_fingerprint"] == winner  # idempotent
+    with pytest.raises(StoreMismatchError, match="belongs to another experiment"):
+        store.claim({"experiment_fingerprint": "other"})
+    assert not list(store.path.glob("*.partial"))  # the temporary claim files are gone
+
+
+def test_claim_falls_back_to_exclusive_create_without_hard_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = init_store(tmp_path / "s", {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [3]}}})
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert store.claim({"experiment_fingerprint": "a"})["experiment_fingerprint"] == "a"
+    with pytest.raises(StoreMismatchError):
+        store.claim({"experiment_fingerprint": "b"})
+
+
+def test_relative_paths_become_absolute_and_digests_are_on_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = init_store("rel", {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [3]}}})
+    assert store.path == tmp_path / "rel" and open_store("rel").path == tmp_path / "rel"
+    assert store.has_digests and store.status()["block_digests"]
+    with pytest.raises(StoreError, match="reserved"):
+        init_store("bad", {"num_models": 1, "schema": {"_digests": {"dtype": "bool_", "shape": [1]}}})
