@@ -297,3 +297,5 @@ def test_acceptance_saga_with_every_mask_kept_returns_the_mean_as_bias(tmp_path)
     attrs = fit(store, solver="saga", batch_size=100)
     np.testing.assert_allclose(attrs.bias, mean, atol=1e-2)
     assert np.abs(attrs.weight).max() == 0
+    path = fit(store, solver="saga", batch_size=100, num_val=100, k=3, max_epochs=30)
+    assert np.isnan(path.metadata["val_correlation"]).all() and path.metadata["val_correlation_nan"] == 2

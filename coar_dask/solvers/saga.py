@@ -608,6 +608,7 @@ def saga(
     if has_val:
         info["val_mse"] = path.best_mse.double().cpu().tolist()
         info["val_correlation"] = path.best_corr.double().cpu().tolist()
+        info["val_correlation_nan"] = int(torch.isnan(path.best_corr).sum())
     W, b, lam = path.out_W, path.out_b, path.out_lam
     del rows, path
     if has_val and cfg.refit:
