@@ -71,7 +71,9 @@ def add_verify_parser(subparsers: Any) -> None:
         subparsers, "verify",
         help="check a store: masks regenerated from (seed, row), finite outputs, layout, damaged chunks",
         description="Read every completed block: regenerate its masks from (mask seed, row) and compare them "
-                    "bitwise, check that its outputs are finite and its chunk files decode, check the spec "
+                    "bitwise, check that its outputs are finite, that its chunk files are files that decode and "
+                    "match the digest its build recorded (chunks swapped, copied from another store or linked "
+                    "are found; stores written before digests say so), check the spec "
                     "fingerprint and chunk layout, and list incomplete blocks. Exit code 0 only when the store "
                     "is intact and complete; 1 otherwise (run `coar-dask repair` for bad blocks).",
         json_help="print the report as JSON", func=cmd_verify,
