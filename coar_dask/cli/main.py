@@ -38,6 +38,7 @@ from coar_dask.cli.write_dataset import add_export_beton_parser
 from coar_dask.compat.seed import choose_solver
 from coar_dask.errors import ConfigError
 from coar_dask.solvers.registry import REGISTRY
+from coar_dask.solvers.streaming import correlation_summary
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -178,9 +179,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
          f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
     corr = attrs.metadata.get("val_correlation")
     if corr:
-        import numpy as np
-
-        echo(f"validation correlation: mean {np.nanmean(corr):.3f} over {attrs.metadata['n_val']} rows")
+        s = correlation_summary(corr)
+        echo(f"validation correlation: mean {s['mean']:.3f} over {attrs.metadata['n_val']} rows"
+             + (f" ({s['n_nan']} of {s['n']} examples without variance: NaN, left out)" if s["n_nan"] else ""))
     return 0
 
 
@@ -203,8 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         echo(json.dumps(summary, indent=2))
     else:
-        echo(f"held-out correlation over {result.n_rows} masks (alpha {result.alpha}): "
-             f"mean {result.mean:.4f}, median {result.median:.4f}")
+        echo(f"held-out correlation over {result.n_rows} masks (alpha {result.alpha}): {result.describe()}")
         if args.plot:
             echo(f"plot: {args.plot}")
     return 0
