@@ -12,6 +12,7 @@ __all__ = [
     "BetonError",
     "BetonNotFoundError",
     "NotBatchableError",
+    "OutputError",
     "CoarError",
     "SpecError",
     "StoreError",
@@ -68,6 +69,10 @@ class MissingDependencyError(CoarError, ImportError):
 
 class BuildError(CoarError, RuntimeError):
     """A build could not complete some blocks."""
+
+
+class OutputError(ExperimentError):
+    """An output function cannot be computed from what the model returned or the examples hold."""
 
 
 class NotBatchableError(ExperimentError):

@@ -15,8 +15,11 @@ into the Conv2d/Linear before it (:func:`fold_batchnorm`, ``torch.fx``;
 skipped when tracing fails): its weights never change, and an ablated unit
 of a folded layer outputs the folded bias, which is ``BN(bias)`` -- what the
 original model computes with that unit's weights zeroed and BatchNorm kept.
-Repeated inputs keep the ``channels_last`` layout of the examples
-(:func:`repeat_rows`).
+The engine repeats each pass's examples (tensors, or every tensor of a
+mapping such as a tokenizer's ``input_ids`` and ``attention_mask``) ``M``
+times, mask-major (:meth:`coar_dask.core.experiment.ExperimentState.batch`);
+activations of any rank work as long as their first dimension is that batch
+(``(M x B, T, C)`` for sequence models).
 
 Equality: the hooks write the ablated activations exactly, but the layers
 run on a batch ``M`` times larger (the math libraries may sum in another
@@ -43,7 +46,7 @@ import numpy as np
 from coar_dask.core.components import Components, get_kind
 from coar_dask.errors import ExperimentError, NotBatchableError
 
-__all__ = ["BatchedAblation", "fold_batchnorm", "model_version", "repeat_rows"]
+__all__ = ["BatchedAblation", "fold_batchnorm", "model_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,18 +264,3 @@ def fold_batchnorm(model: Any) -> Any:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded.eval()
-
-
-def repeat_rows(inputs: Any, labels: Any, start: int, stop: int, m_count: int) -> tuple[Any, Any]:
-    """Examples ``start:stop`` and their labels repeated ``m_count`` times along the batch (mask-major).
-
-    A 4-D ``channels_last`` input stays ``channels_last`` (``repeat`` returns
-    a contiguous tensor otherwise).
-    """
-    import torch
-
-    x = inputs[start:stop]
-    x = x.repeat((m_count,) + (1,) * (x.ndim - 1))
-    if x.ndim == 4 and inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous():
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, labels[start:stop].repeat(m_count)

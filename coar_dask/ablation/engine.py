@@ -29,13 +29,13 @@ import contextlib
 import logging
 import threading
 import weakref
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from coar_dask.ablation.batched import BatchedAblation, fold_batchnorm, model_version, repeat_rows
+from coar_dask.ablation.batched import BatchedAblation, fold_batchnorm, model_version
 from coar_dask.ablation.zeroing import ablated
-from coar_dask.errors import ExperimentError, NotBatchableError
+from coar_dask.errors import ExperimentError, NotBatchableError, OutputError
 
 __all__ = [
     "compute_outputs",
@@ -180,7 +180,7 @@ class _Runner:
     def prepare(self, state: Any) -> None:
         import torch
 
-        if self.channels_last and state.inputs.ndim == 4:
+        if self.channels_last and isinstance(state.inputs, torch.Tensor) and state.inputs.ndim == 4:
             state.model.to(memory_format=torch.channels_last)
             state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
         self.channels_last = False  # done once
@@ -203,24 +203,26 @@ class _Runner:
                        for s in self.batched.sites] if self.batched else []
             try:
                 with torch.inference_mode(), self.autocast(state):
-                    (self.batched.model if self.batched else state.model)(state.inputs[:1])
+                    _forward(self.batched.model if self.batched else state.model, state.batch(0, 1).inputs)
             finally:
                 for h in handles:
                     h.remove()
             self.elements_per_example = max(sizes, default=1)
         return self.elements_per_example
 
-    def repeated(self, state: Any, start: int, stop: int, m_count: int) -> tuple[Any, Any]:
+    def repeated(self, state: Any, start: int, stop: int, m_count: int) -> Any:
+        """Examples ``start:stop`` repeated ``m_count`` times (a :class:`~coar_dask.core.outputs.Batch`)."""
         key = (start, stop, m_count)
         hit = self._rep_cache.get(key)
         if hit is not None:
             return hit
-        x, y = repeat_rows(state.inputs, state.labels, start, stop, m_count)
-        if x.numel() * x.element_size() <= 64 << 20:  # keep small repeated inputs across blocks
+        batch = state.batch(start, stop, m_count)
+        tensors = batch.inputs.values() if isinstance(batch.inputs, Mapping) else [batch.inputs]
+        if sum(t.numel() * t.element_size() for t in tensors) <= 64 << 20:  # keep small repeated inputs
             if len(self._rep_cache) > 8:
                 self._rep_cache.clear()
-            self._rep_cache[key] = (x, y)
-        return x, y
+            self._rep_cache[key] = batch
+        return batch
 
 
 _RUNNERS: dict[int, _Runner] = {}
@@ -243,17 +245,33 @@ def _runner(state: Any) -> _Runner:
         return runner
 
 
+def _forward(model: Any, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _values(state: Any, out: Any, batch: Any, error: type = OutputError) -> Any:
+    """The output function on one pass, as float32 ``(rows,)``; another shape raises ``error``."""
+    values = state.output_fn(out, batch)
+    if tuple(getattr(values, "shape", ())) != (len(batch),):
+        raise error(
+            f"output {state.experiment.output!r} returned shape {tuple(getattr(values, 'shape', ()))} for a pass "
+            f"of {len(batch)} rows; it must return one value per row."
+        )
+    return values.float()
+
+
 def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner) -> None:
     import torch
 
     bs = state.experiment.batch_size
+    n = state.n_examples
     unchanged = runner.folded and model_version(state.model) == runner._source_version
     with torch.inference_mode(), runner.autocast(state):
         for i, mask in enumerate(masks):
             with ablated(state.model, state.components, mask):
-                for s in range(0, state.n_examples, bs):
-                    logits = state.model(state.inputs[s : s + bs])
-                    out[i, s : s + bs] = state.output_fn(logits.float(), state.labels[s : s + bs]).cpu().numpy()
+                for s in range(0, n, bs):
+                    batch = state.batch(s, min(s + bs, n))
+                    out[i, s : s + bs] = _values(state, _forward(state.model, batch.inputs), batch).cpu().numpy()
     if unchanged:  # ablated() restored every value bitwise: the folded copy is still current
         runner._source_version = model_version(state.model)
 
@@ -270,11 +288,11 @@ def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Ru
             m_count = chunk.shape[0]
             for s in range(0, state.n_examples, bs):
                 stop = min(s + bs, state.n_examples)
-                x, y = runner.repeated(state, s, stop, m_count)
+                batch = runner.repeated(state, s, stop, m_count)
                 batched.set_masks(chunk, stop - s, state.device)
-                logits = batched.model(x)
+                model_out = _forward(batched.model, batch.inputs)
                 batched.check_calls()
-                values = state.output_fn(logits.float(), y).reshape(m_count, stop - s)
+                values = _values(state, model_out, batch, NotBatchableError).reshape(m_count, stop - s)
                 out[i : i + m_count, s:stop] = values.cpu().numpy()
 
 

@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 
 from coar_dask.core.components import Components, select_components
-from coar_dask.errors import ConfigError, ExperimentError
+from coar_dask.errors import CoarError, ConfigError, ExperimentError, OutputError
 from coar_dask.core.masks import check_alpha
-from coar_dask.core.outputs import get_output
+from coar_dask.core.outputs import OUTPUTS, Batch, check_values, find_logits, get_output
 
 __all__ = ["Experiment", "ExperimentState", "load_experiment", "load_state", "warm_up", "import_object"]
 
@@ -92,6 +93,37 @@ def import_object(path: str) -> Any:
     return obj
 
 
+def _output_name(output: Any) -> str:
+    """A registered output name or an import path; a function becomes its import path."""
+    if callable(output):
+        module, name = getattr(output, "__module__", None), getattr(output, "__qualname__", "")
+        path = f"{module}:{name}"
+        if module in (None, "__main__", "__mp_main__") or "<" in name:
+            raise ExperimentError(
+                f"output function {name or output!r} is defined in {module!r}, where worker processes cannot "
+                f"import it; define it at the top level of a module and pass it (or 'module:function')."
+            )
+        if import_object(path) is not output:
+            raise ExperimentError(f"output function {path!r} does not import back as itself; define it at the "
+                                  f"top level of its module.")
+        return path
+    if not isinstance(output, str) or not output:
+        raise ExperimentError(f"output must be a registered name or 'package.module:function'; found {output!r}.")
+    if ":" not in output:
+        get_output(output)
+    return output
+
+
+def resolve_output(output: str) -> Any:
+    """The output function named by a registered name or an import path."""
+    if ":" not in output:
+        return get_output(output)
+    fn = import_object(output)
+    if not callable(fn):
+        raise ExperimentError(f"output {output!r} is a {type(fn).__name__}, not a function fn(out, batch).")
+    return fn
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A frozen description of what to build.
@@ -101,13 +133,24 @@ class Experiment:
     model
         Import path of a function returning the trained ``nn.Module``.
     examples
-        Import path of a function returning ``(inputs, labels)`` tensors.
+        Import path of the examples factory. It returns ``(inputs, labels)``,
+        ``inputs`` alone, or a map-style ``torch.utils.data.Dataset`` whose
+        items are one of those (collated in batches of ``batch_size``).
+        ``inputs`` is a tensor (``model(inputs)``) or a mapping of tensors
+        sharing their first dimension, e.g. a tokenizer's output
+        (``model(**inputs)``). Tensors are moved to ``device`` whole; a
+        Dataset stays in host memory (pinned on CUDA) and one batch at a time
+        is moved (see :func:`load_state`).
     model_kwargs, examples_kwargs
         Keyword arguments of the factories (JSON-able).
     include, exclude, kinds
         Component selection (see :func:`coar_dask.core.components.select_components`).
     output
-        Output function name (``"margin"``).
+        The output recorded per example: a registered name (``"margin"``,
+        ``"correct_logit"``, ``"lm_margin"``, ``"lm_logprob"``; see
+        :mod:`coar_dask.core.outputs`), an import path
+        ``"package.module:function"`` of ``fn(out, batch) -> (B,)``, or such a
+        function itself (stored as its import path, which every worker imports).
     alpha
         Fraction of components ablated per mask, in (0, 1).
     mask_seed
@@ -167,7 +210,7 @@ class Experiment:
         for name in ("amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ExperimentError(f"{name} must be true or false; found {getattr(self, name)!r}.")
-        get_output(self.output)
+        object.__setattr__(self, "output", _output_name(self.output))
         if self.x_name == self.y_name:
             raise ExperimentError("x_name and y_name must differ.")
         if not str(self.device).startswith(("cpu", "cuda")):
@@ -283,7 +326,13 @@ def load_experiment(source: Experiment | Mapping[str, Any] | str | os.PathLike) 
 
 @dataclass
 class ExperimentState:
-    """What a worker holds for an experiment: model, examples, components on a device."""
+    """What a worker holds for an experiment: model, examples, components, output function.
+
+    ``inputs`` is a tensor or a dict of tensors and ``labels`` a tensor or
+    ``None``. Both sit on ``device``; the examples of a Dataset sit in host
+    memory (pinned when the device is CUDA) and :meth:`batch` moves one batch
+    at a time.
+    """
 
     experiment: Experiment
     model: Any
@@ -299,11 +348,155 @@ class ExperimentState:
 
     @property
     def n_examples(self) -> int:
-        return int(self.labels.shape[0])
+        return _rows(self.inputs)
+
+    def batch(self, start: int, stop: int, repeat: int = 1) -> Batch:
+        """Examples ``start:stop`` on the device, repeated ``repeat`` times along the batch (mask-major)."""
+        import torch
+
+        inputs = _map_tensors(self.inputs, lambda t: _take(t, start, stop, self.device, repeat))
+        labels = None if self.labels is None else _take(self.labels, start, stop, self.device, repeat)
+        index = torch.arange(start, stop, device=self.device)
+        return Batch(inputs, labels, index.repeat(repeat) if repeat > 1 else index)
+
+    def forward(self, inputs: Any) -> Any:
+        """The model on a batch's inputs: ``model(**inputs)`` for a mapping, else ``model(inputs)``."""
+        return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+
+
+def _rows(inputs: Any) -> int:
+    return int(next(iter(inputs.values())).shape[0] if isinstance(inputs, Mapping) else inputs.shape[0])
+
+
+def _map_tensors(inputs: Any, fn: Any) -> Any:
+    return {k: fn(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else fn(inputs)
+
+
+def _take(t: Any, start: int, stop: int, device: Any, repeat: int) -> Any:
+    """Rows ``start:stop`` of ``t`` on ``device``, repeated mask-major (a 4-D channels_last input stays so)."""
+    import torch
+
+    x = t[start:stop].to(device, non_blocking=True)
+    if repeat > 1:
+        x = x.repeat((repeat,) + (1,) * (x.ndim - 1))
+        if x.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# -- examples: what the examples factory may return ----------------------
+
+
+def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
+    """Call the examples factory; return ``(inputs, labels)`` placed for ``device``.
+
+    The factory returns ``(inputs, labels)``, ``inputs`` alone (labels
+    ``None``), or a map-style ``torch.utils.data.Dataset`` of such items,
+    collated in batches of ``batch_size``. ``inputs`` is a tensor or a
+    mapping of tensors with one row per example. Tensors move to ``device``
+    whole; a Dataset's examples stay in host memory (pinned when ``device``
+    is CUDA) and move one batch at a time.
+    """
+    import torch
+
+    where = f"examples factory {experiment.examples!r}"
+    raw = import_object(experiment.examples)(**experiment.examples_kwargs)
+    on_host = isinstance(raw, torch.utils.data.Dataset)
+    if on_host:
+        raw = _collate(raw, experiment.batch_size, where)
+    if isinstance(raw, (tuple, list)) and len(raw) == 2:
+        inputs, labels = raw
+    elif isinstance(raw, (Mapping, torch.Tensor, np.ndarray)):
+        inputs, labels = raw, None
+    else:
+        raise ExperimentError(
+            f"{where} must return (inputs, labels), inputs alone (a tensor or a mapping of tensors) or a "
+            f"map-style torch Dataset; got {type(raw).__name__}."
+        )
+    inputs = _as_inputs(inputs, where)
+    labels = _as_labels(labels, _rows(inputs), where)
+    if on_host and device.type == "cuda":
+        def place(t: Any) -> Any:
+            return t.pin_memory()
+    else:
+        def place(t: Any) -> Any:
+            return t.to(device)
+    return _map_tensors(inputs, place), None if labels is None else place(labels)
+
+
+def _as_inputs(inputs: Any, where: str) -> Any:
+    import torch
+
+    if not isinstance(inputs, Mapping):
+        t = torch.as_tensor(inputs)
+        if t.ndim == 0:
+            raise ExperimentError(f"{where} returned a scalar as inputs; return one row per example.")
+        return t
+    if not inputs:
+        raise ExperimentError(f"{where} returned an empty mapping of inputs; return e.g. a tokenizer's output.")
+    tensors = {str(k): torch.as_tensor(v) for k, v in inputs.items()}
+    first, rows = next(iter(tensors)), None
+    for key, t in tensors.items():
+        n = int(t.shape[0]) if t.ndim else -1
+        rows = n if rows is None else rows
+        if n != rows:
+            raise ExperimentError(
+                f"{where}: inputs {key!r} has {n} rows but {first!r} has {rows}; every tensor of the inputs "
+                f"mapping needs one row per example (pad sequences to one length)."
+            )
+    return tensors
+
+
+def _as_labels(labels: Any, n: int, where: str) -> Any:
+    import torch
+
+    if labels is None:
+        return None
+    t = torch.as_tensor(labels)
+    if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        t = t.long()
+    if t.numel() == n:
+        t = t.reshape(-1)
+    if t.ndim == 0 or t.shape[0] != n:
+        raise ExperimentError(f"{where} returned {n} inputs but {t.shape[0] if t.ndim else 0} labels.")
+    return t
+
+
+def _collate(dataset: Any, batch_size: int, where: str) -> Any:
+    """A map-style Dataset's items, collated in batches of ``batch_size`` and concatenated (host memory)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ExperimentError(f"{where} returned an iterable Dataset; return a map-style one (__getitem__, __len__).")
+    if len(dataset) == 0:
+        raise ExperimentError(f"{where} returned an empty Dataset.")
+    try:
+        parts = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    except Exception as exc:  # noqa: BLE001 - the user's items: say what to change
+        raise ExperimentError(
+            f"{where}: the Dataset's items cannot be collated into batches ({_one_line(exc)}); give every item "
+            f"the same structure and shapes (pad sequences to one length)."
+        ) from None
+    return _concat(parts, where)
+
+
+def _concat(parts: list[Any], where: str) -> Any:
+    import torch
+
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: _concat([p[k] for p in parts], where) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(_concat([p[i] for p in parts], where) for i in range(len(first)))
+    raise ExperimentError(f"{where}: Dataset items collate to {type(first).__name__}; return tensors.")
 
 
 _STATE_CACHE: dict[tuple[Any, ...], ExperimentState] = {}
 _STATE_LOCK = threading.Lock()
+#: The first-batch check runs the model and the output on at most this many examples.
+FIRST_BATCH = 64
 
 
 def _make_state(experiment: Experiment) -> ExperimentState:
@@ -315,48 +508,56 @@ def _make_state(experiment: Experiment) -> ExperimentState:
     model = import_object(experiment.model)(**experiment.model_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ExperimentError(f"model factory {experiment.model!r} returned {type(model).__name__}, not an nn.Module.")
-    examples = import_object(experiment.examples)(**experiment.examples_kwargs)
-    try:
-        inputs, labels = examples
-    except (TypeError, ValueError):
-        raise ExperimentError(
-            f"examples factory {experiment.examples!r} must return (inputs, labels); got {type(examples).__name__}."
-        ) from None
-    inputs = torch.as_tensor(inputs)
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if inputs.shape[0] != labels.shape[0]:
-        raise ExperimentError(
-            f"examples factory returned {inputs.shape[0]} inputs but {labels.shape[0]} labels."
-        )
+    inputs, labels = load_examples(experiment, device)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     components = select_components(model, include=experiment.include, exclude=experiment.exclude, kinds=experiment.kinds)
-    state = ExperimentState(experiment, model, inputs.to(device), labels.to(device), components,
-                            get_output(experiment.output), device)
-    _check_forward(state)
+    state = ExperimentState(experiment, model, inputs, labels, components, resolve_output(experiment.output), device)
+    _check_first_batch(state)
     return state
 
 
-def _check_forward(state: ExperimentState) -> None:
-    """Run one small batch so a model/examples mismatch fails early and clearly."""
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        return "inputs " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+    return f"inputs of shape {tuple(inputs.shape)}"
+
+
+def _check_first_batch(state: ExperimentState) -> None:
+    """Run the model and the output on the first batch, so bad input fails before any block is written."""
     import torch
 
+    name = state.experiment.output
+    n = min(state.experiment.batch_size, state.n_examples, FIRST_BATCH)
+    batch = state.batch(0, n)
     with torch.no_grad():
         try:
-            logits = state.model(state.inputs[:2])
+            out = state.forward(batch.inputs)
         except Exception as exc:  # noqa: BLE001 - any failure here means mismatched inputs
             raise ExperimentError(
-                f"the model cannot run on the examples (inputs of shape {tuple(state.inputs.shape)}): "
-                f"{type(exc).__name__}: {exc}. Check that the examples factory returns inputs the model expects."
+                f"the model cannot run on the examples ({_describe(state.inputs)}): {_one_line(exc)}. Check that "
+                f"the examples factory returns inputs the model expects."
             ) from None
-    if logits.ndim != 2:
-        raise ExperimentError(f"the model must return logits of shape (batch, classes); got {tuple(logits.shape)}.")
-    if int(state.labels.max()) >= logits.shape[1] or int(state.labels.min()) < 0:
-        raise ExperimentError(
-            f"labels range {int(state.labels.min())}..{int(state.labels.max())} but the model has "
-            f"{logits.shape[1]} classes."
-        )
+        try:
+            values = state.output_fn(out, batch)
+        except CoarError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user function: report it in one line
+            raise OutputError(f"output {name!r} failed on the first batch: {_one_line(exc)}.") from None
+    check_values(values, n, name)
+    if state.labels is not None and state.output_fn in (OUTPUTS.get("margin"), OUTPUTS.get("correct_logit")):
+        classes = find_logits(out, name).shape[1]
+        if int(state.labels.max()) >= classes or int(state.labels.min()) < 0:
+            raise ExperimentError(
+                f"labels range {int(state.labels.min())}..{int(state.labels.max())} but the model has "
+                f"{classes} classes."
+            )
 
 
 def load_state(experiment: Experiment) -> ExperimentState:
