@@ -23,7 +23,7 @@ from coar_dask.cli.parser_rules import plain_text, resolve_store, subcommand_par
 from coar_dask.compat.seed import choose_solver  # noqa: E402
 from coar_dask.core.masks import sample_masks  # noqa: E402
 from coar_dask.core.spec import Spec  # noqa: E402
-from coar_dask.errors import ConfigError, RegressionError  # noqa: E402
+from coar_dask.errors import ConfigError, ExperimentError, RegressionError, StoreMismatchError  # noqa: E402
 from coar_dask.fit.attributions import Attributions  # noqa: E402
 
 RST = re.compile(r"``|:(func|class|mod|meth|data|attr|obj|exc|ref):`")
@@ -214,3 +214,23 @@ def test_cli_uses_the_users_module_from_the_current_folder_and_the_experiment_th
     done = _cli(coar_dask_cli, tmp_path, "top", "--attributions", "a.pt", "--example", "4", "-k", "3")
     assert done.returncode == 0, done.stderr
     assert re.search(r"^  [+-] 0\[\d+\]", done.stdout, flags=re.M)
+
+
+def test_the_python_api_sizes_a_store_from_the_experiment_and_resumes_what_it_records(tmp_path,
+                                                                                     digits_experiment, capsys):
+    from coar_dask.core.experiment import load_state
+    from coar_dask.runtime.build import init_experiment_store, recorded_experiment
+
+    state = load_state(digits_experiment)
+    store = init_experiment_store(tmp_path / "s", digits_experiment, 40, rows_per_chunk=20, alpha=0.1)
+    assert store.spec["masks"].shape == (state.n_components,) and store.spec["margins"].shape == (state.n_examples,)
+    assert store.meta["alpha"] == 0.1 and recorded_experiment(store).alpha == 0.1
+    report = run_build(store.path, None, progress=True)  # no experiment: the recorded one, with a bar
+    assert report.rows_done == 40 and "build" in capsys.readouterr().err
+    again = run_build(store.path, digits_experiment.replace(alpha=0.1))
+    assert again.rows_done == 0  # the same experiment: nothing left to do
+    with pytest.raises(StoreMismatchError, match="alpha=0.1"):
+        run_build(store.path, digits_experiment.replace(alpha=0.2))
+    bare = init_store(tmp_path / "bare", Spec.for_experiment(20, state.n_components, state.n_examples))
+    with pytest.raises(ExperimentError, match="records no experiment"):
+        run_build(bare, None)

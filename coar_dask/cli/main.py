@@ -59,31 +59,20 @@ def _parse_slice(text: str | None) -> tuple[int, int] | None:
 # -- commands ---------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     from coar_dask.core.store import init_store, _is_store_dir
+    from coar_dask.runtime.build import init_experiment_store
 
     existed = _is_store_dir(Path(args.store))
-    exp = None
     if args.spec:
-        spec: Any = args.spec
-        mask_seed, alpha = args.mask_seed, args.alpha
+        store = init_store(args.store, args.spec, rows_per_chunk=args.rows_per_chunk, mask_seed=args.mask_seed,
+                           alpha=args.alpha)
     elif args.experiment:
-        from coar_dask.core.experiment import load_experiment, load_state
-        from coar_dask.core.spec import Spec
-
         if not args.rows:
             raise ConfigError("init --experiment needs --rows N (the number of ablated models).")
-        exp = load_experiment(args.experiment)
-        state = load_state(exp)
-        spec = Spec.for_experiment(args.rows, state.n_components, state.n_examples,
-                                   x_name=exp.x_name, y_name=exp.y_name, y_dtype=exp.y_dtype)
-        mask_seed = exp.mask_seed if args.mask_seed is None else args.mask_seed
-        alpha = exp.alpha if args.alpha is None else args.alpha
+        # the store records the experiment, so that `build STORE` needs no --experiment
+        store = init_experiment_store(args.store, args.experiment, args.rows, rows_per_chunk=args.rows_per_chunk,
+                                      mask_seed=args.mask_seed, alpha=args.alpha)
     else:
         raise ConfigError("init needs --spec SPEC.json, or --experiment EXP.yaml with --rows N.")
-    # From an experiment, the store records it, so that `build STORE` needs no --experiment (the
-    # first build records the experiment it actually runs, with its fingerprint: runtime.build.plan_build).
-    planned = None if exp is None else {"experiment": exp.replace(mask_seed=mask_seed, alpha=alpha).to_dict()}
-    store = init_store(args.store, spec, rows_per_chunk=args.rows_per_chunk, mask_seed=mask_seed, alpha=alpha,
-                       extra_meta=planned)
     if existed:
         echo(f"Store {args.store} already exists with this spec; nothing changed.")
     else:

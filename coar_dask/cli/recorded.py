@@ -15,20 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from coar_dask.core.experiment import Experiment, load_experiment
+from coar_dask.runtime.build import recorded_experiment
 from coar_dask.core.store import Store, open_store
 from coar_dask.errors import ConfigError
 
 __all__ = ["recorded_experiment", "experiment_for_store", "import_from_current_folder", "describe_experiment"]
-
-
-def recorded_experiment(store: Store | str | os.PathLike) -> Experiment | None:
-    """The experiment recorded in ``store`` (``None`` when it was never built)."""
-    if not isinstance(store, Store):
-        store = open_store(store, read_only=True)
-    data = store.meta.get("experiment")
-    if not data:
-        return None
-    return Experiment.from_dict(data, source=f"the experiment recorded in store {str(store.path)!r}")
 
 
 def experiment_for_store(given: Any, store: Store | str | os.PathLike, command: str) -> Experiment:

@@ -36,7 +36,7 @@ from coar_dask.core.store import Block, Store, open_store
 from coar_dask.runtime.executor import TaskSet, run_tasks
 from coar_dask.runtime.worker import apply_malloc_env
 
-__all__ = ["BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
+__all__ = ["init_experiment_store", "recorded_experiment", "BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +138,66 @@ def check_experiment_fits(store: Store, experiment: Experiment, n_components: in
         )
 
 
+def init_experiment_store(
+    path: str | os.PathLike,
+    experiment: Experiment | Any,
+    rows: int,
+    *,
+    rows_per_chunk: int | None = None,
+    mask_seed: int | None = None,
+    alpha: float | None = None,
+) -> Store:
+    """Create (or reopen) a store for ``rows`` ablated models of ``experiment``; no counting needed.
+
+    The number of components and examples comes from the experiment (its
+    factories are called once, here), and the store records the experiment,
+    so that ``run_build(store, None)`` and ``coar-dask build STORE`` resume it.
+    ``mask_seed`` and ``alpha`` override the experiment's.
+
+    Examples
+    --------
+    >>> store = init_experiment_store("store", "configs/digits.yaml", rows=600)   # doctest: +SKIP
+    >>> run_build(store, None)                                                    # doctest: +SKIP
+    """
+    from coar_dask.core.spec import Spec
+    from coar_dask.core.store import init_store
+
+    exp = load_experiment(experiment)
+    changes = {k: v for k, v in (("mask_seed", mask_seed), ("alpha", alpha)) if v is not None}
+    exp = exp.replace(**changes) if changes else exp
+    state = load_state(exp)
+    spec = Spec.for_experiment(int(rows), state.n_components, state.n_examples,
+                               x_name=exp.x_name, y_name=exp.y_name, y_dtype=exp.y_dtype)
+    return init_store(path, spec, rows_per_chunk=rows_per_chunk, mask_seed=exp.mask_seed, alpha=exp.alpha,
+                      extra_meta={"experiment": exp.to_dict()})
+
+
+def recorded_experiment(store: Store | str | os.PathLike) -> Experiment | None:
+    """The experiment ``store`` records (written by :func:`init_experiment_store` or a first build), or
+    ``None`` when it records none."""
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    data = store.meta.get("experiment")
+    if not data:
+        return None
+    return Experiment.from_dict(data, source=f"the experiment recorded in store {str(store.path)!r}")
+
+
 def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -> BuildPlan:
     """Check the experiment against the store and list the pending blocks.
 
     Loads the experiment once in this process (to count components and
     examples), and records the experiment fingerprint, mask seed and alpha in
-    the store on first use.
+    the store on first use. ``experiment=None`` takes the one the store
+    records (:func:`recorded_experiment`).
     """
     if not isinstance(store, Store):
         store = open_store(store)
+    if experiment is None:
+        experiment = recorded_experiment(store)
+        if experiment is None:
+            raise ExperimentError(f"store {str(store.path)!r} records no experiment; pass the experiment "
+                                  f"(a YAML path or a coar_dask.Experiment) to build it.")
     experiment = load_experiment(experiment)
     state = load_state(experiment)
     check_experiment_fits(store, experiment, state.n_components, state.n_examples)
@@ -284,10 +335,14 @@ def run_build(
     experiment: Experiment | Any,
     *,
     client: Any | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | bool | None = None,
     retries: int = 2,
 ) -> BuildReport:
     """Plan and execute a build. ``client=None`` runs in this process.
+
+    ``experiment=None`` builds the experiment the store records.
+    ``progress=True`` shows a progress bar (tqdm, blocks); a function is
+    called as ``progress(result, done, total)`` after each block.
 
     Examples
     --------
@@ -297,4 +352,9 @@ def run_build(
     """
     plan = plan_build(store, experiment)
     logger.info("%r", plan)
-    return execute_plan(plan, client, progress=progress, retries=retries)
+    if progress is not True:
+        return execute_plan(plan, client, progress=progress or None, retries=retries)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(plan.blocks), desc="build", unit="block") as bar:
+        return execute_plan(plan, client, progress=lambda result, done, total: bar.update(1), retries=retries)
