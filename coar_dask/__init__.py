@@ -18,6 +18,7 @@ from coar_dask.errors import CoarError
 from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_evaluation
 from coar_dask.core.experiment import Experiment, load_experiment
 from coar_dask.core.masks import sample_masks
+from coar_dask.core.outputs import Batch, register_output
 from coar_dask.fit.fit import Attributions, fit
 from coar_dask.formats.npy import export_npy, import_npy
 from coar_dask.core.spec import Spec, load_spec
@@ -26,6 +27,7 @@ from coar_dask.core.store import Store, init_store, open_store
 __all__ = [
     "__version__",
     "Attributions",
+    "Batch",
     "BetonRows",
     "BuildPlan",
     "CoarError",
@@ -47,6 +49,7 @@ __all__ = [
     "open_store",
     "plan_build",
     "plot_evaluation",
+    "register_output",
     "run_build",
     "sample_masks",
     "select_components",

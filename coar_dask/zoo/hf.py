@@ -47,7 +47,8 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 2, vocab_size: i
 
     tf = _transformers()
     config = tf.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
-                           n_positions=n_positions, use_cache=False)
+                           n_positions=n_positions, use_cache=False,
+                           bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     rng = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
