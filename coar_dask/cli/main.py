@@ -22,9 +22,11 @@ from typing import Any, Callable, Sequence
 from coar_dask._version import __version__
 from coar_dask.cli.cluster import add_cluster_arguments, add_cluster_parser, client_for
 from coar_dask.cli.common import build_with_progress, echo, run_command, setup_logging
+from coar_dask.cli.compare import add_compare_parser
 from coar_dask.cli.components import add_components_parser
 from coar_dask.cli.config import add_config_parser
 from coar_dask.cli.demo import add_demo_parser
+from coar_dask.cli.edit import add_edit_parser
 from coar_dask.cli.initialize_store import add_initialize_store_parser
 from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
 from coar_dask.cli.parser_rules import apply_parser_rules, resolve_store
@@ -337,6 +339,8 @@ def _add_export_beton(subparsers: Any) -> None:
 COMMANDS: tuple[Callable[[Any], Any], ...] = (
     add_demo_parser,
     add_stage_parsers,
+    add_compare_parser,
+    add_edit_parser,
     add_components_parser,
     add_top_parser,
     add_verify_parser,

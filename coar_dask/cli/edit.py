@@ -1,0 +1,101 @@
+"""``coar-dask edit``: COAR-Edit a model with its attributions, against a random and a target-only control."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from coar_dask.cli.cluster import add_cluster_arguments, client_for
+from coar_dask.cli.common import echo
+from coar_dask.errors import ConfigError
+
+__all__ = ["add_edit_parser", "cmd_edit", "format_sweep"]
+
+
+def add_edit_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``edit`` (handler: :func:`cmd_edit`)."""
+    p = subparsers.add_parser(
+        "edit", help="COAR-Edit: ablate the k components that separate target examples from references",
+        description="Score every component by a Welch t-test of its attributions on the target examples "
+                    "against the reference examples, ablate the k best (largest scores to lower the targets' "
+                    "outputs, smallest to raise them) for each k of the sweep (each k a Dask task), and report "
+                    "when the targets flip and the references' accuracy, next to two controls: the same k at "
+                    "random, and the same k from the targets' own attributions (no reference set).",
+    )
+    p.add_argument("--attributions", required=True, help="attributions .pt from `coar-dask fit`")
+    p.add_argument("--experiment", default=None,
+                   help="experiment YAML (default: the one the attributions record)")
+    p.add_argument("--target", required=True,
+                   help="target examples: indices like 12,40, class:3 (every example of class 3) or "
+                        "misclassified (every example the model gets wrong)")
+    p.add_argument("--each", action="store_true",
+                   help="edit each target on its own (one edit per target) instead of all together")
+    p.add_argument("--reference", default="random:50",
+                   help="reference examples: random:N (N non-targets, seeded), rest, or indices (default random:50)")
+    p.add_argument("--direction", choices=("lower", "raise"), default="lower",
+                   help="lower the targets' outputs (flip correct ones) or raise them (fix wrong ones)")
+    p.add_argument("--k", default="1:20", help="components to ablate: 1:20, 1:40:2 or 1,2,5 (default 1:20)")
+    p.add_argument("--draws", type=int, default=5, help="draws of the random control (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference and random draws (default 0)")
+    p.add_argument("--plot", default=None, help="write a PNG: flips and reference accuracy against k")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: per target, k at flip (null: none) and reference accuracy for COAR-Edit "
+                        "and both controls, and their medians")
+    add_cluster_arguments(p)
+    p.set_defaults(func=cmd_edit)
+    return p
+
+
+def _experiment(args: argparse.Namespace, attributions: Any) -> Any:
+    from coar_dask.core.experiment import Experiment, load_experiment
+
+    if args.experiment:
+        return load_experiment(args.experiment)
+    data = attributions.metadata.get("experiment")
+    if not data:
+        raise ConfigError(f"attributions {args.attributions!r} do not record their experiment; give it: "
+                          f"--experiment EXP.yaml.")
+    return Experiment.from_dict(data, source=f"the experiment recorded in {args.attributions!r}")
+
+
+def format_sweep(sweep: Any) -> str:
+    """The summary as aligned text: per method, median k at flip and reference accuracy at the flip."""
+    s = sweep.summary()
+    lines = [f"{len(sweep.cases)} edit(s), direction {sweep.direction}, k in {s['ks'][0]}..{s['ks'][-1]}, "
+             f"{sweep.n_components} components; unedited reference accuracy "
+             f"{float(sweep.base_reference_accuracy.mean()):.4f}",
+             f"  {'method':<12} {'median k at flip':>17} {'median reference accuracy at flip':>34}"]
+    for m in ("coar", "random", "target_only"):
+        k, acc = s["median_k_flip"][m], s["median_reference_accuracy_at_flip"][m]
+        lines.append(f"  {m:<12} {'none' if k is None else k:>17} {'-' if acc is None else f'{acc:.4f}':>34}")
+    return "\n".join(lines)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Handler of ``coar-dask edit``."""
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.attributions import Attributions
+    from coar_dask.fit.edit import (EditCase, base_predictions, parse_ks, parse_reference, parse_targets,
+                                    plot_edit, sweep_edit)
+
+    attributions = Attributions.load(args.attributions)
+    experiment = _experiment(args, attributions)
+    ks = parse_ks(args.k)
+    state = load_state(experiment)
+    correct, _ = base_predictions(experiment)
+    targets = parse_targets(args.target, state.labels.cpu().numpy(), correct)
+    groups = [[t] for t in targets] if args.each else [targets]
+    cases = [EditCase(g, parse_reference(args.reference, state.n_examples, g, seed=args.seed)) for g in groups]
+    with client_for(args) as client:
+        sweep = sweep_edit(experiment, attributions, cases, ks, direction=args.direction, client=client,
+                           random_draws=args.draws, seed=args.seed)
+    if args.plot:
+        plot_edit(sweep, args.plot)
+    if args.json:
+        echo(json.dumps({**sweep.summary(), **({"plot": str(args.plot)} if args.plot else {})}, indent=2))
+        return 0
+    echo(format_sweep(sweep))
+    if args.plot:
+        echo(f"plot: {args.plot}")
+    return 0

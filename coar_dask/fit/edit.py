@@ -1,0 +1,471 @@
+"""COAR-Edit: ablate the few components whose attributions separate target examples from reference ones.
+
+As in the COAR repository's ``coar/edit/coar_edit.py``: each component gets a
+Welch t-statistic of its attributions over the target examples against the
+reference examples (:func:`edit_scores`),
+``(mean_T - mean_R) / sqrt(s_T^2 / n_T + s_R^2 / n_R)`` with population
+standard deviations (a single target has ``s_T = 0``). Attributions are in
+mask units (a positive weight: keeping the component raises the output), so
+ablating the ``k`` components with the *largest* scores lowers the targets'
+outputs more than the references' (``direction="lower"``), and the ``k``
+smallest raise them (``"raise"``) (:func:`choose_components`).
+
+An edit is applied with :func:`edited` (a context manager: the model is
+restored bitwise on exit) or :func:`edit_model` (an edited copy).
+:func:`sweep_edit` runs the edit for each ``k`` as one task
+(:mod:`~coar_dask.runtime.executor`, in this process or on Dask) and, in the
+same tasks, two controls: the same ``k`` drawn at random (several draws),
+and the same ``k`` chosen from the targets' own attributions without the
+reference set (``target_only``), so that the table shows what the t-test buys.
+
+A target *flips* when its correctness changes (``lower``: a correctly
+classified target becomes wrong; ``raise``: a wrong one becomes right); a
+set of targets flips when more than half of them do. The model must return
+class logits ``(B, C)`` and the examples must have labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from coar_dask.ablation.zeroing import ablated, reference_model
+from coar_dask.core.components import Components
+from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.errors import ConfigError, ExperimentError
+from coar_dask.fit.attributions import Attributions
+from coar_dask.fit.baselines import forward_outputs
+from coar_dask.runtime.executor import TaskSet, run_tasks
+
+__all__ = ["DIRECTIONS", "EDIT_METHODS", "EditCase", "EditSweep", "edit_scores", "target_only_scores",
+           "choose_components", "edit_mask", "edited", "edit_model", "sweep_edit", "edit_k_task",
+           "parse_targets", "parse_reference", "parse_ks", "base_predictions", "plot_edit"]
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("lower", "raise")
+#: COAR-Edit and its two controls, in table order.
+EDIT_METHODS = ("coar", "random", "target_only")
+
+
+# -- scores and selection -------------------------------------------------------------
+
+
+def _columns(attributions: Attributions, examples: Sequence[int], what: str) -> np.ndarray:
+    idx = np.asarray(examples, dtype=np.int64).reshape(-1) - attributions.first_example
+    if idx.size == 0:
+        raise ConfigError(f"the {what} set is empty; give at least one example.")
+    if idx.min() < 0 or idx.max() >= attributions.n_examples:
+        first = attributions.first_example
+        raise ConfigError(f"{what} examples must lie in {first}..{first + attributions.n_examples - 1} (the "
+                          f"attributions' examples); found {int(idx.min()) + first}..{int(idx.max()) + first}.")
+    return np.asarray(attributions.weight[:, idx], dtype=np.float64)
+
+
+def edit_scores(attributions: Attributions, target: Sequence[int], reference: Sequence[int]) -> np.ndarray:
+    """Welch t-statistic ``(P,)`` of each component's attributions, target against reference.
+
+    Population standard deviations (``ddof=0``); where both are 0 the score
+    is ``+-inf`` by the sign of the mean difference (0 when the means agree).
+
+    Examples
+    --------
+    >>> a = Attributions(np.array([[1.0, 0.0, 0.2], [0.0, 0.5, 0.5]]), np.zeros(3), np.zeros(3))
+    >>> edit_scores(a, [0], [1, 2]).round(3).tolist()
+    [9.0, -inf]
+    """
+    wt, wr = _columns(attributions, target, "target"), _columns(attributions, reference, "reference")
+    diff = wt.mean(axis=1) - wr.mean(axis=1)
+    den = np.sqrt(wt.var(axis=1) / wt.shape[1] + wr.var(axis=1) / wr.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(den > 0, diff / np.where(den > 0, den, 1.0), np.sign(diff) * np.inf)
+    return np.where((den == 0) & (diff == 0), 0.0, t)
+
+
+def target_only_scores(attributions: Attributions, target: Sequence[int]) -> np.ndarray:
+    """The control without a reference set: each component's mean attribution over the targets."""
+    return _columns(attributions, target, "target").mean(axis=1)
+
+
+def _check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction must be one of {DIRECTIONS}; found {direction!r}.")
+    return direction
+
+
+def choose_components(scores: np.ndarray, k: int, direction: str = "lower") -> np.ndarray:
+    """The ``k`` components to ablate: the largest scores to ``lower`` the targets' outputs, the
+    smallest to ``raise`` them (ties: lower index first)."""
+    _check_direction(direction)
+    scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= scores.size:
+        raise ConfigError(f"k must be an integer in 0..{scores.size}; found {k!r}.")
+    order = np.argsort(-scores if direction == "lower" else scores, kind="stable")
+    return order[:k]
+
+
+def edit_mask(n_components: int, indices: Sequence[int]) -> np.ndarray:
+    """The mask of an edit: every component kept (True) but ``indices``."""
+    mask = np.ones(n_components, dtype=bool)
+    mask[np.asarray(indices, dtype=np.int64)] = False
+    return mask
+
+
+@contextlib.contextmanager
+def edited(model: Any, components: Components, indices: Sequence[int]) -> Iterator[Any]:
+    """Context manager: inside it, ``model`` has components ``indices`` ablated (weights zeroed);
+    on exit every value is restored bitwise, also when the body raises."""
+    with ablated(model, components, edit_mask(len(components), indices)) as m:
+        yield m
+
+
+def edit_model(model: Any, components: Components, indices: Sequence[int]) -> Any:
+    """A copy of ``model`` with components ``indices`` ablated (``model`` is left as it is)."""
+    return reference_model(model, components, edit_mask(len(components), indices))
+
+
+# -- the per-k task ----------------------------------------------------------------------
+
+
+def _logits(out: Any) -> Any:
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim != 2:
+        raise ExperimentError(f"editing needs class logits (batch, classes); the model returned {tuple(out.shape)}.")
+    return out
+
+
+def _correct_and_outputs(state: Any) -> tuple[np.ndarray, np.ndarray]:
+    bs = state.experiment.batch_size
+    correct, values = [], []
+    for s in range(0, state.n_examples, bs):
+        out, v, labels = forward_outputs(state, s, min(s + bs, state.n_examples))
+        if labels is None:
+            raise ExperimentError("editing needs labels; the examples factory returned inputs alone.")
+        correct.append((_logits(out).argmax(dim=1) == labels).cpu().numpy())
+        values.append(v.float().cpu().numpy())
+    return np.concatenate(correct), np.concatenate(values)
+
+
+def edit_k_task(experiment: Experiment, k: int, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The task of one ``k``: for each row of ``orders`` (component indices, best first), ablate its
+    first ``k`` and return ``(correct (M, K) bool, outputs (M, K) float32)`` on every example."""
+    import torch
+
+    state = load_state(experiment)
+    orders = np.asarray(orders, dtype=np.int64).reshape(len(orders), -1)
+    correct = np.zeros((len(orders), state.n_examples), dtype=bool)
+    values = np.zeros((len(orders), state.n_examples), dtype=np.float32)
+    with torch.inference_mode():
+        for i, order in enumerate(orders):
+            with edited(state.model, state.components, order[:k]):
+                correct[i], values[i] = _correct_and_outputs(state)
+    return correct, values
+
+
+def base_predictions(experiment: Experiment | Mapping[str, Any] | str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct (K,) bool, outputs (K,))`` of the unedited model on every example."""
+    correct, values = edit_k_task(load_experiment(experiment), 0, np.zeros((1, 0), dtype=np.int64))
+    return correct[0], values[0]
+
+
+# -- the sweep -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One edit: the targets to change and the references to keep."""
+
+    target: tuple[int, ...]
+    reference: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", tuple(int(i) for i in self.target))
+        object.__setattr__(self, "reference", tuple(int(i) for i in self.reference))
+        if not self.target or not self.reference:
+            raise ConfigError("an edit needs at least one target and one reference example.")
+        if set(self.target) & set(self.reference):
+            raise ConfigError(f"examples {sorted(set(self.target) & set(self.reference))[:10]} are both targets "
+                              f"and references; the two sets must be disjoint.")
+
+
+@dataclass
+class EditSweep:
+    """What :func:`sweep_edit` measured, per case, method, draw and ``k``.
+
+    ``flipped[m]``, ``reference_accuracy[m]`` and ``target_output[m]`` have
+    shape ``(cases, draws, len(ks))`` (one draw for ``coar`` and
+    ``target_only``): the fraction of the case's targets whose correctness
+    changed, the accuracy on its references, and its targets' mean output.
+    ``chosen[m]`` holds the component order of each case and draw.
+    """
+
+    ks: np.ndarray
+    cases: list[EditCase]
+    direction: str
+    n_components: int
+    flipped: dict[str, np.ndarray]
+    reference_accuracy: dict[str, np.ndarray]
+    target_output: dict[str, np.ndarray]
+    base_reference_accuracy: np.ndarray
+    base_target_output: np.ndarray
+    chosen: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def _first_flip(self, method: str) -> np.ndarray:
+        """``(cases, draws)``: index into ``ks`` of the first flip, or -1."""
+        hit = self.flipped[method] > 0.5
+        return np.where(hit.any(axis=2), hit.argmax(axis=2), -1)
+
+    def k_flip(self, method: str) -> np.ndarray:
+        """``(cases,)``: the smallest ``k`` that flips each case (median over draws); ``inf`` if none does."""
+        first = self._first_flip(method)
+        k = np.where(first >= 0, self.ks[np.maximum(first, 0)], np.inf).astype(np.float64)
+        return np.median(k, axis=1)
+
+    def reference_accuracy_at_flip(self, method: str) -> np.ndarray:
+        """``(cases,)``: the references' accuracy at each draw's flip, averaged over the draws that flip
+        (NaN where none does)."""
+        first = self._first_flip(method)
+        acc = np.take_along_axis(self.reference_accuracy[method], np.maximum(first, 0)[..., None], axis=2)[..., 0]
+        acc = np.where(first >= 0, acc, np.nan)
+        with np.errstate(invalid="ignore"), _quiet():
+            return np.nanmean(acc, axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``edit.json`` form: per case ``k_flip`` (None: no flip within the sweep) and reference
+        accuracy at the flip for each method, and their medians over cases (a case that never flips
+        counts as k = infinity, reported as None)."""
+        k = {m: self.k_flip(m) for m in EDIT_METHODS}
+        acc = {m: self.reference_accuracy_at_flip(m) for m in EDIT_METHODS}
+        targets = []
+        for c, case in enumerate(self.cases):
+            entry: dict[str, Any] = {"index": case.target[0] if len(case.target) == 1 else list(case.target)}
+            for m in EDIT_METHODS:
+                entry[m] = {"k_flip": _plain(k[m][c]), "reference_accuracy": _plain(acc[m][c])}
+            targets.append(entry)
+        return {
+            "n_components": self.n_components,
+            "direction": self.direction,
+            "ks": [int(v) for v in self.ks],
+            "targets": targets,
+            "median_k_flip": {m: _plain(np.median(k[m])) for m in EDIT_METHODS},
+            "median_reference_accuracy_at_flip": {m: _plain(_nanmedian(acc[m])) for m in EDIT_METHODS},
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _nanmedian(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def _plain(value: float) -> float | int | None:
+    """JSON-able: None for inf/NaN, int for whole numbers of components."""
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() and abs(value) >= 1 else round(value, 6)
+
+
+def _orders(attributions: Attributions, cases: Sequence[EditCase], direction: str, draws: int,
+            kmax: int, seed: int) -> dict[str, np.ndarray]:
+    """Component orders ``(cases, draws, kmax)`` of each method."""
+    P = attributions.n_components
+    rng = np.random.default_rng(seed)
+    coar = [choose_components(edit_scores(attributions, c.target, c.reference), kmax, direction) for c in cases]
+    own = [choose_components(target_only_scores(attributions, c.target), kmax, direction) for c in cases]
+    rand = [[rng.permutation(P)[:kmax] for _ in range(draws)] for _ in cases]
+    return {"coar": np.array(coar)[:, None], "random": np.array(rand).reshape(len(cases), draws, kmax),
+            "target_only": np.array(own)[:, None]}
+
+
+def sweep_edit(
+    experiment: Experiment | Mapping[str, Any] | str | os.PathLike,
+    attributions: Attributions | str | os.PathLike,
+    cases: Sequence[EditCase],
+    ks: Sequence[int],
+    *,
+    direction: str = "lower",
+    client: Any | None = None,
+    random_draws: int = 5,
+    seed: int = 0,
+) -> EditSweep:
+    """Edit for each ``k`` (one task per ``k``) with COAR-Edit and its controls; measure every case.
+
+    Parameters
+    ----------
+    experiment
+        The model and examples the attributions describe.
+    attributions
+        :class:`Attributions` (or a saved file) of every example the cases name.
+    cases
+        :class:`EditCase` s: edited independently (each has its own components).
+    ks
+        Numbers of components to ablate (each one task).
+    direction
+        ``"lower"`` the targets' outputs, or ``"raise"`` them.
+    client
+        A Dask client, or ``None`` to run the tasks in this process.
+    random_draws, seed
+        Draws of the random control, and their seed.
+    """
+    experiment = load_experiment(experiment)
+    if not isinstance(attributions, Attributions):
+        attributions = Attributions.load(attributions)
+    _check_direction(direction)
+    ks = np.array(sorted({int(k) for k in ks}), dtype=np.int64)
+    if not cases or ks.size == 0 or ks[0] < 1 or ks[-1] > attributions.n_components:
+        raise ConfigError(f"sweep_edit needs cases and ks in 1..{attributions.n_components}.")
+    if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 1:
+        raise ConfigError(f"random_draws must be a positive integer; found {random_draws!r}.")
+    orders = _orders(attributions, cases, direction, random_draws, int(ks[-1]), seed)
+    flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in orders.values()])
+    base_correct, base_values = base_predictions(experiment)
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    token = experiment.target_fingerprint[:8]
+    tasks = TaskSet(fn=edit_k_task, tasks=[(i, (experiment, int(k), flat)) for i, k in enumerate(ks)],
+                    key=lambda i: f"edit-k-{int(ks[i]):05d}-{token}-{seed}",
+                    resources={"GPU": 1} if str(experiment.device).startswith("cuda") else None, retries=2)
+    run_tasks(tasks, client, on_result=lambda i, r: results.__setitem__(i, r))
+    return _assemble(ks, list(cases), direction, attributions.n_components, orders, results, base_correct,
+                     base_values)
+
+
+def _assemble(ks: np.ndarray, cases: list[EditCase], direction: str, n_components: int,
+              orders: dict[str, np.ndarray], results: dict[int, tuple[np.ndarray, np.ndarray]],
+              base_correct: np.ndarray, base_values: np.ndarray) -> EditSweep:
+    correct = np.stack([results[i][0] for i in range(len(ks))], axis=-1)   # (rows, K, nk)
+    values = np.stack([results[i][1] for i in range(len(ks))], axis=-1)
+    flipped, ref_acc, out, row = {}, {}, {}, 0
+    for method, o in orders.items():
+        n_cases, draws = o.shape[:2]
+        f = np.zeros((n_cases, draws, len(ks)))
+        a, v = np.zeros_like(f), np.zeros_like(f)
+        for c, case in enumerate(cases):
+            t, r = list(case.target), list(case.reference)
+            for d in range(draws):
+                f[c, d] = (correct[row][t] != base_correct[t][:, None]).mean(axis=0)
+                a[c, d] = correct[row][r].mean(axis=0)
+                v[c, d] = values[row][t].mean(axis=0)
+                row += 1
+        flipped[method], ref_acc[method], out[method] = f, a, v
+    base_ref = np.array([base_correct[list(c.reference)].mean() for c in cases])
+    base_out = np.array([base_values[list(c.target)].mean() for c in cases])
+    return EditSweep(ks, cases, direction, n_components, flipped, ref_acc, out, base_ref, base_out, dict(orders))
+
+
+# -- targets and references from text ----------------------------------------------------
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"1:20"`` (1 to 20), ``"1:20:2"`` (step 2) or ``"1,2,5,10"``."""
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            start, stop, step = (parts + [1])[:3] if len(parts) in (2, 3) else (0, 0, 0)
+            ks = list(range(start, stop + 1, step)) if step > 0 else []
+        else:
+            ks = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--k must look like 1:20, 1:20:2 or 1,2,5 with k >= 1; got {text!r}.")
+    return ks
+
+
+def parse_targets(text: str, labels: np.ndarray, correct: np.ndarray) -> list[int]:
+    """Target examples from ``"12,40"``, ``"class:3"`` (every example labelled 3) or
+    ``"misclassified"`` (every example the unedited model gets wrong)."""
+    text = text.strip()
+    if text == "misclassified":
+        found = np.flatnonzero(~np.asarray(correct, dtype=bool))
+    elif text.startswith("class:"):
+        try:
+            found = np.flatnonzero(np.asarray(labels) == int(text[6:]))
+        except ValueError:
+            raise ConfigError(f"--target class:C needs an integer class; got {text!r}.") from None
+    else:
+        try:
+            found = np.array([int(p) for p in text.split(",") if p.strip()], dtype=np.int64)
+        except ValueError:
+            raise ConfigError(f"--target must be indices like 12,40, class:3 or misclassified; got {text!r}.") from None
+        if found.size and (found.min() < 0 or found.max() >= len(labels)):
+            raise ConfigError(f"--target indices must lie in 0..{len(labels) - 1}; got {text!r}.")
+    if found.size == 0:
+        raise ConfigError(f"--target {text!r} selects no example; choose another target.")
+    return [int(i) for i in found]
+
+
+def parse_reference(text: str, n_examples: int, targets: Sequence[int], seed: int = 0) -> list[int]:
+    """Reference examples from ``"random:50"`` (50 drawn among the non-targets, seeded), ``"rest"``
+    (every non-target) or ``"1,2,3"``."""
+    others = np.setdiff1d(np.arange(n_examples), np.asarray(targets, dtype=np.int64))
+    text = text.strip()
+    if text == "rest":
+        chosen = others
+    elif text.startswith("random:"):
+        try:
+            n = int(text[7:])
+        except ValueError:
+            n = 0
+        if not 1 <= n <= others.size:
+            raise ConfigError(f"--reference random:N needs 1 <= N <= {others.size} (the non-targets); got {text!r}.")
+        chosen = np.sort(np.random.default_rng(seed).choice(others, size=n, replace=False))
+    else:
+        try:
+            chosen = np.array([int(p) for p in text.split(",") if p.strip()], dtype=np.int64)
+        except ValueError:
+            raise ConfigError(f"--reference must be random:N, rest or indices like 1,2,3; got {text!r}.") from None
+    return [int(i) for i in chosen]
+
+
+def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit") -> "os.PathLike":
+    """Write a PNG: against ``k``, the fraction of cases flipped and the references' accuracy, for
+    COAR-Edit and both controls (averaged over cases and draws).
+
+    Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas.
+    """
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    colors = {"coar": "#4477aa", "random": "#bbbbbb", "target_only": "#ee6677"}
+    names = {"coar": "COAR-Edit", "random": "random k", "target_only": "target only"}
+    for m in EDIT_METHODS:
+        left.plot(sweep.ks, (sweep.flipped[m] > 0.5).mean(axis=(0, 1)), marker="o", ms=3, color=colors[m],
+                  label=names[m])
+        right.plot(sweep.ks, sweep.reference_accuracy[m].mean(axis=(0, 1)), marker="o", ms=3, color=colors[m],
+                   label=names[m])
+    right.axhline(float(sweep.base_reference_accuracy.mean()), color="k", lw=0.6, ls="--", label="unedited")
+    left.set_xlabel("components ablated (k)")
+    left.set_ylabel("fraction of edits that flip the target")
+    right.set_xlabel("components ablated (k)")
+    right.set_ylabel("reference accuracy")
+    left.legend(loc="upper left", fontsize="small")
+    right.legend(loc="lower left", fontsize="small")
+    fig.suptitle(f"{title}: {len(sweep.cases)} edit(s), {sweep.direction}, {sweep.n_components} components")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
