@@ -251,17 +251,17 @@ def test_job_script_of_a_cpu_job_has_no_gres_and_no_gpu_resource():
 @needs_jobqueue
 def test_job_script_extra_directives_prologue_and_existing_resources():
     script = C.slurm_job_script(
-        cores=1, memory="2GB", gpus_per_job=2, lifetime="off",
+        cores=1, memory="2GB", gpus_per_job=1, lifetime="off",
         job_extra_directives=["--constraint=a100", "--qos=long"],
         job_script_prologue=["module load cuda/12", "export OMP_NUM_THREADS=4"],
         worker_extra_args=["--resources", "MEM=1"],
     )
     lines = script.splitlines()
-    assert lines.index("#SBATCH --constraint=a100") < lines.index("#SBATCH --gres=gpu:2")
+    assert lines.index("#SBATCH --constraint=a100") < lines.index("#SBATCH --gres=gpu:1")
     assert "module load cuda/12" in lines and "export OMP_NUM_THREADS=4" in lines
     assert "export OMP_NUM_THREADS=1" not in lines  # the user's own setting is kept...
     assert "export MKL_NUM_THREADS=1" in lines  # ...and the rest of the workers' environment added
-    assert "--resources MEM=1,GPU=2" in lines[-1]
+    assert "--resources MEM=1,GPU=1" in lines[-1]
     assert "--lifetime" not in script
 
 
@@ -351,6 +351,26 @@ def test_local_gpu_worker_specs_give_each_worker_its_own_device():
         assert options["env"]["OMP_NUM_THREADS"] == "1"
         assert options["resources"] == {"GPU": 1}
         assert options["nthreads"] == 2
+
+
+def test_local_gpu_workers_share_the_memory_by_gpus_not_by_cores():
+    """Issue 18.7: distributed's 'auto' gives a one-thread worker RAM / cores; a GPU worker gets RAM / GPUs."""
+    from distributed.system import MEMORY_LIMIT
+
+    for devices in (["0"], ["0", "1"], ["0", "1", "2", "3"]):
+        specs = C.local_gpu_worker_specs(devices)
+        assert {s["options"]["memory_limit"] for s in specs.values()} == {MEMORY_LIMIT // len(devices)}
+    assert C.local_gpu_worker_specs(["0"], memory_limit="4GB")["gpu-0"]["options"]["memory_limit"] == "4GB"
+
+
+@needs_jobqueue
+def test_more_than_one_gpu_per_slurm_job_is_refused_naming_more_jobs():
+    """Issue 18.5: a job's one worker advertised GPU=N and ran its N tasks on cuda:0."""
+    with pytest.raises(ConfigError, match=r"--jobs N --gpus-per-job 1") as err:
+        C.resolve_slurm_settings(cores=4, memory="16GB", gpus_per_job=2)
+    assert "\n" not in str(err.value)
+    script = C.slurm_job_script(cores=4, memory="16GB", gpus_per_job=1, jobs=4)
+    assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
 
 
 @pytest.mark.parametrize("devices", [[], ["0", "0"]])

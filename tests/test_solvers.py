@@ -534,3 +534,92 @@ def test_unknown_option_names_the_solvers_options():
         saga_mod.saga(ArrayRows(X, Y), ridge=1.0)
     opts = lstsq_mod.LstsqOptions(ridge=2.0)
     assert np.allclose(lstsq_mod.lstsq(ArrayRows(X, Y), options=opts).lam, 2.0)
+
+
+# --------------------------------------------------------------------------- fast_l1 on current PyTorch (issue 18.3)
+_UNPATCHED_TRAIN_SAGA = '''
+def train_saga(weight, bias, loader, val_loader, *, lr, start_lams, lam_decay, num_lambdas,
+               early_stop_freq=2, early_stop_eps=1e-5):
+    for bool_X, y, idx in loader:
+        a_prev[:, :num_keep].copy_(a_table[idx, :num_keep], non_blocking=True)
+    inds_to_swap = inds_to_swap[still_opt_outer[inds_to_swap]]
+'''
+
+
+def _fake_regressor(tmp_path, source, name):
+    """A module whose train_saga has ``source`` (inspect.getsource reads its file)."""
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unpatched_fast_l1_is_refused_naming_the_two_line_patch(tmp_path):
+    from coar_dask.solvers import fast_l1 as fl
+
+    unpatched = _fake_regressor(tmp_path, _UNPATCHED_TRAIN_SAGA, "regressor_unpatched")
+    with pytest.raises(RegressionError, match=r"still_opt_outer\[inds_to_swap\]\.cpu\(\)") as err:
+        fl.check_fast_l1_patched(unpatched)
+    assert "a_table[idx.cpu(), :num_keep]" in str(err.value) and "--solver saga" in str(err.value)
+    assert "\n" not in str(err.value)
+    patched = _UNPATCHED_TRAIN_SAGA.replace("still_opt_outer[inds_to_swap]]", "still_opt_outer[inds_to_swap].cpu()]")
+    fl.check_fast_l1_patched(_fake_regressor(tmp_path, patched, "regressor_patched"))
+
+
+def test_fast_l1_loader_feeds_idx_on_the_cpu_and_the_rows_on_the_device():
+    """fast_l1 indexes its pinned host table with idx (MadryLab/datamodels#3): idx must stay on the CPU.
+    The 'meta' device stands in for CUDA on a machine without one."""
+    import torch
+
+    from coar_dask.solvers import fast_l1 as fl
+
+    X, Y, _, _ = planted(23, n=60, p=5, k=2)
+    loader = fl._FastL1Loader(ArrayRows(X, Y), 20, torch.device("meta"), seed=0, cache_bytes=1 << 20)
+    batches = list(loader)
+    assert len(batches) == 3
+    for x, y, idx in batches:
+        assert x.device.type == "meta" and y.device.type == "meta" and idx.device.type == "cpu"
+
+
+def test_fast_l1_epochs_are_bounded(caplog):
+    """fast_l1's train_saga loops until every target is done; max_epochs stops it, and it still
+    returns its best penalties (through its KeyboardInterrupt exit)."""
+    import types
+
+    import torch
+
+    from coar_dask.solvers import fast_l1 as fl
+
+    epochs = []
+
+    def train_saga(weight, bias, loader, val_loader, **kwargs):  # fast_l1's structure: setup passes, then forever
+        best = torch.zeros(weight.shape[1])
+        list(loader)
+        next(iter(loader))
+        list(loader)
+        try:
+            while True:
+                for _ in loader:
+                    pass
+                epochs.append(1)
+                best += 1
+        except KeyboardInterrupt:
+            pass
+        return best
+
+    X, Y, _, _ = planted(24, n=60, p=5, k=2)
+    loader = fl._FastL1Loader(ArrayRows(X, Y), 20, torch.device("cpu"), seed=0, cache_bytes=1 << 20)
+    w, b = torch.zeros(5, 2), torch.zeros(2)
+    with caplog.at_level("WARNING", logger="coar_dask.solvers.fast_l1"):
+        best, stopped = fl.run_train_saga(types.SimpleNamespace(train_saga=train_saga), w, b, loader, None,
+                                          max_epochs=7, lr=0.1)
+    assert stopped and len(epochs) == 7 and best.tolist() == [7.0, 7.0]
+    assert "max_epochs=7" in caplog.text
+    assert len(list(loader)) == 3  # the bound is lifted afterwards (calc_stats reads the loader again)
+    assert fl.FastL1Options().max_epochs == 1000
+    with pytest.raises(RegressionError, match="max_epochs"):
+        fl.FastL1Options(max_epochs=0)

@@ -55,7 +55,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--walltime", default=None, help="slurm: time limit per job, e.g. 02:00:00")
     g.add_argument("--cores", type=int, default=None, help="slurm: cores per job")
     g.add_argument("--memory", default=None, help="slurm: memory per job, e.g. 16GB")
-    g.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per job (--gres=gpu:N)")
+    g.add_argument("--gpus-per-job", type=int, default=None, help="slurm: 1 for one GPU per job (--gres=gpu:1); for more GPUs ask for more --jobs")
     g.add_argument("--job-extra", action="append", default=None, metavar="DIRECTIVE",
                    help="slurm: extra #SBATCH directive, repeatable, e.g. --job-extra=--constraint=a100")
     g.add_argument("--python", default=None, help="slurm: python of the workers (default: this one)")

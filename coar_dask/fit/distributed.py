@@ -32,6 +32,7 @@ from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.core import FitSettings, fit_store
 from coar_dask.runtime.executor import TaskSet, run_tasks
+from coar_dask.runtime.gpu import check_gpu_workers
 from coar_dask.solvers.base import FitProgress
 
 __all__ = [
@@ -277,19 +278,6 @@ def _forward(progress: Callable[[Any], None]) -> Callable[[Any], None]:
     return handler
 
 
-def _check_gpu_workers(client: Any) -> None:
-    """GPU tasks wait for a worker with a GPU resource: fail now if the cluster has workers but none has one."""
-    workers = client.scheduler_info().get("workers", {})
-    if workers and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-        raise RegressionError(
-            f"device 'cuda' makes each slice a GPU task (resources={{'GPU': 1}}), but none of the cluster's "
-            f"{len(workers)} worker(s) advertises a GPU. Start GPU workers (coar-dask: --gpus auto, or "
-            f"--gpus-per-job N on SLURM), or fit on the CPU with --device cpu."
-        )
-    if not workers:
-        logger.info("no workers yet: the GPU slices wait for workers with a GPU resource")
-
-
 def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[[Any], None] | None = None,
                 retries: int = 1) -> Any:
     """Run ``plan``: in this process (``client=None``) or one Dask task per slice.
@@ -304,7 +292,7 @@ def execute_fit(plan: FitPlan, client: Any | None = None, *, progress: Callable[
     taskset = TaskSet(fit_slice, [(i, (plan, i, *extra)) for i in range(total)], key=plan.task_key,
                       resources={"GPU": 1} if plan.gpu and client is not None else None, retries=retries)
     if taskset.resources:
-        _check_gpu_workers(client)
+        check_gpu_workers(client, "slice", RegressionError, "--device cpu")
     done = 0
 
     def on_result(i: int, part: Any) -> None:

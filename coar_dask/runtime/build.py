@@ -34,6 +34,7 @@ from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.store import Block, Store, open_store
 from coar_dask.runtime.executor import TaskSet, run_tasks
+from coar_dask.runtime.gpu import check_gpu_workers, client_experiment, is_cuda
 from coar_dask.runtime.worker import apply_malloc_env
 
 __all__ = ["init_experiment_store", "recorded_experiment", "BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
@@ -59,7 +60,7 @@ class BuildPlan:
 
     @property
     def gpu(self) -> bool:
-        return str(self.experiment.device).startswith("cuda")
+        return is_cuda(self.experiment.device)
 
     @property
     def token(self) -> str:
@@ -165,7 +166,7 @@ def init_experiment_store(
     exp = load_experiment(experiment)
     changes = {k: v for k, v in (("mask_seed", mask_seed), ("alpha", alpha)) if v is not None}
     exp = exp.replace(**changes) if changes else exp
-    state = load_state(exp)
+    state = load_state(client_experiment(exp))  # counts only: on the CPU, whatever the experiment's device
     spec = Spec.for_experiment(int(rows), state.n_components, state.n_examples,
                                x_name=exp.x_name, y_name=exp.y_name, y_dtype=exp.y_dtype)
     return init_store(path, spec, rows_per_chunk=rows_per_chunk, mask_seed=exp.mask_seed, alpha=exp.alpha,
@@ -186,8 +187,9 @@ def recorded_experiment(store: Store | str | os.PathLike) -> Experiment | None:
 def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -> BuildPlan:
     """Check the experiment against the store and list the pending blocks.
 
-    Loads the experiment once in this process (to count components and
-    examples), and records the experiment fingerprint, mask seed and alpha in
+    Loads the experiment once in this process, on the CPU whatever its
+    device (to count components and examples; see
+    :func:`coar_dask.runtime.gpu.client_experiment`), and records the experiment fingerprint, mask seed and alpha in
     the store on first use. ``experiment=None`` takes the one the store
     records (:func:`recorded_experiment`).
     """
@@ -199,7 +201,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
             raise ExperimentError(f"store {str(store.path)!r} records no experiment; pass the experiment "
                                   f"(a YAML path or a coar_dask.Experiment) to build it.")
     experiment = load_experiment(experiment)
-    state = load_state(experiment)
+    state = load_state(client_experiment(experiment))
     check_experiment_fits(store, experiment, state.n_components, state.n_examples)
     # First writer wins, atomically; the attributes below cannot be compared-and-set.
     store.claim({
@@ -248,6 +250,30 @@ def _open_on_worker(store_path: str, experiment: Experiment) -> Store:
     return store
 
 
+def _stored_outputs(store: Store, experiment: Experiment, block: Block, outputs: np.ndarray) -> np.ndarray:
+    """``outputs`` cast to the store's dtype, refused when NaN/inf before or after the cast.
+
+    Checked after the cast: a margin above 65,504 is finite in float32 and inf
+    in a float16 store."""
+    dtype = store.spec[experiment.y_name].np_dtype
+    with np.errstate(over="ignore"):  # reported below, with the dtype to use
+        stored = np.asarray(outputs).astype(dtype, copy=False)
+    if np.isfinite(stored).all():
+        return stored
+    where = f"block {block.index} (rows {block.start}-{block.stop - 1})"
+    raw_bad = ~np.isfinite(outputs)
+    bad = np.flatnonzero((raw_bad if raw_bad.any() else ~np.isfinite(stored)).any(axis=0))
+    examples = f"examples {bad[:10].tolist()}{'…' if bad.size > 10 else ''}"
+    if raw_bad.any():
+        raise BuildError(f"{where} produced NaN/inf outputs for {examples}; it is left pending.")
+    big = float(np.abs(np.asarray(outputs, dtype=np.float64)).max())
+    raise BuildError(
+        f"{where}: outputs of {examples} reach {big:.6g}, beyond the largest {dtype.name} "
+        f"({float(np.finfo(dtype).max):.6g}), and would be stored as inf; it is left pending. Store them as "
+        f"float32: set arrays: {{y_dtype: float32}} in the experiment and build into a new store."
+    )
+
+
 def run_block(store_path: str, experiment: Experiment, block_index: int) -> BlockResult:
     """Compute and write one block (the Dask task). Idempotent."""
     t0 = time.perf_counter()
@@ -256,13 +282,7 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
     block = store.block(block_index)
     state = load_state(experiment)
     masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
-    outputs = compute_outputs(state, masks)
-    if not np.isfinite(outputs).all():
-        bad = np.flatnonzero(~np.isfinite(outputs).all(axis=0))
-        raise BuildError(
-            f"block {block_index} (rows {block.start}-{block.stop - 1}) produced NaN/inf outputs for "
-            f"examples {bad[:10].tolist()}{'…' if bad.size > 10 else ''}; it is left pending."
-        )
+    outputs = _stored_outputs(store, experiment, block, compute_outputs(state, masks))
     store.write_block(block_index, {experiment.x_name: masks, experiment.y_name: outputs})
     worker = ""
     try:
@@ -299,6 +319,8 @@ def _execute(plan: BuildPlan, client: Any | None, progress: ProgressFn | None, r
         report.failed[index] = str(exc) if client is None else f"{type(exc).__name__}: {exc}"
         logger.error("block %d failed: %s", index, exc)
 
+    if plan.gpu and client is not None:  # else the GPU tasks would wait forever for GPU workers
+        check_gpu_workers(client, "block", BuildError, "run: {device: cpu} in the experiment")
     run_tasks(_taskset(plan, retries), client, on_result=on_result, on_error=on_error,
               local_errors=(BuildError,))
 

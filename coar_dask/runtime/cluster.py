@@ -17,8 +17,9 @@ Three kinds of cluster, one context manager, :func:`cluster_client`:
     dask's config: ``jobqueue.slurm.*`` (so a site's ``jobqueue.yaml``
     works) and ``coar-dask.slurm.*`` (this package's own keys, defaults in
     the packaged ``coar_dask.yaml``). With
-    ``gpus_per_job=N`` each job asks for ``--gres=gpu:N`` and its worker
-    advertises ``GPU=N``. Workers leave before the walltime (``--lifetime``
+    ``gpus_per_job=1`` each job asks for ``--gres=gpu:1`` and its worker
+    advertises ``GPU=1`` (more GPUs: more jobs; ``gpus_per_job > 1`` is refused,
+    as one worker would run every task on its first GPU). Workers leave before the walltime (``--lifetime``
     with a stagger, derived from the walltime) and lost jobs are resubmitted,
     so a build longer than one walltime keeps going.
 ``address``
@@ -68,6 +69,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "slurm", "address")
+
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+#: Seconds to reach a scheduler before giving up (distributed's own default retries for 30 s).
+CONNECT_TIMEOUT_S = 10
+
+
+def check_address(address: str) -> str:
+    """``address`` if it reads as a scheduler address (``tcp://host:port`` or ``host:port``), else ConfigError."""
+    match = _ADDRESS.fullmatch(str(address).strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"--address {address!r} is not a scheduler address; give one like tcp://10.0.0.1:8786 "
+                          f"(the address `dask scheduler` prints).")
+    return str(address).strip()
+
+
+def _connect(client_cls: Any, address: str) -> Any:
+    """A client of the scheduler at ``address``, or one ConfigError line when it cannot be reached in time."""
+    try:
+        return client_cls(address, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"no Dask scheduler answered at {address} within {CONNECT_TIMEOUT_S} s "
+                          f"({type(exc).__name__}); start one with `dask scheduler`, or check the address.") from None
+
 
 def default_local_workers() -> int:
     """One worker process per core (each with one torch thread)."""
@@ -131,7 +155,9 @@ def local_gpu_worker_specs(
     threads_per_worker
         Threads per worker (tasks that may run at once on it).
     memory_limit
-        Passed to each worker; ``"auto"`` shares the machine's memory.
+        Passed to each worker; ``"auto"``: the machine's memory divided by
+        the number of GPU workers (distributed's own ``"auto"`` would give a
+        one-thread worker the memory of one core).
     env
         Extra environment of the workers (default: one BLAS thread each).
 
@@ -151,6 +177,10 @@ def local_gpu_worker_specs(
     if len(set(devices)) != len(devices):
         raise ConfigError(f"GPU devices must be distinct, got {list(devices)}")
     base_env = dict(WORKER_ENV if env is None else env)
+    if memory_limit == "auto":
+        from distributed.system import MEMORY_LIMIT
+
+        memory_limit = int(MEMORY_LIMIT // len(devices))
     specs: dict[str, dict[str, Any]] = {}
     for device in devices:
         specs[f"gpu-{device}"] = {
@@ -307,7 +337,9 @@ class SlurmSettings:
     queue, account, walltime
         ``-p``, ``-A``, ``-t`` of the job.
     gpus_per_job
-        ``--gres=gpu:N`` on the job; its worker advertises the resource ``GPU=N``.
+        0 or 1: ``--gres=gpu:1`` on the job; its worker advertises the resource
+        ``GPU=1``. More than one is refused (the worker would run every task
+        on its first GPU): ask for more jobs.
     job_extra_directives, job_script_prologue, worker_extra_args
         Extra ``#SBATCH`` lines, shell lines before the worker starts, and
         ``dask worker`` arguments.
@@ -378,6 +410,13 @@ class SlurmSettings:
             raise ConfigError(
                 f"gpus_per_job={self.gpus_per_job} needs processes=1 (got {self.processes}): all worker "
                 "processes of a job would share its GPUs. Ask for more jobs instead, e.g. jobs=4 with gpus_per_job=1."
+            )
+        if self.gpus_per_job > 1:
+            # One worker per job whose tasks all ran on cuda:0 (issue 18): one GPU per job, more jobs.
+            raise ConfigError(
+                f"gpus_per_job={self.gpus_per_job}: each job runs one Dask worker, whose tasks would all use its "
+                f"first GPU; ask for one GPU per job and more jobs instead: --jobs N --gpus-per-job 1 "
+                f"(jobs=N, gpus_per_job=1)"
             )
         if self.walltime is not None:
             parse_walltime(self.walltime)
@@ -995,7 +1034,7 @@ def cluster_client(
     if kind == "address" or (address and kind == "local"):
         if not address:
             raise ConfigError("cluster 'address' needs a scheduler address, e.g. --address tcp://host:8786")
-        with Client(address) as client:
+        with _connect(Client, check_address(address)) as client:
             logger.info("connected to scheduler %s (dashboard %s)", address, client.dashboard_link)
             yield client
         return

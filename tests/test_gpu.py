@@ -1,0 +1,251 @@
+"""The GPU path (issue 18): what a CPU-only machine can check, and ``gpu``-marked tests for a GPU.
+
+On a CPU-only machine CUDA is mocked where the logic allows: the client
+must never touch CUDA (``torch.cuda.is_available`` raises if it is asked),
+a CUDA build on CPU workers is refused before anything is submitted, and
+float16 overflow is caught after the cast. The ``gpu``-marked tests
+(``benchmarks/gpu_check.sh`` runs them) compare CUDA against CPU results.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import tiny_model  # noqa: E402
+
+from coar_dask.core.experiment import Experiment  # noqa: E402
+from coar_dask.core.store import open_store  # noqa: E402
+from coar_dask.errors import BuildError  # noqa: E402
+from coar_dask.runtime import build as B  # noqa: E402
+from coar_dask.runtime.gpu import check_gpu_workers, client_experiment  # noqa: E402
+
+has_cuda = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def _cuda_experiment(**changes) -> Experiment:
+    return Experiment(model="conftest:tiny_model", examples="conftest:tiny_examples", alpha=0.2, batch_size=5,
+                      device="cuda", **changes)
+
+
+@pytest.fixture
+def no_cuda_in_client(monkeypatch):
+    """Asking torch about CUDA in this process is the bug: fail loudly if anything does."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the client touched CUDA")
+
+    for name in ("is_available", "device_count", "init", "mem_get_info", "set_device"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+
+
+# ----------------------------------------------------------------------------- 1: the client stays on the CPU
+def test_client_experiment_is_the_same_experiment_on_the_cpu():
+    exp = _cuda_experiment()
+    assert client_experiment(exp).device == "cpu"
+    assert client_experiment(exp).fingerprint == exp.fingerprint
+    cpu = exp.replace(device="cpu")
+    assert client_experiment(cpu) is cpu
+
+
+def test_init_and_plan_of_a_cuda_experiment_never_touch_cuda(tmp_path, no_cuda_in_client):
+    """Issue 18.1: a SLURM login node without a GPU plans a device: cuda build."""
+    exp = _cuda_experiment()
+    store = B.init_experiment_store(tmp_path / "s", exp, rows=20, rows_per_chunk=10)
+    assert B.recorded_experiment(store).device == "cuda"
+    plan = B.plan_build(store, None)
+    assert plan.gpu and plan.experiment.device == "cuda" and len(plan.blocks) == 2
+    assert open_store(tmp_path / "s").experiment_fingerprint == exp.fingerprint
+
+
+# ----------------------------------------------------------------------------- 2: GPU tasks need GPU workers
+class _Client:
+    """A client whose scheduler knows ``workers``; submitting anything is the bug (it would wait forever)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def scheduler_info(self):
+        return {"workers": self.workers}
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("a GPU task was submitted to a cluster without GPU workers")
+
+
+def test_cuda_build_on_cpu_workers_is_refused_before_submitting(tmp_path, no_cuda_in_client):
+    store = B.init_experiment_store(tmp_path / "s", _cuda_experiment(), rows=10, rows_per_chunk=10)
+    plan = B.plan_build(store, None)
+    client = _Client({"tcp://a:1": {"resources": {}}, "tcp://b:2": {"resources": {"MEM": 1}}})
+    with pytest.raises(BuildError, match="none of the cluster's 2 worker") as err:
+        B.execute_plan(plan, client)
+    message = str(err.value)
+    assert "--gpus-per-job 1" in message and "--gpus auto" in message and "--resources GPU=1" in message
+    assert "device: cpu" in message and "\n" not in message
+    assert open_store(tmp_path / "s").pending_blocks()  # nothing was written
+
+
+def test_gpu_worker_check_lets_gpu_workers_and_empty_adaptive_clusters_through():
+    check_gpu_workers(_Client({"w": {"resources": {"GPU": 1}}, "c": {"resources": {}}}), "block", BuildError, "x")
+    check_gpu_workers(_Client({}), "block", BuildError, "x")  # adaptive SLURM from 0: its jobs bring GPUs
+    with pytest.raises(BuildError, match="each slice"):
+        check_gpu_workers(_Client({"w": {}}), "slice", BuildError, "--device cpu")
+
+
+def _cli(coar_dask_cli, cwd: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*coar_dask_cli, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(has_cuda, reason="the acceptance is about a machine without a GPU")
+def test_cli_on_a_cpu_machine_inits_a_cuda_experiment_and_refuses_its_build_on_cpu_workers(tmp_path, coar_dask_cli):
+    """Issue 18's acceptance: init and cluster --dry-run succeed; build on a LocalCluster of CPU workers
+    exits 2 within 60 s naming the missing GPU workers."""
+    _cuda_experiment().to_yaml(tmp_path / "exp.yaml")
+    init = _cli(coar_dask_cli, tmp_path, "init", "--store", "s", "--experiment", "exp.yaml", "--rows", "100")
+    assert init.returncode == 0, init.stderr
+    t0 = time.monotonic()
+    build = _cli(coar_dask_cli, tmp_path, "build", "--store", "s", "--cluster", "local", "--workers", "1",
+                 timeout=90)
+    assert build.returncode == 2, build.stderr
+    assert time.monotonic() - t0 < 60
+    assert "advertises a GPU" in build.stderr and "--gpus-per-job 1" in build.stderr
+    assert open_store(tmp_path / "s").status()["completed_rows"] == 0
+    pytest.importorskip("dask_jobqueue")
+    dry = _cli(coar_dask_cli, tmp_path, "cluster", "--dry-run", "--cores", "4", "--memory", "16GB",
+               "--gpus-per-job", "1", "--jobs", "2")
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --gres=gpu:1" in dry.stdout and "GPU=1" in dry.stdout
+
+
+# ----------------------------------------------------------------------------- 9: float16 overflow
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def huge_logits_model():
+    """The tiny model with logits ~1e5: margins finite in float32, inf in float16."""
+    return torch.nn.Sequential(tiny_model(), _Scale(1e6)).eval()
+
+
+def test_float16_overflow_is_caught_after_the_cast_and_names_float32(tmp_path):
+    """Issue 18.9: a margin above 65,504 became inf in the float16 store with no error."""
+    exp = Experiment(model="test_gpu:huge_logits_model", examples="conftest:tiny_examples", alpha=0.2,
+                     batch_size=5)
+    store = B.init_experiment_store(tmp_path / "s", exp, rows=10, rows_per_chunk=10)
+    plan = B.plan_build(store, exp)
+    with pytest.raises(BuildError, match=r"beyond the largest float16 \(65504\).*y_dtype: float32") as err:
+        B.run_block(plan.store_path, exp, 0)
+    assert "\n" not in str(err.value)
+    assert [b.index for b in open_store(tmp_path / "s").pending_blocks()] == [0]
+    wide = exp.replace(y_dtype="float32")
+    store32 = B.init_experiment_store(tmp_path / "s32", wide, rows=10, rows_per_chunk=10)
+    B.run_build(store32, wide)
+    values = np.asarray(open_store(tmp_path / "s32").array("margins")[:])
+    assert np.isfinite(values).all() and np.abs(values).max() > 65504
+
+
+# ----------------------------------------------------------------------------- on a GPU (gpu_check.sh)
+needs_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
+
+
+def _built(tmp_path, name: str, exp: Experiment) -> np.ndarray:
+    store = B.init_experiment_store(tmp_path / name, exp, rows=40, rows_per_chunk=20)
+    B.run_build(store, exp)
+    return np.asarray(open_store(tmp_path / name).array(exp.y_name)[:], dtype=np.float32)
+
+
+#: |CUDA - CPU| of the tiny model's margins, relative to their scale: float32 (TF32 off in the batched
+#: path's check) and float16 autocast (AMP) with a float16 store.
+FP32_TOL, AMP_TOL = 1e-3, 2e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_build_equals_the_cpu_build(tmp_path, amp):
+    """A build with device cuda (with and without AMP) equals the CPU build within the stated tolerance,
+    and takes the batched path (the per-process check did not fall back)."""
+    from coar_dask.ablation import engine
+
+    cpu_exp = Experiment(model="conftest:tiny_model", examples="conftest:tiny_examples", alpha=0.2, batch_size=5)
+    cuda_exp = cpu_exp.replace(device="cuda", amp=amp)
+    cpu = _built(tmp_path, "cpu", cpu_exp)
+    cuda = _built(tmp_path, "cuda", cuda_exp)
+    scale = float(np.abs(cpu).max())
+    assert float(np.abs(cuda - cpu).max()) <= (AMP_TOL if amp else FP32_TOL) * scale
+    from coar_dask.core.experiment import load_state
+
+    runner = engine._runner(load_state(cuda_exp))
+    assert runner.batched is not None and runner.verified, f"the batched path fell back: {runner.reason}"
+
+
+def _planted(seed=0, n=1200, p=64, k=8):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((n, p)) >= 0.1).astype(np.float32)
+    W = rng.normal(size=(p, k))
+    Y = (X @ W + 3.0 + 0.01 * rng.normal(size=(n, k))).astype(np.float32)
+    return X, Y
+
+
+class _Rows:
+    def __init__(self, X, Y, block=100):
+        self.X, self.Y, self.block = X, Y, block
+        self.n_rows, self.n_features = X.shape
+        self.n_targets = Y.shape[1]
+
+    def blocks(self):
+        for a in range(0, self.n_rows, self.block):
+            yield self.X[a:a + self.block], self.Y[a:a + self.block]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name,options,rtol", [
+    ("lstsq", {"method": "gram"}, 1e-5),
+    ("lstsq", {"method": "cg"}, 1e-4),
+    ("saga", {"lr": 0.05, "batch_size": 100, "max_epochs": 400}, 1e-3),
+    ("fast_l1", {"lr": 0.05, "batch_size": 100, "max_epochs": 400}, 1e-2),
+])
+def test_cuda_fit_equals_the_cpu_fit(name, options, rtol):
+    """lstsq (Gram and CG), SAGA and fast_l1 (if installed) on CUDA against the CPU fit (fast_l1: against
+    SAGA on the CPU, the same algorithm), with TF32 matmuls enabled as a user might."""
+    from coar_dask.solvers import registry
+
+    if name == "fast_l1":
+        pytest.importorskip("fast_l1")
+    X, Y = _planted()
+    tr, va = _Rows(X[:1000], Y[:1000]), _Rows(X[1000:], Y[1000:])
+    ref_name = "saga" if name == "fast_l1" else name
+    ref_options = {k: v for k, v in options.items()}
+    ref = registry.get_solver(ref_name)(tr, va, device="cpu", **ref_options)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        res = registry.get_solver(name)(tr, va, device="cuda", **options)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    scale = float(np.abs(ref.weight).max())
+    assert float(np.abs(res.weight - ref.weight).max()) <= rtol * scale * 10
+    np.testing.assert_allclose(res.info["val_correlation"], ref.info["val_correlation"], atol=rtol)
+
+
+@gpu
+@needs_cuda
+def test_gram_choice_on_this_gpu_follows_its_free_memory():
+    from coar_dask.solvers.lstsq import gram_fits_device
+
+    free, _total = torch.cuda.mem_get_info()
+    assert gram_fits_device(1000, torch.device("cuda"), grid=False)
+    assert not gram_fits_device(int((free / 8) ** 0.5) + 1, torch.device("cuda"), grid=False)
