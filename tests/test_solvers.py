@@ -623,3 +623,67 @@ def test_fast_l1_epochs_are_bounded(caplog):
     assert fl.FastL1Options().max_epochs == 1000
     with pytest.raises(RegressionError, match="max_epochs"):
         fl.FastL1Options(max_epochs=0)
+
+
+# --------------------------------------------------------------------------- the Gram solver's GPU memory (issue 18.6)
+def test_auto_method_sizes_the_gram_path_from_the_gpus_free_memory(monkeypatch):
+    """On CUDA, method='auto' asks torch.cuda.mem_get_info(): 3 P x P float64 matrices (6 with a grid)
+    must fit 90 % of the free memory; mocked here, as the CPU path never asks."""
+    import torch
+
+    asked = []
+
+    def mem_get_info(device=None):
+        asked.append(device)
+        return 16 * 10**9, 80 * 10**9
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    cuda = torch.device("cuda")
+    assert lstsq_mod.gram_fits_device(23_000, cuda, grid=False)
+    assert not lstsq_mod.gram_fits_device(23_000, cuda, grid=True)  # ResNet-50 with a ridge grid: CG
+    assert lstsq_mod.gram_fits_device(17_000, cuda, grid=True)
+    assert asked
+    asked.clear()
+    assert lstsq_mod.gram_fits_device(10**6, torch.device("cpu"), grid=True) and not asked
+    assert lstsq_mod.gram_max_features(80e9, grid=False) == 23_170  # max_gram_bytes caps it
+    assert lstsq_mod.gram_max_features(8e9, grid=False) == 17_320
+
+
+def test_gram_moments_free_their_scratch_and_centre_in_place():
+    X, Y, _, _ = planted(25, n=300, p=12, k=3, dtype=np.float32)
+    m = streaming.stream_moments(ArrayRows(X, Y), lstsq_mod.torch_device("cpu"), gram=True, rows=64,
+                                 progress=None)
+    assert not m._buffers and m._ybuf is None  # the float32 P x P scratch is gone
+    copy_xx, copy_xy = m.centred()
+    cxx, cxy = m.centred(inplace=True)
+    assert m.xx is None and m.xy is None
+    np.testing.assert_array_equal(cxx.numpy(), copy_xx.numpy())
+    np.testing.assert_array_equal(cxy.numpy(), copy_xy.numpy())
+
+
+def test_products_run_at_full_float32_precision_even_with_tf32_enabled(monkeypatch):
+    """A user's torch.set_float32_matmul_precision('high') / allow_tf32 would round X^T Y' to 10-bit
+    mantissas on an Ampere/Hopper GPU; the moments and CG products force full precision locally."""
+    import torch
+
+    seen = []
+    real_mm = torch.mm
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32))
+        return real_mm(*args, **kwargs)
+
+    X, Y, _, _ = planted(26, n=200, p=6, k=2, dtype=np.float32)
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        monkeypatch.setattr(torch, "mm", spy)
+        lstsq_mod.lstsq(ArrayRows(X, Y), method="gram")
+        lstsq_mod.lstsq(ArrayRows(X, Y), method="cg")
+        after = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    assert seen and set(seen) == {("highest", False)}
+    assert after == ("high", True)  # the user's settings are put back

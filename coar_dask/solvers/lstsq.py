@@ -31,6 +31,7 @@ from coar_dask.solvers.streaming import (
     Moments,
     batch_rows_for,
     compute_dtype,
+    full_precision,
     iter_batches,
     no_variance,
     pearson_centred,
@@ -38,13 +39,48 @@ from coar_dask.solvers.streaming import (
     validation_metrics,
 )
 
-__all__ = ["LstsqOptions", "lstsq", "ridge_grid_values", "moment_metrics", "MAX_GRAM_BYTES"]
+__all__ = ["LstsqOptions", "lstsq", "ridge_grid_values", "moment_metrics", "MAX_GRAM_BYTES", "gram_fits_device",
+           "gram_max_features"]
 
 logger = logging.getLogger(__name__)
 
 #: Largest ``P x P`` float64 matrix the ``lstsq`` Gram method forms by default;
 #: above it, ``method="auto"`` uses conjugate gradients.
 MAX_GRAM_BYTES = 4 * 2**30
+
+#: ``P x P`` float64 matrices the Gram method holds at its peak on a GPU: the centred sums (centred in
+#: place, the float32 scratch freed), the Cholesky input and its factor; with a ridge grid or a refit,
+#: also the validation sums and the grid's products (``_grid_mse``). Measured by counting allocations
+#: in ``_lstsq_gram``; the fraction of the free memory used leaves room for CUDA's own workspace.
+GRAM_MATRICES, GRAM_MATRICES_GRID, GPU_MEMORY_FRACTION = 3, 6, 0.9
+
+
+def gram_fits_device(P: int, dev: Any, *, grid: bool) -> bool:
+    """Whether the Gram method's peak fits the device: always on the CPU (``max_gram_bytes`` decides),
+    on CUDA ``GRAM_MATRICES`` (6 with a ridge grid or refit) ``P x P`` float64 matrices within 90 % of
+    ``torch.cuda.mem_get_info()``'s free memory. Largest P taking the Gram path by free GPU memory (no
+    ridge grid / with a grid or refit): 8 GB 17,320 / 12,247; 12 GB 21,213 / 15,000; 16 GB 23,170 (the
+    4 GiB cap of ``max_gram_bytes``) / 17,320; 24 GB 23,170 / 21,213; 40 GB and more 23,170 / 23,170
+    (:func:`gram_max_features`); above, conjugate gradients."""
+    import torch
+
+    if torch.device(dev).type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(torch.device(dev))
+    return gram_max_features(free, grid=grid) >= P
+
+
+def gram_max_features(free_bytes: float, *, grid: bool, max_gram_bytes: int = MAX_GRAM_BYTES) -> int:
+    """Largest P for which ``method="auto"`` takes the Gram path on a GPU with ``free_bytes`` free.
+
+    Examples
+    --------
+    >>> gram_max_features(80e9, grid=False), gram_max_features(16e9, grid=True)
+    (23170, 17320)
+    """
+    matrices = GRAM_MATRICES_GRID if grid else GRAM_MATRICES
+    by_memory = int((GPU_MEMORY_FRACTION * free_bytes / (8 * matrices)) ** 0.5)
+    return min(by_memory, int((max_gram_bytes / 8) ** 0.5))
 
 
 @dataclass(frozen=True)
@@ -76,7 +112,8 @@ class LstsqOptions:
         (least ``sum_j w_j^2``), ``"cg"`` the one in standardised units
         (least ``sum_j var_j w_j^2``, as :func:`~coar_dask.solvers.saga.saga`
         at lambda 0): both fit the training rows, they differ on new masks. ``"auto"``: ``"gram"`` when a ``P x P`` float64 matrix
-        fits in ``max_gram_bytes``.
+        fits in ``max_gram_bytes`` and, on CUDA, the Gram method's peak fits
+        the GPU's free memory (:func:`gram_fits_device`).
     rcond
         Eigenvalues below ``rcond`` times the largest are treated as zero.
     cg_tol, cg_max_iter
@@ -208,7 +245,8 @@ def lstsq(
     P = int(train.n_features)
     method = opts.method
     if method == "auto":
-        method = "gram" if P * P * 8 <= opts.max_gram_bytes else "cg"
+        grid = ridge_grid is not None or opts.refit
+        method = "gram" if P * P * 8 <= opts.max_gram_bytes and gram_fits_device(P, dev, grid=grid) else "cg"
     if method == "cg" and opts.refit and ridge_grid is None:
         ridge_grid = [float(opts.ridge)]  # one candidate: the grid path does the refit
     logger.info("lstsq (%s) on %d rows x %d features -> %d targets, device %s",
@@ -343,7 +381,7 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
         vm = stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)",
                              precise=True, shift=tm.shift)
     mx, my = tm.means()
-    cxx, cxy = tm.centred()
+    cxx, cxy = tm.centred(inplace=not refit)  # the refit adds tm's raw sums to vm's
     info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
     if ridge_grid is None:
         lam = torch.full((K,), ridge, dtype=torch.float64, device=dev)
@@ -442,14 +480,20 @@ class _NormalOperator:
         import torch
 
         acc = torch.zeros_like(V)
+        with full_precision():
+            self._products(acc, V)
+        self.passes += 1
+        return acc + lam * V
+
+    def _products(self, acc, V) -> None:
+        import torch
+
         for x, _ in iter_batches(self.source, self.rows, reuse=True):
             dt = compute_dtype(x)
             tdt = torch.float64 if dt == np.float64 else torch.float32
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dt)).to(self.dev)
             xt = xt - self.mx.to(tdt)
             acc += (xt.T @ (xt @ V.to(tdt))).double()
-        self.passes += 1
-        return acc + lam * V
 
 
 #: A target's conjugate gradients stop when its residual has grown this many times above its best,

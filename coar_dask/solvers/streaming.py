@@ -18,6 +18,7 @@ from coar_dask.errors import RegressionError
 from coar_dask.solvers.base import ProgressFn, RowSource, SolverResult, report
 
 __all__ = [
+    "full_precision",
     "BATCH_BYTES",
     "PREFETCH_DEPTH",
     "batch_rows_for",
@@ -204,6 +205,32 @@ class ConcatRows:
 
 
 
+class full_precision:
+    """Float32 matmuls at full precision inside, whatever the user set (restored on exit).
+
+    With TF32 matmuls enabled (``torch.backends.cuda.matmul.allow_tf32`` or
+    ``torch.set_float32_matmul_precision("high")``), a float32 product on an
+    Ampere/Hopper GPU rounds its inputs to 10-bit mantissas: ``X^T Y'`` of
+    shifted outputs would lose three decimal digits. Masks are 0/1 and the
+    shifted outputs small, so full float32 products are exact enough.
+    Process-wide settings: the solvers run one per worker process.
+    """
+
+    def __enter__(self) -> "full_precision":
+        import torch
+
+        self._saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        torch.set_float32_matmul_precision(self._saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = self._saved[1]
+
+
 def compute_dtype(x: np.ndarray) -> np.dtype:
     # Masks are 0/1, so float32 products of a batch are exact counts; float64
     # input is kept float64 (and accumulations are float64 either way).
@@ -266,6 +293,15 @@ class Moments:
         self._buffers: dict[Any, Any] = {}
 
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        with full_precision():  # TF32 would round y' to 10 bits in X^T Y'
+            self._update(x, y)
+
+    def release(self) -> None:
+        """Free the per-batch scratch buffers (a float32 ``P x P`` among them) once the rows are summed."""
+        self._buffers.clear()
+        self._ybuf = None
+
+    def _update(self, x: np.ndarray, y: np.ndarray) -> None:
         import torch
 
         dt = np.dtype(np.float64) if self.precise else compute_dtype(x)
@@ -372,13 +408,20 @@ class Moments:
         my = self.shifted_mean_y()
         return torch.clamp(self.syy - self.n * my * my, min=0)
 
-    def centred(self):
-        """Centred Gram ``sum (x - mx)(x - mx)^T`` and cross moments ``sum (x - mx)(y - my)^T``."""
+    def centred(self, inplace: bool = False):
+        """Centred Gram ``sum (x - mx)(x - mx)^T`` and cross moments ``sum (x - mx)(y - my)^T``.
+
+        ``inplace=True`` centres in the sums' own memory (on CUDA, no second
+        ``P x P`` matrix) and leaves these moments without their products
+        (``xx`` and ``xy`` become ``None``): for a caller that needs them no more.
+        """
         mx, my = self.sx / self.n, self.shifted_mean_y()
-        cxx = self.full_gram()
+        cxx = self.xx if inplace and self.dev.type != "cpu" else self.full_gram()
         cxx.addr_(mx, mx, alpha=-self.n)
-        cxy = self.xy.clone()
+        cxy = self.xy if inplace else self.xy.clone()
         cxy.addr_(mx, my, alpha=-self.n)
+        if inplace:
+            self.xx = self.xy = None
         return cxx, cxy
 
 
@@ -394,6 +437,7 @@ def stream_moments(
     for x, y in iter_batches(source, rows, reuse=True):
         m.update(x, y)
         report(progress, stage, m.n, total, f"{m.n}/{total} rows")
+    m.release()
     if m.n == 0:
         raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
     return m
