@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from coar_dask.cli.common import build_with_progress, echo
 
-__all__ = ["run_demo", "add_demo_parser", "cmd_demo"]
+__all__ = ["run_demo", "run_edit_demo", "add_demo_parser", "cmd_demo"]
 
 #: Mask seed of the held-out evaluation masks (the build uses the experiment's, 0).
 EVAL_MASK_SEED = 1
@@ -144,11 +144,86 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_table(summary, echo)
     echo(f"plot: {plot}\nsummary: {out / 'summary.json'}")
+    _compare(out, store, eval_store, experiment, echo)
+    return summary
+
+
+def _compare(out: Path, store: Any, eval_store: Any, experiment: Any, echo: Echo) -> dict[str, Any]:
+    """COAR, leave-one-out and gradient x parameter on the held-out store: ``out/compare.json`` and a plot."""
+    from coar_dask.fit.compare import compare, plot_comparison
+
+    echo("[+] baselines: leave-one-out and gradient x parameter on the same held-out masks")
+    comparison = compare(store, [eval_store], experiment=experiment, loo_store=out / "loo_store")
+    result = comparison.to_dict()
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    plot = plot_comparison(comparison, out / "compare.png", title="COAR vs baselines on digits")
+    echo(comparison.table())
+    echo(f"compare: {out / 'compare.json'}, plot: {plot}")
+    return result
+
+
+#: The editing example's sweep: k = 1, 5, 10, ..., 150 components of the wide model's 1,568.
+EDIT_KS = (1, *range(5, 151, 5))
+
+
+def _edit_cases(experiment: Any, n_targets: int, n_reference: int) -> list[Any]:
+    """``n_targets`` correctly classified held-out examples (seeded), each with its own random references."""
+    import numpy as np
+
+    from coar_dask.fit.edit import EditCase, base_predictions, parse_reference
+
+    correct, _ = base_predictions(experiment)
+    targets = np.random.default_rng(0).choice(np.flatnonzero(correct), size=n_targets, replace=False)
+    return [EditCase([int(t)], parse_reference(f"random:{n_reference}", correct.size, [int(t)], seed=int(t)))
+            for t in targets]
+
+
+def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2, n_targets: int = 20,
+                  n_reference: int = 50, cache_dir: str | os.PathLike | None = None,
+                  echo: Echo = print) -> dict[str, Any]:
+    """The editing example on the wide model: train/load, build, fit, COAR-Edit each of ``n_targets``
+    held-out examples (lowering it until it flips) against the random and target-only controls;
+    writes ``out/edit.json`` (:meth:`~coar_dask.fit.edit.EditSweep.summary`) and ``out/edit.png``."""
+    from coar_dask.cli.edit import format_sweep
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.edit import plot_edit, sweep_edit
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.fit.fit import fit
+    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.zoo import wide
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cache_dir:
+        os.environ["COAR_DASK_CACHE"] = str(Path(cache_dir).resolve())
+    t0 = time.perf_counter()
+    echo(f"[1/4] wide digits model (cache: {wide.default_cache_dir()})")
+    echo(f"      held-out accuracy {wide.heldout_accuracy(wide.load_model()):.4f}")
+    experiment = wide.experiment()
+    state = load_state(experiment)
+    store = eval_store_for(out / "edit_store", experiment, rows, state.n_components, state.n_examples)
+    cases = _edit_cases(experiment, n_targets, n_reference)
+    with cluster_client("local", n_workers=workers) as client:
+        echo(f"[2/4] building {rows} ablated models of {state.n_components} components; dashboard "
+             f"{client.dashboard_link}")
+        build_with_progress(store, experiment, client, "build")
+        echo("[3/4] fitting attributions (exact least squares)")
+        attributions = fit(store)
+        attributions.save(out / "edit_attributions.pt")
+        echo(f"[4/4] COAR-Edit of {len(cases)} targets, k in {EDIT_KS[0]}..{EDIT_KS[-1]} (each k a Dask task)")
+        sweep = sweep_edit(experiment, attributions, cases, EDIT_KS, direction="lower", client=client)
+    summary = sweep.summary()
+    (out / "edit.json").write_text(json.dumps(summary, indent=2))
+    plot = plot_edit(sweep, out / "edit.png", title="COAR-Edit on the wide digits model")
+    echo(format_sweep(sweep))
+    echo(f"edit: {out / 'edit.json'}, plot: {plot} ({time.perf_counter() - t0:.1f} s)")
     return summary
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Handler of ``coar-dask demo``."""
+    if args.edit:
+        return 0 if run_edit_demo(out=args.out, workers=args.workers, cache_dir=args.cache_dir, echo=echo) else 1
     summary = run_demo(out=args.out, rows=args.rows, eval_rows=args.eval_rows, workers=args.workers,
                        cache_dir=args.cache_dir, alpha=args.alpha, echo=echo)
     return 0 if summary else 1
@@ -160,7 +235,9 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description="Train (or load from the cache) a small ResNet on scikit-learn's "
                                           "digits, build ablated models on a LocalCluster, fit attributions, "
                                           "evaluate them on fresh masks; writes a table, a plot and "
-                                          "summary.json to --out.")
+                                          "summary.json to --out, and compare.json (COAR against leave-one-out and "
+                                          "gradient x parameter on the same held-out masks). With --edit: the "
+                                          "editing example (edit.json).")
     p.add_argument("--out", required=True, help="output directory (stores, attributions, plot, summary.json)")
     p.add_argument("--rows", type=int, default=2000, help="ablated models to build (default 2000)")
     p.add_argument("--eval-rows", type=int, default=500, help="held-out masks to evaluate on (default 500)")
@@ -168,5 +245,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="fraction of components ablated (default 0.05)")
     p.add_argument("--cache-dir", default=None, help="where the trained model is cached "
                                                      "(default $COAR_DASK_CACHE or ~/.cache/coar_dask)")
+    p.add_argument("--edit", action="store_true",
+                   help="run the editing example instead: COAR-Edit on a 1,568-component wide CNN (20 targets, "
+                        "random and target-only controls); writes edit.json and edit.png to --out")
     p.set_defaults(func=cmd_demo)
     return p
