@@ -26,6 +26,7 @@ interleaved, and the best round is kept (the machine may be shared).
     python benchmarks/build_throughput.py                          # digits, table
     python benchmarks/build_throughput.py --model cifar_resnet18   # CIFAR-sized ResNet-18, random 32x32 inputs
     python benchmarks/build_throughput.py --json                   # one JSON object
+    python benchmarks/build_throughput.py --device cuda --workers 1   # on the GPU (benchmarks/gpu_check.sh)
     python benchmarks/build_throughput.py --malloc dask            # workers with Dask's malloc default
 
 ``--malloc``: ``package`` (default: the ``MALLOC_*`` of ``WORKER_ENV``), ``dask``
@@ -324,7 +325,8 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
     import dask
 
     profile = {} if worker_profile == "default" else {"distributed.worker.profile.enabled": worker_profile == "on"}
-    with dask.config.set(profile), cluster_env(malloc), cluster_client("local", n_workers=workers) as client, \
+    where = {"gpus": "auto"} if str(experiment.device).startswith("cuda") else {"n_workers": workers}  # one per GPU
+    with dask.config.set(profile), cluster_env(malloc), cluster_client("local", **where) as client, \
             tempfile.TemporaryDirectory(prefix="coar-bench-") as tmp:
         client.run(warm_up, experiment)
         worker_env = client.run(lambda: {k: os.environ.get(k) for k in _MALLOC_KEYS if os.environ.get(k)})
@@ -382,7 +384,8 @@ def _cpu_ms(rec: dict[str, float]) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ms = [int(m) for m in args.ms.split(",") if m]
     methods = _methods(ms)
-    experiment = make_experiment(args.model, args.examples, args.batch_size)
+    experiment = make_experiment(args.model, args.examples, args.batch_size).replace(device=args.device,
+                                                                                       amp=args.amp)
     malloc = malloc_env(args.malloc)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -397,6 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_components": inproc["n_components"],
         "n_examples": inproc["n_examples"],
         "batch_size": experiment.batch_size,
+        "device": experiment.device,
+        "amp": experiment.amp,
         "alpha": experiment.alpha,
         "workers": args.workers,
         "masks_per_process": args.masks,
@@ -495,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", default="package", help="package (default), dask, glibc or NAME=VALUE,...")
     p.add_argument("--worker-profile", choices=["default", "on", "off"], default="default",
                    help="Dask's statistical profiler in the build's workers (default: as configured)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: (a)-(d) on the GPU (use --workers 1), "
+                                                    "(e) on one local worker per GPU")
+    p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     small = args.model == "digits"

@@ -249,3 +249,10 @@ def test_gram_choice_on_this_gpu_follows_its_free_memory():
     free, _total = torch.cuda.mem_get_info()
     assert gram_fits_device(1000, torch.device("cuda"), grid=False)
     assert not gram_fits_device(int((free / 8) ** 0.5) + 1, torch.device("cuda"), grid=False)
+
+
+def test_gpu_check_script_parses_and_runs_the_gpu_tests_and_the_cuda_benchmark():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "make venv" in text and "-m gpu" in text and "--device cuda" in text and "$OUT" in text
