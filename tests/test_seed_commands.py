@@ -235,7 +235,7 @@ def test_subcommand_parsers_register(tmp_path):
 # With FFCV
 # --------------------------------------------------------------------------
 @pytest.mark.ffcv
-def test_write_dataset_command(tmp_path, spec_file, capsys):
+def test_write_dataset_command(tmp_path, spec_file, capsys, caplog):
     pytest.importorskip("ffcv")
     from coar_dask.formats.beton import BetonRows
 
@@ -247,7 +247,10 @@ def test_write_dataset_command(tmp_path, spec_file, capsys):
     assert write_dataset.main(base) == 0
     assert "wrote 60 rows" in capsys.readouterr().out
     assert BetonRows(out).n_rows == 60
-    assert write_dataset.main(base + ["--cfg.ignore_completed", "--cfg.y_slice", "2"]) == 0
+    assert write_dataset.main(base + ["--cfg.ignore_completed", "--cfg.y_slice", "2"]) == 2  # it exists
+    assert "--overwrite" in capsys.readouterr().err and BetonRows(out).n_rows == 60
+    assert write_dataset.main(base + ["--cfg.ignore_completed", "--cfg.y_slice", "2", "--overwrite"]) == 0
+    assert any(f"{N - 60} of {N} rows written were never completed" in r.getMessage() for r in caplog.records)
     src = BetonRows(out)
     assert (src.n_rows, src.n_targets) == (N, 1)
     ys = np.concatenate([y for _, y in src.blocks()])

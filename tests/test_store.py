@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coar_dask.errors import StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.errors import SpecError, StoreError, StoreMismatchError, StoreNotFoundError
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import COMPLETED, default_rows_per_chunk, init_store, open_store
 
@@ -186,5 +186,6 @@ def test_relative_paths_become_absolute_and_digests_are_on_by_default(tmp_path, 
     store = init_store("rel", {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [3]}}})
     assert store.path == tmp_path / "rel" and open_store("rel").path == tmp_path / "rel"
     assert store.has_digests and store.status()["block_digests"]
-    with pytest.raises(StoreError, match="reserved"):
+    with pytest.raises(SpecError, match="reserved"):  # the spec refuses it (core.spec.RESERVED_NAMES)
         init_store("bad", {"num_models": 1, "schema": {"_digests": {"dtype": "bool_", "shape": [1]}}})
+    assert not (tmp_path / "bad").exists()

@@ -38,6 +38,7 @@ from coar_dask.cli.top import add_top_parser
 from coar_dask.cli.verify import add_verify_parser
 from coar_dask.cli.write_dataset import add_export_beton_parser
 from coar_dask.compat.seed import choose_solver
+from coar_dask.core.output_paths import check_output_path
 from coar_dask.errors import ConfigError
 from coar_dask.solvers.registry import REGISTRY
 from coar_dask.solvers.streaming import correlation_summary
@@ -143,6 +144,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.solver == "auto":
         args.solver = _auto_solver(args)
     options = solver_options_from_args(args)
+    out = Path(args.out)
+    if out.is_dir():  # the seed's cfg.out_dir is a directory holding datamodels.pt
+        out = out / "datamodels.pt"
+    check_output_path(out, args.overwrite)  # refused before fitting, not after
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -162,10 +167,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                         device=args.device, progress=progress, client=client, **options)
         finally:
             bar.close()
-    out = Path(args.out)
-    if out.is_dir():  # the seed's cfg.out_dir is a directory holding datamodels.pt
-        out = out / "datamodels.pt"
-    path = attrs.save(out)
+    path = attrs.save(out, overwrite=args.overwrite)
     echo(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples with {attrs.metadata['solver']} "
          f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
     corr = attrs.metadata.get("val_correlation")
@@ -177,7 +179,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from coar_dask.fit.evaluate import evaluate, plot_evaluation
+    from coar_dask.fit.evaluate import evaluate, plot_evaluation, plot_path
 
     store = args.store
     if args.experiment or args.rows:
@@ -187,15 +189,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           "experiment of the attributions, or --experiment EXP.yaml).")
     else:
         _finish_eval_store(store, args)
+    if args.plot:
+        check_output_path(plot_path(args.plot), args.overwrite)  # refused before any build or read
     result = evaluate(args.attributions, store)
     summary = result.summary()
     if args.plot:
-        plot_evaluation(result, args.plot)
-        summary["plot"] = str(args.plot)
+        args.plot = str(plot_evaluation(result, args.plot, overwrite=args.overwrite))
+        summary["plot"] = args.plot
     if args.json:
         echo(json.dumps(summary, indent=2))
     else:
-        echo(f"held-out correlation over {result.n_rows} masks (alpha {result.alpha}): {result.describe()}")
+        echo(f"{result.heading()} (alpha {result.alpha}): {result.describe()}")
         if args.plot:
             echo(f"plot: {args.plot}")
     return 0
@@ -239,11 +243,12 @@ def _finish_eval_store(store: str, args: argparse.Namespace) -> None:
 def _build_eval_store(args: argparse.Namespace) -> Any:
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.core.experiment import load_state
+    from coar_dask.runtime.gpu import client_experiment
 
     if not args.store or not args.rows:
         raise ConfigError("evaluate --experiment needs --store DIR (the evaluation store) and --rows N.")
     exp = _eval_experiment(args)
-    state = load_state(exp)
+    state = load_state(client_experiment(exp))  # counts only: the client never touches a GPU
     store = eval_store_for(args.store, exp, args.rows, state.n_components, state.n_examples)
     with client_for(args) as client:
         build_with_progress(store, exp, client, "evaluation build")
@@ -279,6 +284,7 @@ def _status_arguments(p: argparse.ArgumentParser) -> None:
 def _fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", "--data.data_path", dest="store", required=True, help="store directory")
     p.add_argument("--out", "--cfg.out_dir", dest="out", required=True, help="output .pt file (an existing directory gets DIR/datamodels.pt, as the seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--x-name", "--cfg.x_name", dest="x_name", default=None, help="mask array (default: the bool one)")
     p.add_argument("--y-name", "--cfg.y_name", dest="y_name", default=None, help="output array (default: the other one)")
     add_row_arguments(p)
@@ -300,7 +306,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, help="rows of the evaluation store to build (creates it)")
     p.add_argument("--mask-seed", type=int, default=None, help="mask seed of the evaluation masks")
     p.add_argument("--alpha", type=float, default=None, help="alpha of the evaluation masks")
-    p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--plot", help="write a PNG plot here (.png is added to a name without a suffix)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_cluster_arguments(p)
 

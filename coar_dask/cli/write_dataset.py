@@ -48,6 +48,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    action="store_true", default=None, help="write every row, completed or not")
     p.add_argument("--num-workers", type=int, default=None, help="writer processes (default: all cores)")
     p.add_argument("--page-size", type=int, default=None, help="FFCV page size in bytes (power of two >= 2 MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .beton at the output path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         completed_name=s["completed_name"] or "_completed",
         num_workers=args.num_workers,
         page_size=args.page_size,
+        overwrite=args.overwrite,
     )
     dt = time.perf_counter() - t0
     print(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coar_dask.compat.seed import SeedRegressionConfig, solver_for
+from coar_dask.core.output_paths import check_output_path
 from coar_dask.core.store import open_store
 from coar_dask.errors import ConfigError
 from coar_dask.fit.attributions import Attributions
@@ -107,10 +108,7 @@ def run_regression(
     cfg.require("data.data_path", "cfg.out_dir")
     solver, options = solver_for(cfg, solver)
     out = Path(cfg.out_dir) / OUT_FILE
-    if out.exists() and not overwrite:
-        raise ConfigError(
-            f"{str(out)!r} exists; choose another --cfg.out_dir or pass --overwrite."
-        )
+    check_output_path(out, overwrite)  # before fitting: a refused output costs nothing
     train, val = open_rows(cfg, x_name=x_name, y_name=y_name)
     logger.info("fitting %s on %d + %d rows x %d components -> %d targets", solver, train.n_rows,
                 0 if val is None else val.n_rows, train.n_features, train.n_targets)
@@ -125,5 +123,5 @@ def run_regression(
     }
     meta = {k: v for k, v in meta.items() if v is not None}
     attrs = fit_sources(train, val, solver=solver, device=device, metadata=meta, **options)
-    attrs.save(out)
+    out = attrs.save(out, overwrite=overwrite)
     return attrs, out

@@ -23,10 +23,18 @@ import numpy as np
 
 from coar_dask.errors import SpecError
 
-__all__ = ["ArraySpec", "Spec", "load_spec", "RESERVED_NAMES"]
+__all__ = ["ArraySpec", "Spec", "load_spec", "RESERVED_NAMES", "STORE_DTYPES", "MAX_NUM_MODELS"]
 
-#: Names a schema may not use: the store keeps its own arrays under them.
-RESERVED_NAMES = frozenset({"_completed"})
+#: Names a schema may not use: the store keeps its own arrays and files under them.
+RESERVED_NAMES = frozenset({"_completed", "_digests", "zarr.json", "coar_dask.claim.json"})
+#: The numpy dtypes a store holds (zarr v3's bool, integer and float types).
+STORE_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                          "float16", "float32", "float64"})
+#: Most rows a store holds: its completion flags (one byte a row) are read whole, and a build
+#: plans one task per block; the paper's stores have 50,000-200,000 rows.
+MAX_NUM_MODELS = 100_000_000
+#: Longest array name: it becomes a folder name (255 bytes on most filesystems).
+_MAX_NAME_BYTES = 200
 
 _HOW_TO = (
     'A spec looks like {"num_models": 1000, "schema": {"masks": {"dtype": "bool_", '
@@ -51,7 +59,31 @@ def _parse_dtype(name: str, value: Any) -> str:
             f"integer or float type. Use a numpy attribute name such as 'bool_', "
             f"'float16', 'float32' or 'int64'."
         )
+    if dtype.name not in STORE_DTYPES:
+        raise SpecError(
+            f"schema['{name}']['dtype'] is {value!r} ({dtype.name}), which a zarr store cannot hold; "
+            f"use one of {sorted(STORE_DTYPES)} (e.g. 'float64' for {value!r})."
+        )
     return value
+
+
+def _check_name(name: Any) -> None:
+    """An array name becomes a folder of the store: refuse names that are not a plain folder name."""
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"schema names must be non-empty strings; found {name!r}.")
+    if name in RESERVED_NAMES:
+        raise SpecError(
+            f"schema name {name!r} is reserved for the store's own arrays and files "
+            f"({sorted(RESERVED_NAMES)}); rename that array."
+        )
+    bad = [c for c in ("/", "\\", "\0") if c in name]
+    if bad or name in (".", "..") or name.strip() != name or not name.isprintable() \
+            or len(name.encode()) > _MAX_NAME_BYTES or name.startswith("."):
+        raise SpecError(
+            f"schema name {name!r} cannot name a folder of the store (no '/', '\\', NUL or other control "
+            f"characters, not '.' or '..', no leading dot or surrounding spaces, at most {_MAX_NAME_BYTES} "
+            f"bytes); use letters, digits, '_' and '-', e.g. 'val_margins'."
+        )
 
 
 def _parse_shape(name: str, value: Any) -> tuple[int, ...]:
@@ -82,22 +114,14 @@ class ArraySpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise SpecError(f"schema names must be non-empty strings; found {self.name!r}.")
-        if self.name in RESERVED_NAMES:
-            raise SpecError(
-                f"schema name '{self.name}' is reserved for the store's completion "
-                f"flags; rename that array."
-            )
-        if "/" in self.name:
-            raise SpecError(f"schema name {self.name!r} may not contain '/'.")
+        _check_name(self.name)
         object.__setattr__(self, "dtype", _parse_dtype(self.name, self.dtype))
         object.__setattr__(self, "shape", _parse_shape(self.name, self.shape))
 
     @property
     def np_dtype(self) -> np.dtype:
-        """The numpy dtype of the array."""
-        return np.dtype(getattr(np, self.dtype))
+        """The numpy dtype of the array (canonical: ``np.longlong`` is ``int64``)."""
+        return np.dtype(np.dtype(getattr(np, self.dtype)).name)
 
     @property
     def row_nbytes(self) -> int:
@@ -124,6 +148,11 @@ class Spec:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise SpecError(
                 f"'num_models' must be a positive integer (the number of rows); found {n!r}."
+            )
+        if n > MAX_NUM_MODELS:
+            raise SpecError(
+                f"'num_models' is {n:,}, more rows than a store holds (at most {MAX_NUM_MODELS:,}: its "
+                f"completion flags are read whole); split the rows over several stores."
             )
         if not self.schema:
             raise SpecError(f"'schema' must name at least one array. {_HOW_TO}")
@@ -152,7 +181,7 @@ class Spec:
         for name, entry in schema.items():
             if name in RESERVED_NAMES:
                 raise SpecError(
-                    f"schema name '{name}' is reserved for the store's completion flags; "
+                    f"schema name {name!r} is reserved for the store's own arrays and files; "
                     f"remove it from the spec (the store adds it itself)."
                 )
             if not isinstance(entry, Mapping) or set(entry) != {"dtype", "shape"}:

@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import time
 import uuid
@@ -48,7 +49,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from coar_dask._version import FORMAT_VERSION, __version__
-from coar_dask.errors import CorruptBlockError, StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.errors import CoarError, CorruptBlockError, StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.core.output_paths import os_error_message
 from coar_dask.core.spec import Spec, load_spec
 
 __all__ = [
@@ -272,12 +274,14 @@ class Store:
         coords = (int(index),) + (0,) * (len(arr.shape) - 1)
         return self.path / name / arr.metadata.encode_chunk_key(coords)
 
-    def write_block(self, index: int, data: Mapping[str, np.ndarray]) -> None:
+    def write_block(self, index: int, data: Mapping[str, np.ndarray], completed: np.ndarray | None = None) -> None:
         """Write every schema array of block ``index``, then mark it completed.
 
         The completion flags are written last, and only once the block's data
         chunks are on disk (fsync'ed), so a block interrupted half way -- by a
         crash or a power loss -- is still pending and will be recomputed whole.
+        ``completed``: the block's rows' flags when not all are done (an
+        import of a partly built store); default every row.
         """
         block = self.block(index)
         missing = set(self.spec.names) - set(data)
@@ -304,9 +308,10 @@ class Store:
                 for name, values in written.items()  # the codecs are lossless: readers decode these bytes
             ])
             _fsync([self.chunk_path(DIGESTS, index, array=digests)])
-        completed = self._group[COMPLETED]
-        completed[block.start : block.stop] = True
-        _fsync([self.chunk_path(COMPLETED, index, array=completed)])
+        flags = True if completed is None else np.asarray(completed, dtype=bool).reshape(len(block))
+        done = self._group[COMPLETED]
+        done[block.start : block.stop] = flags
+        _fsync([self.chunk_path(COMPLETED, index, array=done)])
 
     # -- integrity --------------------------------------------------------
     def _digests(self) -> Any:
@@ -541,14 +546,23 @@ def _is_store_dir(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
+def _not_ours(path: Path) -> StoreError:
+    """A zarr group without coar_dask's record: an init of ours cut short, or another tool's data."""
+    if (path / COMPLETED / "zarr.json").is_file() and len(list(path.iterdir())) <= 5:
+        return StoreError(
+            f"{str(path)!r} holds a coar_dask store whose init was interrupted (its arrays exist, its record "
+            f"does not); it holds no data yet: remove that folder and run `coar-dask init` again."
+        )
+    return StoreError(
+        f"{str(path)!r} is a zarr group but not a coar_dask store (it has no '{_ATTR}' record): another "
+        f"tool's data, left as it is. Give coar-dask the path of one of its stores, or a new path for `init`."
+    )
+
+
 def _read_meta(path: Path, group: Any) -> dict[str, Any]:
     meta = group.attrs.asdict().get(_ATTR)
     if not isinstance(meta, Mapping) or "spec" not in meta:
-        raise StoreError(
-            f"{str(path)!r} is a zarr group but not a coar_dask store (no '{_ATTR}' "
-            f"attributes; an init may have been interrupted). Remove it and run "
-            f"`coar-dask init` again."
-        )
+        raise _not_ours(path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StoreError(
             f"store {str(path)!r} has format version {meta['format_version']}, newer than "
@@ -557,13 +571,49 @@ def _read_meta(path: Path, group: Any) -> dict[str, Any]:
     return dict(meta)
 
 
-def open_store(path: str | os.PathLike, *, read_only: bool = False) -> Store:
+def _damaged_metadata(path: Path, exc: Exception, file: str = "zarr.json") -> StoreError:
+    return StoreError(
+        f"the metadata of store {str(path)!r} cannot be read ({file}: {type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}); it is damaged or was edited. Restore "
+        f"it from a backup; `coar-dask verify {path}` lists what else is wrong."
+    )
+
+
+def _check_layout(store: "Store") -> None:
+    """Refuse a store whose arrays disagree with its record (damaged or edited metadata)."""
+    n, rpc = store.num_rows, store.rows_per_chunk
+    wanted = {a.name: ((n, *a.shape), (rpc, *a.shape), a.np_dtype) for a in store.spec.schema}
+    wanted[COMPLETED] = ((n,), (rpc,), np.dtype(bool))
+    if store.has_digests:
+        wanted[DIGESTS] = ((store.n_blocks, len(store.spec.schema), _DIGEST_SIZE),
+                           (1, len(store.spec.schema), _DIGEST_SIZE), np.dtype(np.uint8))
+    for name, layout in wanted.items():
+        try:
+            arr = store._group[name]
+            found = (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype))
+        except Exception as exc:  # noqa: BLE001 - zarr raises various errors on damaged metadata
+            raise _damaged_metadata(store.path, exc, f"{name}/zarr.json") from None
+        if found != layout:
+            raise StoreError(
+                f"store {str(store.path)!r} records {n} rows in blocks of {rpc}, but its array {name!r} has "
+                f"shape {found[0]} and chunks {found[1]} ({found[2]}): its record was edited or damaged. "
+                f"Restore its zarr.json from a backup; `coar-dask verify {store.path}` lists the differences."
+            )
+
+
+def open_store(path: str | os.PathLike, *, read_only: bool = False, check_arrays: bool = True) -> Store:
     """Open an existing store.
+
+    ``check_arrays`` (default): refuse a store whose arrays' metadata cannot
+    be read or disagrees with its record (``coar-dask verify`` opens without
+    it, to report every difference).
 
     Raises
     ------
     StoreNotFoundError
         When ``path`` holds no store.
+    StoreError
+        When its metadata is damaged, or it is another tool's zarr group.
     """
     path = Path(os.path.abspath(path))
     if path.is_file():
@@ -573,8 +623,17 @@ def open_store(path: str | os.PathLike, *, read_only: bool = False) -> Store:
             f"no coar_dask store at {str(path)!r}; create one with `coar-dask init "
             f"--spec SPEC.json --store {path}` or coar_dask.init_store()."
         )
-    group = _open_group(path, "r" if read_only else "r+")
-    return Store(path, group, _read_meta(path, group))
+    try:
+        group = _open_group(path, "r" if read_only else "r+")
+        meta = _read_meta(path, group)
+        store = Store(path, group, meta)
+    except CoarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr/json raise various errors on damaged metadata
+        raise _damaged_metadata(path, exc) from None
+    if check_arrays:
+        _check_layout(store)
+    return store
 
 
 def _check_same(path: Path, meta: Mapping[str, Any], key: str, wanted: Any, flag: str) -> None:
@@ -593,7 +652,7 @@ def init_store(
     mask_seed: int | None = None,
     alpha: float | None = None,
     extra_meta: Mapping[str, Any] | None = None,
-    digests: bool | None = None,
+    digests: bool = True,
 ) -> Store:
     """Create a store for ``spec`` at ``path`` (lazily: no chunk is written).
 
@@ -614,9 +673,8 @@ def init_store(
         regenerated and verified later.
     digests
         Record a digest of each block as :meth:`Store.write_block` writes it,
-        and check it on every read (default). ``None`` means yes, except for
-        a store that ``extra_meta`` marks ``imported_from`` another layout:
-        the import writes its rows without :meth:`Store.write_block`.
+        and check it on every read (default; imported stores too, whose
+        blocks are written by :meth:`Store.write_block`).
 
     Examples
     --------
@@ -630,9 +688,7 @@ def init_store(
     (2000, 100)
     """
     path = Path(os.path.abspath(path))
-    spec = load_spec(spec)
-    if DIGESTS in spec.names:
-        raise StoreError(f"the array name {DIGESTS!r} is reserved for the block digests; rename the array.")
+    spec = load_spec(spec)  # refuses the store's own names (core.spec.RESERVED_NAMES)
     if rows_per_chunk is not None:
         if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk <= 0:
             raise StoreError(f"rows_per_chunk must be a positive integer; found {rows_per_chunk!r}.")
@@ -661,10 +717,20 @@ def init_store(
         )
     rpc = rows_per_chunk or default_rows_per_chunk(spec)
     rpc = min(rpc, spec.num_models)
-    if digests is None:
-        digests = "imported_from" not in dict(extra_meta or {})
     group = _create_arrays(path, spec, rpc, bool(digests))
-    meta = {
+    meta = _new_meta(spec, rpc, mask_seed, alpha, bool(digests), extra_meta)
+    try:  # written last: a store without it is recognisably an interrupted init
+        group.attrs[_ATTR] = meta
+    except OSError as exc:
+        _remove_new_store(path)
+        raise StoreError(os_error_message(exc, path, "creating")) from None
+    logger.info("initialized store %s: %d rows in %d-row blocks", path, spec.num_models, rpc)
+    return Store(path, group, meta)
+
+
+def _new_meta(spec: Spec, rpc: int, mask_seed: int | None, alpha: float | None, digests: bool,
+              extra_meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "spec": spec.to_dict(),
@@ -677,17 +743,37 @@ def init_store(
         "block_digest": _DIGEST_ALGORITHM if digests else None,
         **dict(extra_meta or {}),
     }
-    # Written last: a store without it is recognisably an interrupted init.
-    group.attrs[_ATTR] = meta
-    logger.info("initialized store %s: %d rows in %d-row blocks", path, spec.num_models, rpc)
-    return Store(path, group, meta)
+
+
+def _remove_new_store(path: Path) -> None:
+    """Remove what a failed init created in ``path`` (it was empty or absent: nothing else is lost);
+    the folder itself stays, and an empty folder does not block the next init."""
+    for child in path.iterdir() if path.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _create_arrays(path: Path, spec: Spec, rpc: int, digests: bool) -> Any:
     """Create the group and its arrays (no chunk written); return the group."""
     import zarr
 
-    group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
+    try:
+        group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
+    except OSError as exc:
+        raise StoreError(os_error_message(exc, path, "creating")) from None
+    try:
+        _add_arrays(group, spec, rpc, digests)
+    except OSError as exc:  # e.g. a full disk: leave no half-made store to block the next init
+        _remove_new_store(path)
+        raise StoreError(os_error_message(exc, path, "creating")) from None
+    return group
+
+
+def _add_arrays(group: Any, spec: Spec, rpc: int, digests: bool) -> None:
+    import zarr
+
     n = spec.num_models
     # zarr's default zstd, plus its frame checksum: a chunk whose bytes changed on
     # disk then fails to decode instead of decoding into plausible numbers.
@@ -710,4 +796,3 @@ def _create_arrays(path: Path, spec: Spec, rpc: int, digests: bool) -> Any:
         group.create_array(DIGESTS, shape=(n_blocks, len(spec.schema), _DIGEST_SIZE),
                            chunks=(1, len(spec.schema), _DIGEST_SIZE), dtype=np.uint8, fill_value=0,
                            compressors=compressors)
-    return group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store
 from coar_dask.errors import RegressionError, StoreMismatchError
 
@@ -162,16 +164,19 @@ class Attributions:
         """Predicted outputs ``(n, K)`` for masks ``(n, P)``."""
         return np.asarray(masks, dtype=np.float32) @ self.weight + self.bias
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Save as a torch file with keys ``weight``, ``bias``, ``lam``, ``metadata``
         (the seed's keys), loadable with ``torch.load(path, weights_only=True)``
-        (the metadata is stored as plain data: :func:`plain_metadata`)."""
+        (the metadata is stored as plain data: :func:`plain_metadata`).
+
+        Written by :func:`~coar_dask.core.output_paths.write_atomically`: never
+        inside a store's folder nor onto a non-regular file, and an existing
+        file only with ``overwrite`` (the command line's ``--overwrite``).
+        """
         import torch
 
         metadata = plain_metadata(dict(self.metadata))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        buffer = io.BytesIO()  # serialised first: a full disk is then an OSError of the file write
         torch.save(
             {
                 "weight": torch.from_numpy(np.ascontiguousarray(self.weight)),
@@ -179,10 +184,9 @@ class Attributions:
                 "lam": torch.from_numpy(np.ascontiguousarray(self.lam)),
                 "metadata": metadata,
             },
-            tmp,
+            buffer,
         )
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getvalue()), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Attributions":
@@ -208,13 +212,50 @@ class Attributions:
             ) from None
         if not isinstance(data, dict) or not {"weight", "bias"} <= set(data):
             raise RegressionError(f"{str(path)!r} has no 'weight' and 'bias'; is it an attributions file?")
-        weight = data["weight"].float().numpy()
-        lam = data.get("lam")
+        return cls._from_saved(data, str(path))
+
+    @classmethod
+    def _from_saved(cls, data: Mapping[str, Any], where: str) -> "Attributions":
+        """Attributions from a loaded file's dict, refusing malformed contents in one line naming them."""
+        def bad(what: str) -> RegressionError:
+            return RegressionError(f"{where!r} is a malformed attributions file: {what}; refit it with "
+                                   f"`coar-dask fit` (or restore the file).")
+
+        arrays = {}
+        for key, ndim in (("weight", 2), ("bias", 1), ("lam", 1)):
+            value = data.get(key)
+            if value is None and key == "lam":
+                continue
+            if not hasattr(value, "numpy") or not hasattr(value, "dtype"):
+                raise bad(f"{key!r} is a {type(value).__name__}, not a tensor")
+            if value.dtype.is_complex:
+                raise bad(f"{key!r} holds {value.dtype} values, not real numbers")
+            array = value.detach().cpu().double().numpy()
+            if key != "weight":
+                array = array.reshape(-1)
+            if array.ndim != ndim:
+                raise bad(f"{key!r} has shape {tuple(value.shape)}, expected {ndim} dimension(s)")
+            if not np.isfinite(array).all():
+                raise bad(f"{key!r} holds NaN or infinite values")
+            arrays[key] = array.astype(np.float32)
+        k = arrays["weight"].shape[1]
+        for key in ("bias", "lam"):
+            if key in arrays and arrays[key].shape[0] != k:
+                raise bad(f"{key!r} has {arrays[key].shape[0]} values but 'weight' has {k} columns (examples)")
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, Mapping):
+            raise bad(f"'metadata' is a {type(metadata).__name__}, not a mapping")
+        target_slice = metadata.get("target_slice")
+        if target_slice is not None:
+            ok = (isinstance(target_slice, (list, tuple)) and len(target_slice) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in target_slice))
+            if not ok or not 0 <= target_slice[0] or target_slice[1] - target_slice[0] != k:
+                raise bad(f"metadata 'target_slice' is {target_slice!r}, but 'weight' has {k} columns")
         return cls(
-            weight=weight,
-            bias=data["bias"].float().numpy().reshape(-1),
-            lam=np.zeros(weight.shape[1], np.float32) if lam is None else lam.float().numpy().reshape(-1),
-            metadata=dict(data.get("metadata", {})),
+            weight=arrays["weight"],
+            bias=arrays["bias"],
+            lam=arrays.get("lam", np.zeros(k, np.float32)),
+            metadata=dict(metadata),
         )
 
     def check_store(self, store: Store, x_name: str, y_name: str) -> None:

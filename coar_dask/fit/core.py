@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ from coar_dask._version import __version__
 from coar_dask.core.store import Store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
-from coar_dask.fit.rows import ROW_RULES, StoreRows, infer_names, select_rows
+from coar_dask.fit.rows import ROW_RULES, StoreRows, fitted_on, infer_names, select_rows
 from coar_dask.solvers.base import FitProgress, ProgressFn, RowSource
 from coar_dask.solvers.registry import check_solver_options, get_solver
 from coar_dask.solvers.streaming import ConcatRows
@@ -30,6 +31,8 @@ from coar_dask.solvers.streaming import ConcatRows
 __all__ = ["FitSettings", "fit_store", "fit_sources", "PATH_SOLVERS"]
 
 logger = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 #: Solvers that fit a lasso path: they take the validation rows apart (to choose each penalty).
 PATH_SOLVERS = ("saga", "fast_l1")
@@ -75,6 +78,11 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.row_rule not in ROW_RULES:
             raise RegressionError(f"row_rule={self.row_rule!r}: choose one of {list(ROW_RULES)}.")
+        seed = self.split_seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise RegressionError(f"split_seed (--split-seed) must be an integer >= 0; found {seed!r}.")
+        if self.device is not None and not _DEVICE.fullmatch(str(self.device)):
+            raise RegressionError(f"device (--device) must be 'cpu', 'cuda' or 'cuda:N'; found {self.device!r}.")
         check_solver_options(self.solver, dict(self.solver_options))
 
     @classmethod
@@ -140,6 +148,8 @@ def fit_store(store: Store | str, settings: FitSettings, progress: ProgressFn | 
         "target_slice": list(train.target_slice),
         "sign_convention": SIGN_CONVENTION,
         **{k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list, dict))},
+        # the stores and rows fitted on: evaluate tells in-sample figures from held-out ones
+        "fitted_on": {"stores": [fitted_on(store, np.concatenate([train_rows, val_rows]), s.x_name)]},
     }
     return Attributions(result.weight, result.bias, result.lam, metadata)
 

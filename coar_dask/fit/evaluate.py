@@ -17,14 +17,15 @@ from typing import Any
 import numpy as np
 
 from coar_dask.core.experiment import Experiment
+from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import Store, init_store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import Attributions
-from coar_dask.fit.rows import infer_names
+from coar_dask.fit.rows import in_sample_rows, infer_names
 from coar_dask.solvers.streaming import PearsonAccumulator, correlation_summary
 
-__all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "eval_store_for"]
+__all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "plot_path", "eval_store_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,30 @@ class EvaluationResult:
     sample_examples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     sample_predicted: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     sample_actual: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    #: Rows evaluated that the attributions were fitted on (same store, or same mask seed and alpha);
+    #: ``None`` when the attributions do not record their rows (files not written by ``fit``).
+    n_in_sample: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"held-out"``, ``"in-sample"`` (every row was fitted on), ``"partly in-sample"``, or
+        ``"unknown"`` (the attributions do not record what they were fitted on)."""
+        if self.n_in_sample is None:
+            return "unknown"
+        if self.n_in_sample == 0:
+            return "held-out"
+        return "in-sample" if self.n_in_sample >= self.n_rows else "partly in-sample"
+
+    def heading(self) -> str:
+        """What the correlation is, in words: ``"held-out correlation over 100 masks"``, or in-sample."""
+        kind = self.kind
+        if kind == "partly in-sample":
+            return (f"correlation over {self.n_rows} masks, {self.n_in_sample} of them in-sample (fitted on; "
+                    f"evaluate on a store built with another mask seed for a held-out figure)")
+        if kind == "in-sample":
+            return (f"in-sample correlation over {self.n_rows} masks (all fitted on, not held out; evaluate "
+                    f"on a store built with another mask seed for a held-out figure)")
+        return f"{'held-out ' if kind == 'held-out' else ''}correlation over {self.n_rows} masks"
 
     @property
     def mean(self) -> float:
@@ -76,6 +101,8 @@ class EvaluationResult:
             "median_correlation": self.median,
             "n_examples": int(self.correlations.size),
             "n_nan_examples": self.n_nan,
+            "evaluation": self.kind,
+            "n_in_sample_rows": self.n_in_sample,
         }
 
 
@@ -112,7 +139,11 @@ def evaluate(
         Fitted attributions (or a path to a saved file).
     store
         An evaluation store of the same experiment's components and examples,
-        built with another mask seed.
+        built with another mask seed. Rows the attributions were fitted on
+        (the same store, or a store with the same mask seed and alpha, whose
+        rows hold the same masks) are counted in
+        :attr:`EvaluationResult.n_in_sample`, and the result calls itself
+        in-sample (:meth:`EvaluationResult.heading`) rather than held-out.
     """
     if not isinstance(attributions, Attributions):
         attributions = Attributions.load(attributions)
@@ -126,8 +157,9 @@ def evaluate(
     k = attributions.n_examples
     sample = np.sort(rng.choice(k, size=min(n_plot_examples, k), replace=False))
     acc = PearsonAccumulator(k)
-    preds, actuals = [], []
-    for _, data in store.iter_completed([x_name, y_name]):
+    preds, actuals, evaluated = [], [], []
+    for rows, data in store.iter_completed([x_name, y_name]):
+        evaluated.append(rows)
         x = data[x_name].reshape(len(data[x_name]), -1)
         y = data[y_name].reshape(len(data[y_name]), -1)[:, s0:s1].astype(np.float64)
         p = attributions.predict(x).astype(np.float64)
@@ -145,15 +177,26 @@ def evaluate(
         sample_examples=sample,
         sample_predicted=np.concatenate(preds),
         sample_actual=np.concatenate(actuals),
+        n_in_sample=in_sample_rows(attributions.metadata, store, np.concatenate(evaluated), x_name),
     )
 
 
-def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: str = "COAR held-out evaluation") -> Path:
+def plot_path(path: str | os.PathLike) -> Path:
+    """Where :func:`plot_evaluation` writes: ``path``, with ``.png`` added when it has no suffix."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: str = "COAR held-out evaluation",
+                    *, overwrite: bool = True) -> Path:
     """Write a PNG: histogram of per-example correlations, and predicted vs actual
-    outputs for a few examples.
+    outputs for a few examples; returns the path written (:func:`plot_path`).
 
     Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas:
-    pyplot's state and the process's backend are left untouched.
+    pyplot's state and the process's backend are left untouched. Written by
+    :func:`~coar_dask.core.output_paths.write_atomically` (never into a
+    store, never onto a non-regular file; an existing file only with
+    ``overwrite``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -182,7 +225,6 @@ def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: st
         ax.set_ylabel("actual margin")
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    path = plot_path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
+                            overwrite=overwrite)

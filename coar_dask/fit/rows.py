@@ -15,14 +15,17 @@ Two rules, one function each, and :func:`select_rows` picks between them:
 
 from __future__ import annotations
 
-from typing import Iterator
+import base64
+import zlib
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from coar_dask.core.store import Store
 from coar_dask.errors import ConfigError, RegressionError
 
-__all__ = ["StoreRows", "infer_names", "split_rows", "seed_split", "select_rows", "ROW_RULES"]
+__all__ = ["StoreRows", "infer_names", "split_rows", "seed_split", "select_rows", "ROW_RULES", "fitted_on",
+           "in_sample_rows"]
 
 #: The row rules :func:`select_rows` knows.
 ROW_RULES = ("shuffle", "seed")
@@ -180,3 +183,67 @@ def select_rows(rows: np.ndarray, num_train: int | None, num_val: int | None, se
         train, val = seed_split(rows.size, num_train, num_val)
         return rows[train], rows[val]
     raise RegressionError(f"row rule {rule!r}: choose one of {list(ROW_RULES)}.")
+
+
+def _pack_rows(rows: np.ndarray, num_rows: int) -> str:
+    """Row indices as a compressed bitmap in base64 text (plain data for an attributions file)."""
+    bits = np.zeros(num_rows, dtype=bool)
+    bits[rows] = True
+    return base64.b64encode(zlib.compress(np.packbits(bits).tobytes(), 9)).decode("ascii")
+
+
+def _unpack_rows(text: str, num_rows: int) -> np.ndarray:
+    packed = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.flatnonzero(np.unpackbits(packed, count=num_rows))
+
+
+def fitted_on(store: Store, rows: np.ndarray, x_name: str) -> dict[str, Any]:
+    """What attributions record about the rows they were fitted on (train and validation rows alike).
+
+    The store's path and ``store_id``, its mask seed and alpha (row ``i``'s
+    mask is a function of them: another store with the same ones holds the
+    same masks) and the rows themselves (a compressed bitmap), so that
+    :func:`in_sample_rows` can tell an in-sample evaluation from a held-out one.
+    """
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    return {
+        "store": str(store.path),
+        "store_id": store.store_id,
+        "mask_seed": store.mask_seed,
+        "alpha": store.alpha,
+        "n_components": int(np.prod(store.spec[x_name].shape)),
+        "num_rows": int(store.num_rows),
+        "n_rows": int(rows.size),
+        "rows": _pack_rows(rows, store.num_rows),
+    }
+
+
+def _same_masks(record: Mapping[str, Any], store: Store, x_name: str) -> bool:
+    """Whether ``store``'s row ``i`` holds the same mask as row ``i`` of the recorded store."""
+    if record.get("store_id") and record.get("store_id") == store.store_id:
+        return True
+    if record.get("store") == str(store.path) and not record.get("store_id"):
+        return True
+    return (record.get("mask_seed") is not None and record.get("mask_seed") == store.mask_seed
+            and record.get("alpha") == store.alpha
+            and record.get("n_components") == int(np.prod(store.spec[x_name].shape)))
+
+
+def in_sample_rows(metadata: Mapping[str, Any], store: Store, rows: np.ndarray, x_name: str) -> int | None:
+    """How many of ``rows`` of ``store`` the attributions were fitted on (same store, or the same
+    masks: same mask seed and alpha); ``None`` when the attributions do not record their rows."""
+    records = (metadata.get("fitted_on") or {}).get("stores") if isinstance(metadata.get("fitted_on"), Mapping) else None
+    if not isinstance(records, (list, tuple)) or not records:
+        return None
+    rows = np.asarray(rows, dtype=np.int64)
+    hit = np.zeros(rows.size, dtype=bool)
+    for record in records:
+        if not isinstance(record, Mapping) or not _same_masks(record, store, x_name):
+            continue
+        try:
+            fitted = _unpack_rows(str(record["rows"]), int(record["num_rows"]))
+        except (KeyError, TypeError, ValueError, zlib.error):
+            raise RegressionError("the attributions' record of their fitted rows ('fitted_on') is damaged; "
+                                  "refit them with `coar-dask fit`.") from None
+        hit |= np.isin(rows, fitted)
+    return int(hit.sum())

@@ -40,6 +40,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from coar_dask.core.output_paths import check_output_path, write_atomically
 from coar_dask.errors import (BetonError, BetonNotFoundError, CoarError, CorruptBlockError, MissingDependencyError,
                               StoreError, missing_dependency)
 
@@ -405,6 +406,8 @@ class BetonInfo:
     n_targets: int
     x_dtype: str
     fields: tuple[str, ...]
+    #: Rows written that were never completed (``ignore_completed``: zeros, as in the seed).
+    n_incomplete: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -433,6 +436,7 @@ def export_beton(
     completed_name: str = "_completed",
     num_workers: int | None = None,
     page_size: int | None = None,
+    overwrite: bool = True,
 ) -> BetonInfo:
     """Stream a store's rows into an FFCV ``.beton`` with the seed's fields.
 
@@ -443,7 +447,10 @@ def export_beton(
         directory of ``.npy`` memory maps (``masks.npy``, ``<y_name>.npy``,
         ``_completed.npy``).
     out_path
-        The ``.beton`` to write (replaced atomically when it exists).
+        The ``.beton`` to write, through a temporary file renamed into place
+        (:func:`~coar_dask.core.output_paths.write_atomically`): never over a
+        store's own files nor a non-regular file, and over an existing file
+        only with ``overwrite`` (the command line's ``--overwrite``).
     x_name, y_name
         The mask array (field ``mask``, its own dtype) and the output array
         (field ``targets``, written as float32). ``y_name`` is inferred for a
@@ -452,6 +459,8 @@ def export_beton(
         Write every row, completed or not (the seed's ``--cfg.ignore_completed``).
         By default only completed rows are written, in row order. Unlike the
         seed, the completed rows are not rounded down to a multiple of 2,000.
+        As in the seed, rows never built are written as they read (zeros);
+        a warning gives their number (:attr:`BetonInfo.n_incomplete`).
     y_slice
         Keep only some output columns: a column index (the seed's
         ``--cfg.y_slice``; ``-1`` = all), ``(start, stop)`` or a slice.
@@ -477,15 +486,21 @@ def export_beton(
     >>> info.n_rows, info.n_features, info.n_targets              # doctest: +SKIP
     (50000, 2304, 10000)
     """
+    out_path = check_output_path(out_path, overwrite)  # before reading anything
     ffcv = import_ffcv("Writing a .beton")
     src = _open_source(source, x_name, y_name, completed_name)
     y_cols = _parse_y_slice(y_slice, src.y_size)
+    n_incomplete = 0
     if rows is not None:
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         if rows.size and (rows[0] < 0 or rows[-1] >= src.n_total):
             raise StoreError(f"rows must lie in 0..{src.n_total - 1}; found {rows[0]}..{rows[-1]}.")
     elif ignore_completed:
         rows = np.arange(src.n_total, dtype=np.int64)
+        n_incomplete = int(src.n_total - np.count_nonzero(src.completed()))
+        if n_incomplete:
+            logger.warning("ignore_completed: %d of %d rows written were never completed (they hold zeros, "
+                           "as in the research code)", n_incomplete, src.n_total)
     else:
         rows = np.flatnonzero(src.completed()).astype(np.int64)
     if rows.size == 0:
@@ -498,9 +513,6 @@ def export_beton(
     n_targets = y_cols[1] - y_cols[0]
     row_bytes = src.x_dtype.itemsize * src.x_size + 4 * n_targets
     page = int(page_size or _page_size(row_bytes, int(rows.size), workers))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     fields = {
         FIELD_X: ffcv.NDArrayField(dtype=np.dtype(src.x_dtype), shape=(src.x_size,)),
         FIELD_Y: ffcv.NDArrayField(dtype=np.dtype("float32"), shape=(n_targets,)),
@@ -511,8 +523,9 @@ def export_beton(
         rows.size, src.describe(), src.x_name, src.x_size, src.y_name, y_cols[0], y_cols[1],
         out_path, workers,
     )
-    _write(ffcv, tmp, fields, page, workers, _BlockDataset(src, rows, y_cols), out_path)
-    os.replace(tmp, out_path)
+    dataset = _BlockDataset(src, rows, y_cols)
+    write_atomically(out_path, lambda tmp: _write(ffcv, tmp, fields, page, workers, dataset, out_path),
+                     overwrite=overwrite)
     return BetonInfo(
         path=out_path,
         n_rows=int(rows.size),
@@ -520,6 +533,7 @@ def export_beton(
         n_targets=n_targets,
         x_dtype=np.dtype(src.x_dtype).name,
         fields=tuple(fields),
+        n_incomplete=n_incomplete,
     )
 
 

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coar_dask.errors import StoreError
+from coar_dask.errors import ConfigError, StoreError
+from coar_dask.core.output_paths import check_output_path, os_error_message
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import COMPLETED, Store, init_store, open_store
 
@@ -151,6 +152,7 @@ def import_npy(
                 f"{str(store_path)!r} already holds a store; choose a new path or pass "
                 f"overwrite=True (--overwrite) to replace it."
             )
+        open_store(store_path)  # only a coar_dask store is replaced: another tool's zarr group is refused
         shutil.rmtree(store_path)
     store = init_store(
         store_path, spec, rows_per_chunk=rows_per_chunk, mask_seed=mask_seed, alpha=alpha,
@@ -166,13 +168,12 @@ def import_npy(
             )
         done = done.reshape(-1)
     sources = {a.name: _memmap(directory / f"{a.name}.npy") for a in spec.schema}
-    flags = store.array(COMPLETED)
     for block in store.blocks():
         sl = slice(block.start, block.stop)
-        for a in spec.schema:
-            # Reading a row range of a memory map touches only those pages.
-            store.array(a.name)[sl] = np.asarray(sources[a.name][sl]).astype(a.np_dtype, copy=False)
-        flags[sl] = True if done is None else np.asarray(done[sl], dtype=bool)
+        # Reading a row range of a memory map touches only those pages. Each block goes through
+        # write_block, so its digest is recorded and readers check it as for a built store.
+        store.write_block(block.index, {a.name: np.asarray(sources[a.name][sl]) for a in spec.schema},
+                          completed=None if done is None else np.asarray(done[sl], dtype=bool))
     logger.info("imported %s into %s (%d rows, %d blocks)", directory, store_path,
                 spec.num_models, store.n_blocks)
     return open_store(store_path)
@@ -203,29 +204,42 @@ def export_npy(
     for n in names:
         store.array(n)  # raises StoreError naming the store's arrays
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    targets = [directory / f"{n}.npy" for n in [*names, COMPLETED]]
-    existing = [t.name for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise StoreError(
-            f"{str(directory)!r} already has {existing}; choose another directory or pass "
-            f"overwrite=True (--overwrite)."
-        )
-    n = store.num_rows
-    outs = {}
-    for name in names:
-        a = store.spec[name]
-        outs[name] = np.lib.format.open_memmap(
-            directory / f"{name}.npy", mode="w+", dtype=a.np_dtype, shape=(n, *a.shape)
-        )
-    outs[COMPLETED] = np.lib.format.open_memmap(
-        directory / f"{COMPLETED}.npy", mode="w+", dtype=np.bool_, shape=(n,)
-    )
-    for block in store.blocks():
-        sl = slice(block.start, block.stop)
-        for name, out in outs.items():
-            out[sl] = store.array(name)[sl]
-            out.flush()
-    del outs
-    logger.info("exported %s to %s (%d rows)", store.path, directory, n)
+    targets = {n: directory / f"{n}.npy" for n in [*names, COMPLETED]}
+    try:
+        for target in targets.values():  # every file checked before any is written
+            check_output_path(target, overwrite)
+    except ConfigError as exc:  # this module's errors are StoreErrors
+        raise StoreError(str(exc)) from None
+    try:
+        _write_npy(store, directory, targets)
+    except OSError as exc:
+        raise StoreError(os_error_message(exc, directory)) from None
+    logger.info("exported %s to %s (%d rows)", store.path, directory, store.num_rows)
     return directory
+
+
+def _write_npy(store: Store, directory: Path, targets: dict[str, Path]) -> None:
+    """Write each array into a temporary ``.npy`` beside its target, block by block, then rename them all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = store.num_rows
+    tmps = {name: t.with_name(f".{t.stem}.partial.npy") for name, t in targets.items()}
+    try:
+        outs = {}
+        for name, tmp in tmps.items():
+            dtype, shape = ((np.bool_, (n,)) if name == COMPLETED
+                            else (store.spec[name].np_dtype, (n, *store.spec[name].shape)))
+            outs[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            with open(tmp, "r+b") as f:  # the space up front: a full disk is then an error, not a SIGBUS
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        for block in store.blocks():
+            sl = slice(block.start, block.stop)
+            for name, out in outs.items():
+                out[sl] = store.array(name)[sl]
+        for out in outs.values():
+            out.flush()
+        del outs
+        for name, tmp in tmps.items():
+            os.replace(tmp, targets[name])
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
