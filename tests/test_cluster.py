@@ -385,7 +385,9 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert C._resolve_local_gpus("auto") == ["2", "3"]
     assert C._resolve_local_gpus(1) == ["2"]
     assert C._resolve_local_gpus(0) == []
-    assert C._resolve_local_gpus("5,7") == ["5", "7"]
+    assert C._resolve_local_gpus("3,2") == ["3", "2"]
+    with pytest.raises(ConfigError, match=r"gpus \['5', '7'\] are not among"):  # was accepted: issue 18 item 8
+        C._resolve_local_gpus("5,7")
     with pytest.raises(ConfigError, match="only 2 GPU"):
         C._resolve_local_gpus(4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -400,6 +402,7 @@ def test_local_cluster_with_gpus_runs_gpu_tasks_one_per_device(monkeypatch):
 
         return os.environ["CUDA_VISIBLE_DEVICES"]
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the machine's (fake) GPUs
     with C.cluster_client("local", gpus=["0", "1"]) as client:
         info = client.scheduler_info()["workers"].values()
         assert sorted(w["name"] for w in info) == ["gpu-0", "gpu-1"]

@@ -499,12 +499,34 @@ _STATE_LOCK = threading.Lock()
 FIRST_BATCH = 64
 
 
+def resolve_device(name: str) -> Any:
+    """The torch device ``name`` means in this process.
+
+    A worker started for one GPU sees only that GPU (its own
+    ``CUDA_VISIBLE_DEVICES``), as ``cuda:0``: there ``cuda:N`` means that GPU.
+    Elsewhere ``cuda:N`` must be one of the GPUs this process sees.
+    """
+    import torch
+
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ExperimentError(f"the experiment asks for device {name!r} but this process sees no CUDA GPU; "
+                              f"run it on GPU workers, or set run: {{device: cpu}}.")
+    count = torch.cuda.device_count()
+    if device.index is None or device.index < count:
+        return device
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise ExperimentError(f"the experiment asks for device {name!r} but this process sees {count} GPUs "
+                          f"(cuda:0 to cuda:{count - 1}); use one of those, or plain 'cuda'.")
+
+
 def _make_state(experiment: Experiment) -> ExperimentState:
     import torch
 
-    device = torch.device(experiment.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExperimentError("the experiment asks for device 'cuda' but this process sees no CUDA GPU.")
+    device = resolve_device(experiment.device)
     model = import_object(experiment.model)(**experiment.model_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ExperimentError(f"model factory {experiment.model!r} returned {type(model).__name__}, not an nn.Module.")

@@ -211,9 +211,13 @@ def _resolve_local_gpus(gpus: int | str | Sequence[str] | None) -> list[str]:
         if gpus > len(found):
             raise ConfigError(f"gpus={gpus} but only {len(found)} GPU(s) are visible ({found}); use gpus='auto'")
         return found[:gpus]
-    if isinstance(gpus, str):
-        return [d.strip() for d in gpus.split(",") if d.strip()]
-    return [str(d) for d in gpus]
+    wanted = [d.strip() for d in gpus.split(",") if d.strip()] if isinstance(gpus, str) else [str(d) for d in gpus]
+    found = visible_gpus()
+    unknown = [d for d in wanted if d not in found]
+    if unknown:
+        raise ConfigError(f"gpus {unknown} are not among the GPUs this machine shows ({found or 'none'}); "
+                          f"pick from those, or use gpus='auto'.")
+    return wanted
 
 
 # ---------------------------------------------------------------- SLURM config
