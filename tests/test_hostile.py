@@ -407,3 +407,37 @@ def test_imported_stores_record_digests_and_partial_flags(tmp_path):
     a.write_bytes(b.read_bytes())
     b.write_bytes(tmp)
     assert {0, 1} <= set(verify_store(store.path).bad_blocks)
+
+
+def test_a_build_on_a_full_disk_says_so_and_keeps_its_completed_blocks(tmp_path, capsys, tiny_tmpfs):
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text("model: conftest:tiny_model\nexamples: conftest:tiny_examples\nalpha: 0.2\nrun:\n  batch_size: 5\n")
+    store = tiny_tmpfs / "s"
+    run_ok(["init", "--store", store, "--experiment", exp, "--rows", "200", "--rows-per-chunk", "10"], capsys)
+    capsys.readouterr()
+    assert main(["build", "--store", str(store), "--cluster", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "disk full at" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    report = verify_store(store)
+    assert report.intact and 0 < report.completed_blocks < report.n_blocks
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root ignores folder permissions; a read-only mount it cannot)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_folder_is_one_line(tmp_path, capsys, store, read_only_folder):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(store.spec.to_dict()))
+    cli_error(["init", "--store", read_only_folder / "s", "--spec", spec], capsys, tmp_path / "store",
+              "read-only filesystem")
+    cli_error(["fit", "--store", store.path, "--out", read_only_folder / "a.pt"], capsys, tmp_path / "store",
+              "read-only filesystem")

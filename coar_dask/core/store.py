@@ -287,7 +287,6 @@ class Store:
         missing = set(self.spec.names) - set(data)
         if missing:
             raise StoreError(f"write_block needs every schema array; missing {sorted(missing)}.")
-        arrays = {}  # each array's metadata is read once per block
         written = {}
         for name in self.spec.names:
             a = self.spec[name]
@@ -297,9 +296,18 @@ class Store:
                 raise StoreError(
                     f"block {index} of {name!r} must have shape {expected}; got {values.shape}."
                 )
-            arrays[name] = self._group[name]
             written[name] = values.astype(a.np_dtype, copy=False)
-            arrays[name][block.start : block.stop] = written[name]
+        try:
+            self._write_block(block, written, completed)
+        except OSError as exc:  # a full disk, a read-only folder: the block stays pending, others untouched
+            raise StoreError(os_error_message(exc, self.path, f"writing block {index} of")) from None
+
+    def _write_block(self, block: Block, written: Mapping[str, np.ndarray], completed: np.ndarray | None) -> None:
+        index = block.index
+        arrays = {}  # each array's metadata is read once per block
+        for name, values in written.items():
+            arrays[name] = self._group[name]
+            arrays[name][block.start : block.stop] = values
         _fsync([self.chunk_path(name, index, array=arr) for name, arr in arrays.items()])
         if self.has_digests:
             digests = self._digests()
