@@ -31,6 +31,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG: correlation per method and held-out alpha")
     p.add_argument("--json", action="store_true",
                    help='print JSON: {"results": {alpha: {method: {mean, median}}}, "seconds": {method: s}}')
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     add_cluster_arguments(p)
     p.set_defaults(func=cmd_compare)
     return p
@@ -40,12 +41,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Handler of ``coar-dask compare``."""
     from coar_dask.fit.compare import compare, plot_comparison
 
+    if args.plot:
+        from coar_dask.core.output_paths import check_output_path
+        from coar_dask.fit.evaluate import plot_path
+
+        check_output_path(plot_path(args.plot), args.overwrite)  # refused before any computing
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with client_for(args) as client:
         result = compare(args.store, args.eval_store, experiment=args.experiment, client=client,
                          loo_store=args.loo_store, methods=methods)
     if args.plot:
-        plot_comparison(result, args.plot)
+        args.plot = str(plot_comparison(result, args.plot, overwrite=args.overwrite))
     if args.json:
         echo(json.dumps({"results": result.to_dict(), "seconds": result.seconds,
                          **({"plot": str(args.plot)} if args.plot else {})}, indent=2))

@@ -42,6 +42,7 @@ def add_edit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print JSON: per target, k at flip (null: none) and reference accuracy for COAR-Edit "
                         "and both controls, and their medians")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     add_cluster_arguments(p)
     p.set_defaults(func=cmd_edit)
     return p
@@ -79,6 +80,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from coar_dask.fit.edit import (EditCase, base_predictions, parse_ks, parse_reference, parse_targets,
                                     plot_edit, sweep_edit)
 
+    if args.plot:
+        from coar_dask.core.output_paths import check_output_path
+        from coar_dask.fit.evaluate import plot_path
+
+        check_output_path(plot_path(args.plot), args.overwrite)  # refused before any computing
     attributions = Attributions.load(args.attributions)
     experiment = _experiment(args, attributions)
     ks = parse_ks(args.k)
@@ -91,7 +97,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         sweep = sweep_edit(experiment, attributions, cases, ks, direction=args.direction, client=client,
                            random_draws=args.draws, seed=args.seed)
     if args.plot:
-        plot_edit(sweep, args.plot)
+        args.plot = str(plot_edit(sweep, args.plot, overwrite=args.overwrite))
     if args.json:
         echo(json.dumps({**sweep.summary(), **({"plot": str(args.plot)} if args.plot else {})}, indent=2))
         return 0

@@ -20,11 +20,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from coar_dask.core.experiment import Experiment, load_experiment
+from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store, open_store
 from coar_dask.errors import ConfigError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.baselines import BASELINES, gradient_x_parameter, leave_one_out
-from coar_dask.fit.evaluate import EvaluationResult, evaluate
+from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_path
 from coar_dask.fit.fit import fit
 
 __all__ = ["METHODS", "MethodScore", "Comparison", "compare", "plot_comparison", "default_loo_store"]
@@ -179,7 +180,7 @@ def compare(
 
 
 def plot_comparison(comparison: Comparison, path: str | os.PathLike,
-                    title: str = "Held-out correlation by method") -> Path:
+                    title: str = "Held-out correlation by method", *, overwrite: bool = True) -> Path:
     """Write a PNG in the style of the paper's Figure 1: per held-out alpha, one bar per method
     (mean correlation over examples), whiskers from the 25th to the 75th percentile.
 
@@ -214,7 +215,6 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike,
     ax.legend(loc="lower right", fontsize="small")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    path = plot_path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
+                            overwrite=overwrite)

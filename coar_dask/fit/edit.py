@@ -38,9 +38,11 @@ import numpy as np
 from coar_dask.ablation.zeroing import ablated, reference_model
 from coar_dask.core.components import Components
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.core.output_paths import write_atomically
 from coar_dask.errors import ConfigError, ExperimentError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.baselines import forward_outputs
+from coar_dask.fit.evaluate import plot_path
 from coar_dask.runtime.executor import TaskSet, run_tasks
 
 __all__ = ["DIRECTIONS", "EDIT_METHODS", "EditCase", "EditSweep", "edit_scores", "target_only_scores",
@@ -435,14 +437,13 @@ def parse_reference(text: str, n_examples: int, targets: Sequence[int], seed: in
     return [int(i) for i in chosen]
 
 
-def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit") -> "os.PathLike":
+def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit", *,
+              overwrite: bool = True) -> "os.PathLike":
     """Write a PNG: against ``k``, the fraction of cases flipped and the references' accuracy, for
     COAR-Edit and both controls (averaged over cases and draws).
 
     Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas.
     """
-    from pathlib import Path
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -465,7 +466,6 @@ def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit
     right.legend(loc="lower left", fontsize="small")
     fig.suptitle(f"{title}: {len(sweep.cases)} edit(s), {sweep.direction}, {sweep.n_components} components")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    path = plot_path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
+                            overwrite=overwrite)
