@@ -67,7 +67,7 @@ def test_every_fit_flag_has_one_home():
         "--lr": ("saga", "fast_l1"), "--k": ("saga", "fast_l1"), "--eps": ("saga", "fast_l1"),
         "--max-lambda": ("saga", "fast_l1"), "--batch-size": ("saga", "fast_l1"),
         "--early-stop-every": ("saga", "fast_l1"), "--early-stop-eps": ("saga", "fast_l1"),
-        "--max-epochs": ("saga",), "--no-refit": ("saga",),
+        "--max-epochs": ("saga", "fast_l1"), "--no-refit": ("saga",),
     }
     p = argparse.ArgumentParser()
     add_fit_solver_arguments(p)
