@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from coar_dask._version import __version__
 from coar_dask.formats.beton import BetonRows, export_beton
-from coar_dask.runtime.build import BuildPlan, execute_plan, plan_build, run_build
+from coar_dask.runtime.build import BuildPlan, execute_plan, init_experiment_store, plan_build, run_build
 from coar_dask.runtime.cluster import cluster_client
 from coar_dask.core.components import Components, select_components
 from coar_dask.errors import CoarError
@@ -19,6 +19,9 @@ from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_evaluation
 from coar_dask.core.experiment import Experiment, load_experiment
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.outputs import Batch, register_output
+from coar_dask.fit.baselines import gradient_x_parameter, leave_one_out
+from coar_dask.fit.compare import compare
+from coar_dask.fit.edit import edit_scores, edited, edit_model, sweep_edit
 from coar_dask.fit.fit import Attributions, fit
 from coar_dask.formats.npy import export_npy, import_npy
 from coar_dask.core.spec import Spec, load_spec
@@ -37,6 +40,14 @@ __all__ = [
     "Spec",
     "Store",
     "cluster_client",
+    "sweep_edit",
+    "edit_model",
+    "edited",
+    "edit_scores",
+    "compare",
+    "leave_one_out",
+    "gradient_x_parameter",
+    "init_experiment_store",
     "evaluate",
     "execute_plan",
     "export_beton",
