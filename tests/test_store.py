@@ -189,3 +189,63 @@ def test_relative_paths_become_absolute_and_digests_are_on_by_default(tmp_path, 
     with pytest.raises(SpecError, match="reserved"):  # the spec refuses it (core.spec.RESERVED_NAMES)
         init_store("bad", {"num_models": 1, "schema": {"_digests": {"dtype": "bool_", "shape": [1]}}})
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------- codecs (issue 16.1)
+
+
+def _codec_names(array) -> list[str]:
+    return [type(c).__name__ for c in array.metadata.codecs]
+
+
+def _masks_and_outputs(n, p, k, alpha=0.05):
+    from coar_dask.core.masks import sample_masks
+
+    masks = sample_masks(0, range(n), p, alpha)
+    w = np.random.default_rng(1).normal(size=(p, k))
+    return masks, (masks @ w / np.sqrt(p)).astype(np.float16)
+
+
+def _fill(store, masks, y):
+    for b in store.blocks():
+        store.write_block(b.index, {"masks": masks[b.start:b.stop], "y": y[b.start:b.stop]})
+
+
+def test_new_stores_bit_shuffle_masks_with_a_checksum_and_record_it(tmp_path):
+    from coar_dask.core.store import CODECS
+
+    store = init_store(tmp_path / "s", small_spec(n=400, p=2304, k=3), rows_per_chunk=100)
+    assert _codec_names(store.array("masks")) == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+    assert _codec_names(store.array("y"))[-1] == "ZstdCodec"
+    assert store.meta["codecs"] == CODECS and "bitshuffle" in CODECS["bool"]
+    masks, y = _masks_and_outputs(400, 2304, 3)
+    _fill(store, masks, y)
+    on_disk = sum((store.path / "masks" / "c" / str(b) / "0").stat().st_size for b in range(4))
+    assert masks.nbytes / on_disk >= 20, masks.nbytes / on_disk  # the bool .npy's bytes, less its header
+    np.testing.assert_array_equal(open_store(store.path).array("masks")[:], masks)
+
+
+def test_a_store_with_the_previous_codec_opens_verifies_and_fits_the_same(tmp_path, monkeypatch):
+    """Stores written before the bit-shuffled masks (zstd on every array, no ``codecs`` record)."""
+    import zarr
+
+    from coar_dask.core import store as store_mod
+    from coar_dask.core.verify import verify_store
+    from coar_dask.fit.fit import fit
+
+    masks, y = _masks_and_outputs(400, 64, 3, alpha=0.1)
+    new = init_store(tmp_path / "new", small_spec(n=400, p=64, k=3), rows_per_chunk=50, mask_seed=0, alpha=0.1)
+    _fill(new, masks, y)
+    monkeypatch.setattr(store_mod, "_compressors", lambda dtype: [zarr.codecs.ZstdCodec(level=0, checksum=True)])
+    old = init_store(tmp_path / "old", small_spec(n=400, p=64, k=3), rows_per_chunk=50, mask_seed=0, alpha=0.1)
+    monkeypatch.undo()
+    _fill(old, masks, y)
+    meta = old.meta
+    del meta["codecs"]
+    zarr.open_group(str(old.path), mode="r+").attrs["coar_dask"] = meta
+    old = open_store(old.path)
+    assert _codec_names(old.array("masks")) == ["BytesCodec", "ZstdCodec"] and "codecs" not in old.meta
+    assert verify_store(old.path).ok and verify_store(new.path).ok
+    a, b = fit(old), fit(new)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    np.testing.assert_array_equal(a.bias, b.bias)

@@ -197,7 +197,8 @@ def test_chunk_overwritten_with_random_bytes_is_reported(store):
 @pytest.mark.parametrize("trial", range(12))
 def test_bytes_changed_inside_a_chunk_are_detected(store, trial):
     """A few bytes changed in the middle of a chunk file must not decode into
-    plausible, finite numbers: a zstd frame checksum catches what the mask
+    plausible, finite numbers: a checksum in every codec chain (zstd's frame
+    checksum for outputs, crc32c after blosc for masks) catches what the mask
     comparison and the finiteness check cannot."""
     rng = np.random.default_rng(trial)
     name = ("margins", "masks")[trial % 2]
