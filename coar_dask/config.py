@@ -13,8 +13,12 @@ from pathlib import Path
 
 import dask.config
 import yaml
+from dask.utils import parse_timedelta
 
-__all__ = ["DEFAULTS_FILE", "SLURM_EXAMPLE_FILE", "load_defaults", "user_config_path", "write_user_config"]
+from coar_dask.errors import ConfigError
+
+__all__ = ["DEFAULTS_FILE", "SLURM_EXAMPLE_FILE", "factory_timeout", "load_defaults", "user_config_path",
+           "write_user_config"]
 
 #: The packaged defaults, commented.
 DEFAULTS_FILE = Path(__file__).with_name("coar_dask.yaml")
@@ -26,6 +30,26 @@ def load_defaults() -> None:
     """Put the packaged defaults into dask's config (idempotent, no file written)."""
     with open(DEFAULTS_FILE) as f:
         dask.config.update_defaults(yaml.safe_load(f))
+
+
+def factory_timeout(value: object = "config") -> float | None:
+    """Seconds a factory may run on its first load (``coar-dask.factory-timeout``); ``None``: no limit.
+
+    ``value`` overrides the config: a number of seconds, a duration such as
+    ``"10m"``, or ``0`` / ``None`` for no limit.
+    """
+    if value == "config":
+        value = dask.config.get("coar-dask.factory-timeout", None)
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    try:
+        seconds = float(parse_timedelta(value, default="seconds"))
+    except (AttributeError, TypeError, ValueError, KeyError):
+        raise ConfigError(f"coar-dask.factory-timeout must be a duration such as '10m' or '90s', or 0 / null for "
+                          f"no limit; found {value!r}.") from None
+    if seconds < 0:
+        raise ConfigError(f"coar-dask.factory-timeout must not be negative; found {value!r} (0 or null: no limit).")
+    return seconds or None
 
 
 def user_config_path() -> Path:

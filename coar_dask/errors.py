@@ -20,6 +20,8 @@ __all__ = [
     "StoreMismatchError",
     "CorruptBlockError",
     "ExperimentError",
+    "FactoryError",
+    "FactoryTimeoutError",
     "ConfigError",
     "MissingDependencyError",
     "BuildError",
@@ -57,6 +59,17 @@ class CorruptBlockError(StoreError):
 
 class ExperimentError(CoarError, ValueError):
     """An experiment description is invalid or does not fit its store."""
+
+
+class FactoryError(ExperimentError):
+    """An experiment's model or examples factory raised, exited, or returned nothing usable.
+
+    Its message names the factory (``package.module:function``) and what to fix.
+    """
+
+
+class FactoryTimeoutError(FactoryError, TimeoutError):
+    """A factory did not return within ``coar-dask.factory-timeout`` on the first load."""
 
 
 class ConfigError(CoarError, ValueError):

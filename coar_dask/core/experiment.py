@@ -42,12 +42,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from coar_dask.config import factory_timeout
 from coar_dask.core.components import Components, select_components
-from coar_dask.errors import CoarError, ConfigError, ExperimentError, OutputError
+from coar_dask.errors import CoarError, ConfigError, ExperimentError, FactoryError, FactoryTimeoutError, OutputError
 from coar_dask.core.masks import check_alpha
 from coar_dask.core.outputs import OUTPUTS, Batch, check_values, find_logits, get_output
 
-__all__ = ["Experiment", "ExperimentState", "load_experiment", "load_state", "warm_up", "import_object"]
+__all__ = ["Experiment", "ExperimentState", "call_factory", "load_experiment", "load_state", "warm_up",
+           "import_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,73 @@ def resolve_output(output: str) -> Any:
     if not callable(fn):
         raise ExperimentError(f"output {output!r} is a {type(fn).__name__}, not a function fn(out, batch).")
     return fn
+
+
+def call_factory(kind: str, path: str, kwargs: Mapping[str, Any], timeout: Any = "config") -> Any:
+    """Import and call an experiment's factory; every failure is one :class:`FactoryError` naming it.
+
+    A factory that raises (on import or when called) or calls ``sys.exit()``
+    becomes a :class:`~coar_dask.errors.FactoryError`; one that does not
+    return within ``timeout`` (default: ``dask.config`` key
+    ``coar-dask.factory-timeout``, 10 minutes; ``0`` / ``None``: no limit)
+    a :class:`~coar_dask.errors.FactoryTimeoutError`. With a limit the
+    factory runs in a daemon thread that this (calling) thread waits for; a
+    factory still running at the limit is abandoned -- Python cannot stop a
+    thread -- and keeps what it holds until the process ends. Errors are
+    raised in the calling thread only; Ctrl-C (``KeyboardInterrupt``) is never
+    caught.
+
+    Parameters
+    ----------
+    kind
+        ``"model"`` or ``"examples"``: named in the messages.
+    path, kwargs
+        The factory's import path ``"package.module:function"`` and keyword arguments.
+    """
+    where = f"{kind} factory {path!r}"
+    limit = factory_timeout(timeout)
+    if limit is None:
+        return _run_factory(path, kwargs, where)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = _run_factory(path, kwargs, where)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which raises it
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"coar-dask {kind} factory", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        raise FactoryTimeoutError(
+            f"{where} did not return within {limit:g} s; make it return sooner (e.g. cache downloads and "
+            f"datasets on local disk), or raise the limit with coar-dask.factory-timeout (e.g. "
+            f"DASK_COAR_DASK__FACTORY_TIMEOUT=30m; 0: no limit)."
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _run_factory(path: str, kwargs: Mapping[str, Any], where: str) -> Any:
+    try:
+        fn = import_object(path)
+        if not callable(fn):
+            raise FactoryError(f"{where} is a {type(fn).__name__}, not a function; name a function that returns "
+                               f"the {where.split()[0]}.")
+        return fn(**kwargs)
+    except CoarError:
+        raise
+    except SystemExit as exc:  # sys.exit() in a factory must not end a worker (or the CLI) with exit 0
+        raise FactoryError(f"{where} called sys.exit({exc.code!r}); a factory must return its value or raise "
+                           f"an exception, not exit.") from None
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
+        module, _, attr = path.partition(":")
+        raise FactoryError(
+            f"{where} raised {_one_line(exc)}; run it alone to see the traceback: python -c "
+            f"\"import {module}; {module}.{attr}()\"."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -400,7 +469,7 @@ def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
     import torch
 
     where = f"examples factory {experiment.examples!r}"
-    raw = import_object(experiment.examples)(**experiment.examples_kwargs)
+    raw = call_factory("examples", experiment.examples, experiment.examples_kwargs)
     on_host = isinstance(raw, torch.utils.data.Dataset)
     if on_host:
         raw = _collate(raw, experiment.batch_size, where)
@@ -414,6 +483,8 @@ def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
             f"map-style torch Dataset; got {type(raw).__name__}."
         )
     inputs = _as_inputs(inputs, where)
+    if _rows(inputs) == 0:
+        raise FactoryError(f"{where} returned 0 examples; return at least one (inputs with one row per example).")
     labels = _as_labels(labels, _rows(inputs), where)
     if on_host and device.type == "cuda":
         def place(t: Any) -> Any:
@@ -469,7 +540,7 @@ def _collate(dataset: Any, batch_size: int, where: str) -> Any:
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         raise ExperimentError(f"{where} returned an iterable Dataset; return a map-style one (__getitem__, __len__).")
     if len(dataset) == 0:
-        raise ExperimentError(f"{where} returned an empty Dataset.")
+        raise FactoryError(f"{where} returned an empty Dataset (0 examples); return at least one example.")
     try:
         parts = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     except Exception as exc:  # noqa: BLE001 - the user's items: say what to change
@@ -527,9 +598,9 @@ def _make_state(experiment: Experiment) -> ExperimentState:
     import torch
 
     device = resolve_device(experiment.device)
-    model = import_object(experiment.model)(**experiment.model_kwargs)
+    model = call_factory("model", experiment.model, experiment.model_kwargs)
     if not isinstance(model, torch.nn.Module):
-        raise ExperimentError(f"model factory {experiment.model!r} returned {type(model).__name__}, not an nn.Module.")
+        raise FactoryError(f"model factory {experiment.model!r} returned {type(model).__name__}, not an nn.Module.")
     inputs, labels = load_examples(experiment, device)
     model = model.to(device).eval()
     for p in model.parameters():
@@ -583,7 +654,13 @@ def _check_first_batch(state: ExperimentState) -> None:
 
 
 def load_state(experiment: Experiment) -> ExperimentState:
-    """The experiment's model, examples and components, loaded once per process."""
+    """The experiment's model, examples and components, loaded once per process.
+
+    The first load calls the factories through :func:`call_factory`: one that
+    raises, exits, returns zero examples or runs past
+    ``coar-dask.factory-timeout`` (10 minutes by default) fails with a
+    one-line :class:`~coar_dask.errors.FactoryError` naming it.
+    """
     # Run settings change the loaded state (device, AMP, memory format) or how it is
     # used, so they belong in the key even though they are not in the fingerprint.
     key = (experiment.fingerprint, str(experiment.device), experiment.masks_per_pass, experiment.amp,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from coar_dask.core.components import select_components
-from coar_dask.core.experiment import Experiment, import_object
+from coar_dask.core.experiment import Experiment, call_factory
 from coar_dask.core.store import Store, open_store
 from coar_dask.errors import CoarError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
@@ -121,7 +121,7 @@ def _components_summary(meta: Mapping[str, Any], experiment: Experiment) -> dict
     if meta.get("components"):
         return dict(meta["components"])
     try:
-        model = import_object(experiment.model)(**experiment.model_kwargs)
+        model = call_factory("model", experiment.model, experiment.model_kwargs)
         comps = select_components(model, include=experiment.include, exclude=experiment.exclude,
                                   kinds=experiment.kinds)
     except (CoarError, ImportError, OSError, RuntimeError, TypeError, ValueError) as exc:
