@@ -25,7 +25,8 @@ from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.rows import in_sample_rows, infer_names
 from coar_dask.solvers.streaming import PearsonAccumulator, correlation_summary
 
-__all__ = ["EvaluationResult", "evaluate", "plot_evaluation", "plot_path", "eval_store_for"]
+__all__ = ["EvaluationResult", "evaluate", "evaluation_figure", "plot_evaluation", "plot_path", "ranked_examples",
+           "eval_store_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class EvaluationResult:
     #: Rows evaluated that the attributions were fitted on (same store, or same mask seed and alpha);
     #: ``None`` when the attributions do not record their rows (files not written by ``fit``).
     n_in_sample: int | None = None
+    #: The experiment's output (e.g. ``"margin"``) when the attributions or the store record it; names the plots' axes.
+    output: str | None = None
 
     @property
     def kind(self) -> str:
@@ -129,7 +132,7 @@ def evaluate(
     *,
     x_name: str | None = None,
     y_name: str | None = None,
-    n_plot_examples: int = 4,
+    n_plot_examples: int = 3,
 ) -> EvaluationResult:
     """Correlation of predicted and actual outputs, per example, over the store's completed rows.
 
@@ -144,6 +147,12 @@ def evaluate(
         rows hold the same masks) are counted in
         :attr:`EvaluationResult.n_in_sample`, and the result calls itself
         in-sample (:meth:`EvaluationResult.heading`) rather than held-out.
+    n_plot_examples
+        Examples whose predicted and actual outputs are kept for
+        :func:`plot_evaluation`: evenly spaced by correlation, best first (3:
+        the best, median and worst; see :func:`ranked_examples`). They are
+        read in a second pass over the store once the correlations are known;
+        ``0`` skips it.
     """
     if not isinstance(attributions, Attributions):
         attributions = Attributions.load(attributions)
@@ -152,33 +161,76 @@ def evaluate(
     x_name, y_name = infer_names(store, x_name or attributions.metadata.get("x_name"),
                                  y_name or attributions.metadata.get("y_name"))
     attributions.check_store(store, x_name, y_name)
-    s0, s1 = attributions.metadata.get("target_slice", (0, attributions.n_examples))
-    rng = np.random.default_rng(0)
-    k = attributions.n_examples
-    sample = np.sort(rng.choice(k, size=min(n_plot_examples, k), replace=False))
-    acc = PearsonAccumulator(k)
-    preds, actuals, evaluated = [], [], []
+    targets = tuple(attributions.metadata.get("target_slice", (0, attributions.n_examples)))
+    acc = PearsonAccumulator(attributions.n_examples)
+    evaluated = []
     for rows, data in store.iter_completed([x_name, y_name]):
         evaluated.append(rows)
-        x = data[x_name].reshape(len(data[x_name]), -1)
-        y = data[y_name].reshape(len(data[y_name]), -1)[:, s0:s1].astype(np.float64)
-        p = attributions.predict(x).astype(np.float64)
-        acc.update(p, y)
-        preds.append(p[:, sample])
-        actuals.append(y[:, sample])
+        x, y = _rows_of(data, x_name, y_name, targets)
+        acc.update(attributions.predict(x).astype(np.float64), y)
     if acc.n < 3:
         raise RegressionError(
             f"evaluation store {str(store.path)!r} has {acc.n} completed rows; build it first (needs >= 3)."
         )
+    correlations = acc.result()
+    sample = ranked_examples(correlations, n_plot_examples)
+    predicted, actual = _sample_outputs(attributions, store, x_name, y_name, targets, sample)
     return EvaluationResult(
-        correlations=acc.result(),
+        correlations=correlations,
         n_rows=acc.n,
         alpha=store.alpha,
         sample_examples=sample,
-        sample_predicted=np.concatenate(preds),
-        sample_actual=np.concatenate(actuals),
+        sample_predicted=predicted,
+        sample_actual=actual,
         n_in_sample=in_sample_rows(attributions.metadata, store, np.concatenate(evaluated), x_name),
+        output=_output_of(attributions.metadata, store.meta),
     )
+
+
+def _rows_of(data: dict[str, np.ndarray], x_name: str, y_name: str,
+             targets: tuple[int, int]) -> tuple[Any, np.ndarray]:
+    """A chunk's masks ``(n, P)`` and the outputs ``(n, K)`` of the attributions' targets (float64)."""
+    x = data[x_name].reshape(len(data[x_name]), -1)
+    y = data[y_name].reshape(len(data[y_name]), -1)[:, targets[0]:targets[1]].astype(np.float64)
+    return x, y
+
+
+def _sample_outputs(attributions: Attributions, store: Store, x_name: str, y_name: str,
+                    targets: tuple[int, int], sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and actual outputs ``(rows, len(sample))`` of the sampled examples (a second pass)."""
+    if not sample.size:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    weight, bias = attributions.weight[:, sample], attributions.bias[sample]
+    preds, actuals = [], []
+    for _, data in store.iter_completed([x_name, y_name]):
+        x, y = _rows_of(data, x_name, y_name, targets)
+        preds.append((np.asarray(x, dtype=np.float32) @ weight + bias).astype(np.float64))
+        actuals.append(y[:, sample])
+    return np.concatenate(preds), np.concatenate(actuals)
+
+
+def _output_of(*metadata: Any) -> str | None:
+    """The experiment's output (e.g. ``"margin"``) as the first metadata that records one has it."""
+    for meta in metadata:
+        recorded = meta.get("experiment") if isinstance(meta, dict) else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("output"), str):
+            return recorded["output"]
+    return None
+
+
+def ranked_examples(correlations: np.ndarray, n: int = 3) -> np.ndarray:
+    """``n`` examples evenly spaced by correlation, best first (NaN left out).
+
+    ``n=3`` gives the best, the median and the worst example; ties keep the
+    lower index. Fewer when fewer examples have a correlation.
+    """
+    correlations = np.asarray(correlations, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(correlations))
+    if n <= 0 or finite.size == 0:
+        return np.zeros(0, dtype=int)
+    order = finite[np.argsort(-correlations[finite], kind="stable")]
+    ranks = np.unique(np.round(np.linspace(0, order.size - 1, min(n, order.size))).astype(int))
+    return order[ranks]
 
 
 def plot_path(path: str | os.PathLike) -> Path:
@@ -187,44 +239,134 @@ def plot_path(path: str | os.PathLike) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
-def plot_evaluation(result: EvaluationResult, path: str | os.PathLike, title: str = "COAR held-out evaluation",
-                    *, overwrite: bool = True) -> Path:
-    """Write a PNG: histogram of per-example correlations, and predicted vs actual
-    outputs for a few examples; returns the path written (:func:`plot_path`).
+def plot_evaluation(result: EvaluationResult, path: str | os.PathLike | None = None, title: str | None = None,
+                    *, overwrite: bool = True) -> Any:
+    """Draw an evaluation on one page; with ``path``, also write it (PNG or PDF by its suffix).
 
-    Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas:
-    pyplot's state and the process's backend are left untouched. Written by
+    Returns the :class:`matplotlib.figure.Figure` (:func:`evaluation_figure`)
+    when ``path`` is ``None`` -- in a notebook it displays itself, and
+    ``fig.savefig(...)`` writes it anywhere -- and, when given a ``path``,
+    the path written (:func:`plot_path`: ``.png`` is added to a name without
+    a suffix), as the command line prints it.
+
+    The figure has its own Agg canvas: pyplot's state and the process's
+    backend are left untouched. A file is written by
     :func:`~coar_dask.core.output_paths.write_atomically` (never into a
     store, never onto a non-regular file; an existing file only with
     ``overwrite``).
+
+    Examples
+    --------
+    >>> fig = plot_evaluation(evaluate("attributions.pt", "eval_store"))   # doctest: +SKIP
+    >>> plot_evaluation(result, "evaluation.pdf")                          # doctest: +SKIP
+    """
+    fig = evaluation_figure(result, title=title)
+    if path is None:
+        return fig
+    path = plot_path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:].lower()),
+                            overwrite=overwrite)
+
+
+def evaluation_figure(result: EvaluationResult, *, title: str | None = None) -> Any:
+    """A page-sized :class:`~matplotlib.figure.Figure` of an evaluation, three panels a row.
+
+    Top row: the histogram of per-example correlations with their mean and
+    median marked (examples without a correlation, NaN, are left out and
+    counted in the title); the correlations ranked; a summary in words.
+    Below: predicted vs actual outputs for each sampled example (by default
+    the best, median and worst by correlation; :func:`ranked_examples`),
+    on equal axes with the line y = x. Axes name the experiment's output
+    when it is recorded (:attr:`EvaluationResult.output`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = len(result.sample_examples)
-    fig = Figure(figsize=(4 * (1 + n), 3.6))
+    rows = 1 + -(-n // 3)
+    fig = Figure(figsize=(11.0, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 1 + n, squeeze=False)
-    ax = axes[0, 0]
+    axes = fig.subplots(rows, 3, squeeze=False)
+    output = result.output or "output"
+    _histogram(axes[0, 0], result, output)
+    _ranked(axes[0, 1], result)
+    _summary(axes[0, 2], result, output)
+    for j, ax in enumerate(axes[1:].ravel()):
+        if j < n:
+            _scatter(ax, result, j, output)
+        else:
+            ax.set_visible(False)
+    kind = result.kind
+    fig.suptitle(title or (f"COAR {kind} evaluation" if kind != "unknown" else "COAR evaluation"))
+    return fig
+
+
+_BLUE, _PURPLE = "#4477aa", "#aa3377"
+
+
+def _histogram(ax: Any, result: EvaluationResult, output: str) -> None:
     r = result.correlations[np.isfinite(result.correlations)]
-    ax.hist(r, bins=30, color="#4477aa")
+    ax.hist(r, bins=30, color=_BLUE)
     ax.axvline(result.mean, color="k", ls="--", label=f"mean {result.mean:.3f}")
-    ax.set_xlabel("correlation (predicted vs actual)")
+    ax.axvline(result.median, color="#ee7733", ls=":", lw=2, label=f"median {result.median:.3f}")
+    ax.set_xlabel(f"correlation, predicted vs actual {output}")
     ax.set_ylabel("examples")
-    ax.set_title(f"{r.size} examples, {result.n_rows} held-out masks")
-    ax.legend(loc="upper left")
-    for j in range(n):
-        ax = axes[0, j + 1]
-        p, a = result.sample_predicted[:, j], result.sample_actual[:, j]
-        ax.scatter(p, a, s=6, alpha=0.5, color="#aa3377")
-        lo, hi = float(min(p.min(), a.min())), float(max(p.max(), a.max()))
-        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
-        ex = int(result.sample_examples[j])
-        ax.set_title(f"example {ex}: r = {result.correlations[ex]:.3f}")
-        ax.set_xlabel("predicted margin")
-        ax.set_ylabel("actual margin")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = plot_path(path)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
-                            overwrite=overwrite)
+    nan = f" ({result.n_nan} NaN left out)" if result.n_nan else ""
+    ax.set_title(f"{r.size} examples{nan}")
+    ax.legend(loc="upper left", fontsize="small")
+
+
+def _ranked(ax: Any, result: EvaluationResult) -> None:
+    r = result.correlations
+    finite = np.flatnonzero(np.isfinite(r))
+    order = finite[np.argsort(-r[finite], kind="stable")]
+    ax.plot(np.arange(1, order.size + 1), r[order], color=_BLUE)
+    rank = {int(ex): i + 1 for i, ex in enumerate(order)}
+    shown = [int(ex) for ex in result.sample_examples if int(ex) in rank]
+    ax.scatter([rank[ex] for ex in shown], r[shown], color=_PURPLE, zorder=3, label="plotted below")
+    ax.axhline(result.mean, color="k", ls="--", lw=0.8, label="mean")
+    ax.set_xlabel("examples, ranked by correlation")
+    ax.set_ylabel("correlation")
+    ax.set_title("per-example correlation")
+    ax.legend(loc="lower left", fontsize="small")
+
+
+def _summary(ax: Any, result: EvaluationResult, output: str) -> None:
+    import textwrap
+
+    lines = [textwrap.fill(result.heading()[0].upper() + result.heading()[1:], 38), "",
+             f"output: {output}", f"examples: {result.correlations.size}",
+             f"mean correlation: {result.mean:.3f}", f"median correlation: {result.median:.3f}"]
+    if result.alpha is not None:
+        lines.insert(2, f"alpha (fraction ablated): {result.alpha:g}")
+    if result.n_nan:
+        lines.append(f"no correlation (NaN, left out): {result.n_nan}")
+    ax.axis("off")
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize="medium", transform=ax.transAxes)
+
+
+def _scatter(ax: Any, result: EvaluationResult, j: int, output: str) -> None:
+    p, a = result.sample_predicted[:, j], result.sample_actual[:, j]
+    ex = int(result.sample_examples[j])
+    ax.scatter(p, a, s=8, alpha=0.5, color=_PURPLE)
+    lo, hi = float(min(p.min(), a.min())), float(max(p.max(), a.max()))
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, label="y = x")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_title(f"{_rank_name(result, ex)}example {ex}: r = {result.correlations[ex]:.3f}")
+    ax.set_xlabel(f"predicted {output}")
+    ax.set_ylabel(f"actual {output}")
+    ax.legend(loc="upper left", fontsize="small")
+
+
+def _rank_name(result: EvaluationResult, example: int) -> str:
+    """``"best: "``, ``"median: "``, ``"worst: "`` or nothing, by the example's correlation rank."""
+    best, median, worst = (list(ranked_examples(result.correlations, 3)) + [None] * 3)[:3]
+    if example == best:
+        return "best: "
+    if example == worst or (median is not None and worst is None and example == median):
+        return "worst: "
+    return "median: " if example == median else ""
