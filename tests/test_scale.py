@@ -47,10 +47,13 @@ def test_to_dask_is_lazy_one_chunk_per_block_and_computes_on_the_cluster(tmp_pat
     ys = store.to_dask("margins")
     assert ys.chunks == ((RPC,) * 8 + (N - 8 * RPC,), (K,)) and done.chunks == (ys.chunks[0],)
     assert store.to_dask("masks").dtype == bool and ys.dtype == np.float16
-    mean = ((ys.astype("float64") * done[:, None]).sum(axis=0) / done.sum()).compute()
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as ts:
+        mean = ((ys.astype("float64") * done[:, None]).sum(axis=0) / done.sum()).compute()
     rows = np.concatenate([store.block(b).rows for b in blocks])
     np.testing.assert_allclose(mean, y[rows].astype(np.float64).mean(0), rtol=1e-12)
-    assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_groups)) > 0  # ran there
+    assert len(ts.data) >= 9  # ran on the workers, at least one task per block
     np.testing.assert_array_equal(store.to_dask("masks")[rows].compute(), masks[rows])
     np.testing.assert_array_equal(store.to_dask("masks", verify=True).compute()[rows], masks[rows])
     np.testing.assert_array_equal(store.to_dask("masks", verify=True).compute()[store.block(1).rows], False)
@@ -66,4 +69,75 @@ def test_to_dask_verify_checks_digests_and_plain_reads_do_not(tmp_path):
     np.testing.assert_array_equal(swapped[:RPC], masks[3 * RPC:4 * RPC])
     with pytest.raises(CorruptBlockError, match="block [03] .*digest differs"):
         store.to_dask("masks", verify=True).compute(scheduler="sync")
-    assert store.to_dask("margins", verify=True).sum().compute(scheduler="sync") != 0  # other arrays fine
+    assert store.to_dask("margins", verify=True).astype("float64").sum().compute(scheduler="sync") != 0
+
+
+# ------------------------------------------------------------- row-parallel fits (issue 16.3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("scale") / "s")[0]
+
+
+def _close(a, b, rtol=1e-5):
+    scale = np.abs(b.weight).max()
+    np.testing.assert_allclose(a.weight, b.weight, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(a.bias, b.bias, rtol=rtol)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_val": 60, "ridge_grid": "auto", "refit": True}, {"ridge": 2.0}],
+                         ids=["plain", "grid-refit", "ridge"])
+def test_row_parallel_fit_equals_the_in_process_fit(built, client, kwargs):
+    from coar_dask.fit.fit import fit
+
+    local = fit(built, **kwargs)
+    rows = fit(built, client=client, **kwargs)  # auto: lstsq gram on the CPU -> rows
+    assert rows.metadata["parallel"] == "rows" and rows.metadata["row_groups"] == 4  # 2 workers x 2
+    _close(rows, local)
+    np.testing.assert_array_equal(rows.lam, local.lam)
+    assert rows.metadata["n_train"] == local.metadata["n_train"]
+    for key in ("val_mse", "val_correlation"):
+        if key in local.metadata:
+            np.testing.assert_allclose(rows.metadata[key], local.metadata[key], rtol=1e-4)
+
+
+def test_row_parallel_without_a_client_and_with_many_groups(built):
+    from coar_dask.core.store import open_store as _open
+    from coar_dask.fit.core import FitSettings, fit_store
+    from coar_dask.fit.moments import fit_rows_parallel
+
+    s = FitSettings(num_val=30, split_seed=4)
+    _close(fit_rows_parallel(_open(built.path), s, None, groups=9), fit_store(built.path, s))
+
+
+def test_slices_stay_when_asked_for_or_when_x_t_x_is_too_large(built, client):
+    from coar_dask.fit.fit import fit
+
+    assert "parallel" not in fit(built, client=client, slices=2).metadata
+    big = fit(built, client=client, max_gram_bytes=8 * (P * P - 1))  # auto -> cg: target slices
+    assert "parallel" not in big.metadata and big.metadata["method"] == "cg"
+    assert "parallel" not in fit(built, client=client, solver="saga", num_val=40).metadata
+
+
+def test_a_corrupt_block_fails_a_row_parallel_fit_naming_it(built, client, tmp_path):
+    from coar_dask.errors import RegressionError
+    from coar_dask.fit.fit import fit
+
+    path = tmp_path / "bad"
+    shutil.copytree(built.path, path)
+    store = open_store(path)
+    store.chunk_path("margins", 2).write_bytes(b"garbage")
+    with pytest.raises((CorruptBlockError, RegressionError), match="block 2"):
+        fit(store, client=client)
+
+
+def test_plan_row_groups_never_split_a_block():
+    from coar_dask.fit.moments import plan_row_groups
+
+    rows = np.sort(np.random.default_rng(0).choice(1000, 300, replace=False))
+    for groups in (1, 3, 7, 50, 500):
+        parts = plan_row_groups(rows, 40, groups)
+        assert np.array_equal(np.concatenate(parts), rows) and len(parts) <= groups
+        blocks = [set((p // 40).tolist()) for p in parts]
+        assert all(not (a & b) for i, a in enumerate(blocks) for b in blocks[i + 1:])

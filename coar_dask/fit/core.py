@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -113,14 +113,21 @@ class FitSettings:
         return dataclasses.replace(self, x_name=x_name, y_name=y_name, target_slice=(int(start), int(stop)))
 
 
-def fit_store(store: Store | str, settings: FitSettings, progress: ProgressFn | None = None) -> Attributions:
-    """Fit ``settings.target_slice`` of ``store`` in this process (no slicing, no cluster)."""
+def fit_store(store: Store | str, settings: FitSettings, progress: ProgressFn | None = None, *,
+              prepare: Callable[[StoreRows, FitSettings], RowSource] | None = None) -> Attributions:
+    """Fit ``settings.target_slice`` of ``store`` in this process (no slicing, no cluster).
+
+    ``prepare(train, settings)``: the training rows the solver gets instead of
+    ``train`` (e.g. with their moments summed on a cluster: :mod:`coar_dask.fit.moments`).
+    """
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
     s = settings.resolve(store)
     completed = np.flatnonzero(store.completed_rows())
     train_rows, val_rows = select_rows(completed, s.num_train, s.num_val, s.split_seed, s.row_rule)
     train = StoreRows(store, train_rows, s.x_name, s.y_name, s.target_slice)
+    if prepare is not None:
+        train = prepare(train, s)
     val = StoreRows(store, val_rows, s.x_name, s.y_name, s.target_slice) if val_rows.size else None
     logger.info("fitting %s on %d train / %d val rows, %d components x %d targets",
                 s.solver, train.n_rows, 0 if val is None else val.n_rows, train.n_features, train.n_targets)

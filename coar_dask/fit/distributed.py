@@ -31,6 +31,7 @@ from coar_dask.core.store import Store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.core import FitSettings, fit_store
+from coar_dask.fit.moments import fit_rows_parallel, rows_parallel_fits
 from coar_dask.runtime.executor import TaskSet, run_tasks
 from coar_dask.runtime.gpu import check_gpu_workers
 from coar_dask.solvers.base import FitProgress
@@ -330,15 +331,36 @@ def fit_distributed(
     progress: Callable[[Any], None] | None = None,
     max_targets: int | None = None,
     settings: FitSettings | None = None,
+    parallel: str = "auto",
     **fit_kwargs: Any,
 ) -> Attributions:
-    """Plan and execute a sliced fit (the arguments of :func:`coar_dask.fit.fit.fit`).
+    """Plan and execute a distributed fit (the arguments of :func:`coar_dask.fit.fit.fit`).
+
+    ``parallel``: ``"rows"`` sums the least-squares moments of row groups on
+    the workers and solves once (:mod:`coar_dask.fit.moments`); ``"slices"``
+    fits target slices as tasks; ``"auto"`` (default) takes rows when there is
+    a client, no slices or ``max_targets`` were asked for and the fit is
+    ``lstsq``'s Gram path on the CPU (``P x P`` within ``max_gram_bytes``),
+    else slices.
 
     Examples
     --------
     >>> with cluster_client("local", n_workers=2) as client:                  # doctest: +SKIP
     ...     attrs = fit_distributed("store", slices=8, client=client, num_val=500)
     """
-    plan = plan_fit(store, settings, slices=slices, max_targets=max_targets, **fit_kwargs)
+    if parallel not in ("auto", "rows", "slices"):
+        raise RegressionError(f"parallel={parallel!r}: choose 'auto', 'rows' or 'slices'.")
+    if settings is None:
+        settings = FitSettings.create(**fit_kwargs)
+    elif fit_kwargs:
+        raise RegressionError(f"fit_distributed: pass settings or keywords, not both (got {sorted(fit_kwargs)}).")
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    if parallel == "auto":
+        wanted = client is not None and slices is None and max_targets is None
+        parallel = "rows" if wanted and rows_parallel_fits(store, settings) else "slices"
+    if parallel == "rows":
+        return fit_rows_parallel(store, settings, client, progress=progress)
+    plan = plan_fit(store, settings, slices=slices, max_targets=max_targets)
     return execute_fit(plan, client, progress=progress)
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["TaskSet", "run_tasks"]
+__all__ = ["TaskSet", "run_tasks", "reduce_tasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +112,69 @@ def _run_dask(taskset: TaskSet, client: Any, on_result: OnResult, on_error: OnEr
     finally:
         client.cancel([f for f in futures if not f.done()])
 
+
+
+def reduce_tasks(
+    taskset: TaskSet,
+    combine: Callable[[Any, Any], Any],
+    client: Any | None = None,
+    *,
+    on_done: Callable[[int], None] | None = None,
+) -> Any:
+    """``combine`` of every task's result, as a tree on the workers; one result comes back.
+
+    In this process the results are combined as they come (one running
+    total: memory for two results). On Dask, as soon as two results (task
+    or partial sums) are ready, a ``combine`` task sums them on a worker, so
+    the sums form a tree of depth about log2(tasks) and only the total
+    travels to the client. ``combine`` must be associative and commutative
+    (the order is the completion order). ``on_done(n)`` is called with the
+    number of tasks finished so far. A failing task raises here, and every
+    unfinished task is cancelled.
+    """
+    if not taskset.tasks:
+        raise ValueError("reduce_tasks needs at least one task.")
+    if client is None:
+        total, done = None, 0
+        for _, args in taskset.tasks:
+            result = taskset.fn(*args)
+            total = result if total is None else combine(total, result)
+            done += 1
+            if on_done:
+                on_done(done)
+        return total
+    return _reduce_dask(taskset, combine, client, on_done)
+
+
+def _reduce_dask(taskset: TaskSet, combine: Callable[[Any, Any], Any], client: Any,
+                 on_done: Callable[[int], None] | None) -> Any:
+    from distributed import as_completed
+
+    opts = dict(resources=dict(taskset.resources) if taskset.resources else None, retries=taskset.retries)
+    # Only futures not yet summed are held here: a partial sum's inputs are released once it is done.
+    live = {client.submit(taskset.fn, *args, key=taskset.key(index), pure=False, **opts)
+            for index, args in taskset.tasks}
+    leaf_keys = {f.key for f in live}
+    ready: list[Any] = []
+    done = sums = 0
+    try:
+        pending = as_completed(list(live))
+        for future in pending:
+            if future.status == "error":
+                future.result()  # raises the task's own error
+            if future.key in leaf_keys:
+                done += 1
+                if on_done:
+                    on_done(done)
+            ready.append(future)
+            if len(ready) == 2:
+                sums += 1
+                summed = client.submit(combine, *ready, key=f"{taskset.key(0)}-sum-{sums}", pure=False, **opts)
+                live.difference_update(ready)
+                ready = []
+                live.add(summed)
+                pending.add(summed)
+        (last,) = ready
+        return last.result()
+    finally:
+        client.cancel([f for f in live if not f.done()])

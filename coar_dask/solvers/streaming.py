@@ -29,6 +29,9 @@ __all__ = [
     "compute_dtype",
     "Moments",
     "stream_moments",
+    "first_batch_shift",
+    "add_states",
+    "PrecomputedRows",
     "PearsonAccumulator",
     "NO_VARIANCE_RTOL",
     "pearson_from_sums",
@@ -383,6 +386,30 @@ class Moments:
         out.xy = self.xy + other.xy if self.xy is not None and other.xy is not None else None
         return out
 
+    _STATE = ("sx", "sy", "syy", "dxx", "xx", "xy", "shift")
+
+    def state(self) -> dict[str, Any]:
+        """The sums as plain numpy (float64), to send between processes; :meth:`from_state` inverts it."""
+        out: dict[str, Any] = {"n": int(self.n), "gram": bool(self.gram),
+                               "dtype": None if self.dtype is None else np.dtype(self.dtype).str}
+        for name in self._STATE:
+            value = getattr(self, name)
+            out[name] = None if value is None else value.cpu().numpy()
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], dev: Any) -> "Moments":
+        import torch
+
+        out = cls.__new__(cls)
+        out.dev, out.gram, out.precise, out.n = dev, bool(state["gram"]), False, int(state["n"])
+        out.dtype = None if state["dtype"] is None else np.dtype(state["dtype"])
+        out._ybuf, out._ref, out._buffers = None, {}, {}
+        for name in cls._STATE:
+            value = state[name]
+            setattr(out, name, None if value is None else torch.from_numpy(np.asarray(value)).to(dev))
+        return out
+
     def full_gram(self):
         """X^T X as a full symmetric matrix (the CPU path accumulates the upper triangle)."""
         import torch
@@ -432,6 +459,11 @@ def stream_moments(
     """Moments of ``source``; ``precise=True`` computes every product in float64 (for validation
     rows, whose MSE comes out of a cancellation of much larger sums); ``shift``: the outputs'
     reference (default: from the first batch; see :class:`Moments`)."""
+    summed = getattr(source, "moments", None)
+    if summed is not None and (summed.gram or not gram) and not precise and shift is None:
+        report(progress, stage, summed.n, int(source.n_rows), f"{summed.n}/{int(source.n_rows)} rows (summed)")
+        source.moments = None  # used once: the solver may centre them in place
+        return summed
     m = Moments(source.n_features, source.n_targets, dev, gram=gram, precise=precise, shift=shift)
     total = int(source.n_rows)
     for x, y in iter_batches(source, rows, reuse=True):
@@ -441,6 +473,47 @@ def stream_moments(
     if m.n == 0:
         raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
     return m
+
+
+def first_batch_shift(source: RowSource, rows: int | None = None) -> np.ndarray:
+    """The outputs' shift :func:`stream_moments` would take from ``source``'s first batch of ``rows``
+    rows: moments summed apart (row-parallel fits) use it so that every part has the same frame."""
+    for _, y in iter_batches(source, rows, prefetch=False):
+        return _reference(y)
+    raise RegressionError("no rows to fit on: the store has no completed rows in the chosen split.")
+
+
+def add_states(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The sum of two :meth:`Moments.state` (same shift): the combine step of a tree reduction."""
+    if not np.array_equal(a["shift"], b["shift"]):
+        raise RegressionError("add_states: the two sums have different output shifts; compute both with one shift.")
+    out = dict(a, n=a["n"] + b["n"], gram=a["gram"] and b["gram"])
+    out["dtype"] = np.promote_types(a["dtype"], b["dtype"]).str if a["dtype"] and b["dtype"] else a["dtype"] or b["dtype"]
+    for name in ("sx", "sy", "syy", "dxx", "xx", "xy"):
+        out[name] = None if a[name] is None or b[name] is None else a[name] + b[name]
+    return out
+
+
+class PrecomputedRows:
+    """A row source whose moments were summed elsewhere (e.g. per block on Dask workers).
+
+    :func:`stream_moments` returns ``moments`` instead of reading the rows (once;
+    other passes -- validation, conjugate gradients -- still read ``source``).
+    """
+
+    def __init__(self, source: RowSource, moments: Moments):
+        if moments.n != source.n_rows:
+            raise RegressionError(f"the summed moments count {moments.n} rows, the source {source.n_rows}.")
+        self.source, self.moments = source, moments
+        self.n_rows, self.n_features, self.n_targets = source.n_rows, source.n_features, source.n_targets
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.source.blocks()
+
+    def __getattr__(self, name: str) -> Any:  # target_slice, rows, store of a StoreRows
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = None) -> dict[str, Any]:
