@@ -149,16 +149,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         out = out / "datamodels.pt"
     check_output_path(out, args.overwrite)  # refused before fitting, not after
     t0 = time.perf_counter()
-    from tqdm.auto import tqdm
+    from coar_dask.fit.progress import FitProgressBar
 
-    bar = tqdm(file=sys.stderr, disable=None, unit="step")
-
-    def progress(p: Any) -> None:  # a coar_dask.solvers.base.FitProgress
-        bar.total = p.total
-        bar.n = p.done
-        bar.set_description_str(p.describe(), refresh=False)
-        bar.refresh()
-
+    progress = FitProgressBar(disable=None)  # hidden when stderr is not a terminal; its unit follows the stage
     use_cluster = bool(options.get("slices")) and (args.cluster or "local") != "none"
     with (client_for(args) if use_cluster else contextlib.nullcontext()) as client:
         try:
@@ -166,7 +159,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                         num_val=args.num_val, split_seed=args.split_seed, target_slice=_parse_slice(args.target_slice),
                         device=args.device, progress=progress, client=client, **options)
         finally:
-            bar.close()
+            progress.close()
     path = attrs.save(out, overwrite=args.overwrite)
     echo(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples with {attrs.metadata['solver']} "
          f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")

@@ -28,6 +28,7 @@ from coar_dask.errors import CoarError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
 from coar_dask.fit.core import FitSettings, fit_store
 from coar_dask.fit.distributed import fit_distributed
+from coar_dask.fit.progress import fit_progress
 from coar_dask.fit.rows import StoreRows, infer_names, split_rows
 from coar_dask.solvers.base import FitProgress
 from coar_dask.solvers.registry import check_solver_options
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 def fit(
     store: Store | str | os.PathLike,
     *,
-    progress: Callable[[FitProgress], None] | None = None,
+    progress: Callable[[FitProgress], None] | bool | None = None,
     slices: int | Sequence[tuple[int, int]] | None = None,
     client: Any | None = None,
     max_targets: int | None = None,
@@ -64,8 +65,11 @@ def fit(
     store
         A store or its path.
     progress
-        Called with a :class:`~coar_dask.solvers.base.FitProgress` (rows streamed,
-        epochs, lambdas done, slices finished) -- hook a progress bar on it.
+        ``True``: a tqdm bar on stderr whose unit follows the stage (rows
+        streamed, iterations, epochs, slices; :mod:`coar_dask.fit.progress`).
+        A function is called with each :class:`~coar_dask.solvers.base.FitProgress`
+        (rows streamed, epochs, lambdas done, slices finished) -- hook your own
+        display on it.
     slices, client, max_targets
         Split the targets into ``slices`` contiguous slices (or slices of at
         most ``max_targets``) fitted separately -- as Dask tasks on ``client``
@@ -100,18 +104,19 @@ def fit(
 
     Examples
     --------
-    >>> attrs = fit("store", num_val=200)          # doctest: +SKIP
-    >>> attrs.save("attributions.pt")              # doctest: +SKIP
+    >>> attrs = fit("store", num_val=200, progress=True)   # doctest: +SKIP
+    >>> attrs.save("attributions.pt")                      # doctest: +SKIP
     """
     if settings is None:
         settings = FitSettings.create(**options)
     elif options:
         raise TypeError(f"fit: pass settings or their fields as keywords, not both (got {sorted(options)}).")
-    if slices is not None or client is not None or max_targets is not None:
-        attrs = fit_distributed(store, settings=settings, slices=slices, client=client, progress=progress,
-                                max_targets=max_targets)
-    else:
-        attrs = fit_store(store, settings, progress)
+    with fit_progress(progress) as report:
+        if slices is not None or client is not None or max_targets is not None:
+            attrs = fit_distributed(store, settings=settings, slices=slices, client=client, progress=report,
+                                    max_targets=max_targets)
+        else:
+            attrs = fit_store(store, settings, report)
     extra = experiment_metadata(store if isinstance(store, Store) else open_store(store, read_only=True))
     return dataclasses.replace(attrs, metadata={**attrs.metadata, **extra})
 
