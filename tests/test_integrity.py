@@ -288,6 +288,25 @@ def test_a_worker_that_cannot_see_the_store_says_a_shared_filesystem_is_needed(d
     assert "coar-dask init" not in str(err.value)
 
 
+def test_a_relative_store_path_builds_on_workers_started_in_another_folder(digits_experiment, tmp_path,
+                                                                           monkeypatch):
+    """Issue 13, bug 2: a relative --store reached the workers unchanged and every block failed there."""
+    from coar_dask.runtime.build import init_experiment_store
+    from coar_dask.runtime.cluster import cluster_client
+
+    workers_home, mine = tmp_path / "workers", tmp_path / "client"
+    workers_home.mkdir(), mine.mkdir()
+    monkeypatch.chdir(workers_home)  # the workers start here, and stay here
+    with cluster_client("local", n_workers=1, gpus=0) as client:
+        assert list(client.run(os.getcwd).values()) == [str(workers_home)]
+        monkeypatch.chdir(mine)
+        init_experiment_store("rel/store", digits_experiment, 2 * RPC, rows_per_chunk=RPC)
+        report = run_build("rel/store", digits_experiment, client=client)
+    assert report.rows_done == 2 * RPC and not report.failed
+    assert verify_store(mine / "rel" / "store").ok
+    assert not (workers_home / "rel").exists()
+
+
 # ------------------------------------------------------------- old stores
 
 
