@@ -42,9 +42,10 @@ __all__ = ["rows_parallel_fits", "plan_row_groups", "group_moments", "fit_rows_p
 
 logger = logging.getLogger(__name__)
 
-#: Row groups per worker thread: a few per thread balance the load; each
-#: partial sum is ``8 (P^2 + P K)`` bytes, so not many more.
-GROUPS_PER_THREAD = 2
+#: Row groups per worker thread. Each partial sum is ``8 (P^2 + P K)`` bytes
+#: (60 MB at P = 2,304, K = 1,000) and every pairwise sum moves one between
+#: workers, so more groups cost more than the balance they buy.
+GROUPS_PER_THREAD = 1
 
 
 def rows_parallel_fits(store: Store, settings: FitSettings) -> bool:

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Row-parallel least squares: 2 workers vs 1 worker vs in-process, on a CIFAR-sized synthetic store.
+
+The store: P = 2,304 masks at alpha 0.05, K = 1,000 float16 outputs (a
+linear function of the masks plus noise, around an offset of 20 like raw
+logits), ``--rows`` rows (default 40,000) in the store's default blocks,
+built with digests like any store. Three ways fit every row with ``lstsq``
+(Gram path), in one run:
+
+- ``in_process``: :func:`coar_dask.fit.fit.fit` without a client (torch uses
+  every core of this process);
+- ``workers_1`` / ``workers_2``: the same call with a ``LocalCluster`` of 1 or
+  2 single-threaded workers (``cluster_client("local")``): ``parallel="auto"``
+  chooses row groups, their moments are summed on the workers as a tree and
+  solved once on the client (:mod:`coar_dask.fit.moments`).
+
+Each way is warmed up (workers started, torch imported) and then timed
+``--repeat`` times, best kept; wall-clock and CPU time (this process plus
+the workers' processes) are printed. ``speedup_2_workers`` = wall time of 1
+worker / 2 workers (acceptance: >= 1.6). The weights of every way are
+compared with the in-process fit's (``max_weight_diff``).
+
+Usage::
+
+    python benchmarks/fit_scaling.py                # 40,000 rows (store built once, ~1 min)
+    python benchmarks/fit_scaling.py --rows 6000    # quick
+    python benchmarks/fit_scaling.py --json --store /tmp/fit-scaling-store   # keep the store for reruns
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+P, K, ALPHA = 2304, 1000, 0.05
+
+
+def build_store(path: Path, rows: int) -> Any:
+    from coar_dask.core.spec import Spec
+    from coar_dask.core.store import init_store, open_store
+
+    if (path / "zarr.json").exists():
+        store = open_store(path)
+        if store.num_rows == rows and store.completed_rows().all():
+            return store
+        raise SystemExit(f"{path} holds another store; pass a new --store path")
+    store = init_store(path, Spec.for_experiment(rows, P, K), mask_seed=0, alpha=ALPHA)
+    rng = np.random.default_rng(0)
+    w = rng.normal(scale=0.05, size=(P, K)).astype(np.float32)
+    for b in store.blocks():
+        masks = rng.random((len(b), P)) >= ALPHA
+        y = 20.0 + masks.astype(np.float32) @ w + rng.normal(scale=0.1, size=(len(b), K)).astype(np.float32)
+        store.write_block(b.index, {"masks": masks, "margins": y.astype(np.float16)})
+    return store
+
+
+def _cpu(client: Any | None) -> float:
+    own = time.process_time()
+    if client is None:
+        return own
+    return own + sum(client.run(time.process_time).values())
+
+
+def timed_fit(store: Any, client: Any | None, repeat: int) -> tuple[dict[str, float], Any]:
+    from coar_dask.fit.fit import fit
+
+    fit(store, num_train=min(2000, store.num_rows), client=client)  # warm-up: imports, worker start
+    best: dict[str, float] = {}
+    attrs = None
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), _cpu(client)
+        attrs = fit(store, client=client)
+        wall, cpu = time.perf_counter() - wall, _cpu(client) - cpu
+        if wall < best.get("wall_s", float("inf")):
+            best = {"wall_s": wall, "cpu_s": cpu}
+    return best, attrs
+
+
+def machine() -> dict[str, Any]:
+    import dask
+    import distributed
+    import torch
+    import zarr
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "numpy": np.__version__, "torch": torch.__version__, "dask": dask.__version__,
+            "distributed": distributed.__version__, "zarr": zarr.__version__,
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run(store_path: Path, rows: int, repeat: int) -> dict[str, Any]:
+    from coar_dask.runtime.cluster import cluster_client
+
+    store = build_store(store_path, rows)
+    ways: dict[str, Callable[[], Any]] = {}
+    results: dict[str, dict[str, float]] = {}
+    weights: dict[str, np.ndarray] = {}
+    results["in_process"], a = timed_fit(store, None, repeat)
+    weights["in_process"] = a.weight
+    for n in (1, 2):
+        with cluster_client("local", n_workers=n) as client:
+            results[f"workers_{n}"], a = timed_fit(store, client, repeat)
+            results[f"workers_{n}"]["parallel"] = a.metadata.get("parallel")
+            weights[f"workers_{n}"] = a.weight
+    del ways
+    ref = weights["in_process"]
+    for name, w in weights.items():
+        results[name]["max_weight_diff"] = float(np.abs(w - ref).max() / max(np.abs(ref).max(), 1e-30))
+        results[name]["rows_per_s"] = rows / results[name]["wall_s"]
+    w1, w2, ip = results["workers_1"], results["workers_2"], results["in_process"]
+    return {
+        "sizes": {"P": P, "K": K, "rows": rows, "rows_per_chunk": store.rows_per_chunk, "alpha": ALPHA},
+        "ways": results,
+        "speedup_2_workers": w1["wall_s"] / w2["wall_s"],
+        "speedup_2_workers_cpu_ratio": w2["cpu_s"] / w1["cpu_s"],
+        "workers_2_vs_in_process": ip["wall_s"] / w2["wall_s"],
+        "workers_1_vs_in_process": ip["wall_s"] / w1["wall_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=40_000)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--store", type=Path, default=None, help="where to build (and reuse) the synthetic store")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="coar-fit-scaling-") as tmp:
+        path = args.store or Path(tmp) / "store"
+        out = {"machine": machine(), **run(path, args.rows, args.repeat)}
+    out["machine"]["load_avg_before_after"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"machine: {out['machine']}\nsizes: {out['sizes']}")
+    print(f"{'way':12} {'wall s':>8} {'cpu s':>8} {'rows/s':>9} {'parallel':>9} {'max weight diff':>16}")
+    for name, r in out["ways"].items():
+        print(f"{name:12} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['rows_per_s']:9,.0f} {str(r.get('parallel')):>9} "
+              f"{r['max_weight_diff']:16.2e}")
+    print(f"speedup_2_workers {out['speedup_2_workers']:.2f} (cpu 2w/1w {out['speedup_2_workers_cpu_ratio']:.2f}); "
+          f"2 workers vs in-process {out['workers_2_vs_in_process']:.2f}; "
+          f"1 worker vs in-process {out['workers_1_vs_in_process']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
