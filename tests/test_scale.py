@@ -141,3 +141,67 @@ def test_plan_row_groups_never_split_a_block():
         assert np.array_equal(np.concatenate(parts), rows) and len(parts) <= groups
         blocks = [set((p // 40).tolist()) for p in parts]
         assert all(not (a & b) for i, a in enumerate(blocks) for b in blocks[i + 1:])
+
+
+# ------------------------------------------------------------- the executor's tree sum
+
+
+def _square(i):
+    if i == 13:
+        raise ValueError("task 13 failed")
+    return np.array([i * i])
+
+
+def _plus(a, b):
+    return a + b
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_reduce_tasks_sums_in_process_and_as_a_tree_on_the_workers(client, n):
+    from coar_dask.runtime.executor import TaskSet, reduce_tasks
+
+    tasks = TaskSet(_square, [(i, (i,)) for i in range(n)], key=lambda i: f"sq-{n}-{i}")
+    seen = []
+    assert reduce_tasks(tasks, _plus, None, on_done=seen.append)[0] == sum(i * i for i in range(n))
+    assert seen == list(range(1, n + 1))
+    seen.clear()
+    assert reduce_tasks(tasks, _plus, client, on_done=seen.append)[0] == sum(i * i for i in range(n))
+    assert seen == list(range(1, n + 1))
+
+
+def test_reduce_tasks_raises_the_task_error_and_leaves_nothing_running(client):
+    from coar_dask.runtime.executor import TaskSet, reduce_tasks
+
+    tasks = TaskSet(_square, [(i, (i,)) for i in range(20)], key=lambda i: f"sq-err-{i}")
+    with pytest.raises(ValueError, match="task 13 failed"):
+        reduce_tasks(tasks, _plus, client)
+    with pytest.raises(ValueError, match="task 13 failed"):
+        reduce_tasks(tasks, _plus, None)
+    import time
+
+    deadline = time.monotonic() + 10  # cancellation reaches the scheduler asynchronously
+    while [k for k in client.who_has() if str(k).startswith("sq-err")] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in client.who_has() if str(k).startswith("sq-err")]
+
+
+def test_store_size_benchmark_meets_the_codec_goal():
+    """benchmarks/store_size.py --quick, run as a test: masks >= 20x smaller than the .npy, reads not slower
+    in CPU time by more than a shared machine's noise."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "store_size.py"
+    spec = importlib.util.spec_from_file_location("store_size_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench.main(["--quick", "--json", "--repeat", "1"]) == 0
+    result = json.loads(out.getvalue())
+    assert result["masks_ratio_vs_npy"] >= 20 and [r["P"] for r in result["by_P"]] == [2304, 82944]
+    assert all(r["masks_ratio_vs_npy"] >= 20 for r in result["by_P"])

@@ -176,5 +176,5 @@ def _reduce_dask(taskset: TaskSet, combine: Callable[[Any, Any], Any], client: A
                 pending.add(summed)
         (last,) = ready
         return last.result()
-    finally:
-        client.cancel([f for f in live if not f.done()])
+    finally:  # the total is already here: release every partial sum too, not only unfinished tasks
+        client.cancel(list(live))
