@@ -3,4 +3,7 @@ __version__ = "0.1.0"
 #: layout could misread a newer one. 2: each block's digest (``_digests``,
 #: bound to the block and the store's ``store_id``) and the experiment claim
 #: file. Format-1 stores still open, verify and fit (without digests).
+#: Codecs are not part of the format: each array's zarr metadata names its
+#: chain, and stores record theirs under ``codecs`` (issue 16: bit-shuffled
+#: masks); a format-2 reader decodes either chain, so no bump.
 FORMAT_VERSION = 2

@@ -126,9 +126,14 @@ def fit_rows_parallel(store: Store | str, settings: FitSettings, client: Any | N
         tasks = TaskSet(group_moments, [(i, (str(store.path), s, g, shift)) for i, g in enumerate(parts)],
                         key=lambda i: f"coar-moments-{i}-{token}", retries=1)
 
-        def on_done(n: int) -> None:
+        done = {"rows": 0, "groups": 0}
+
+        def on_done(index: int) -> None:  # rows streamed, like an in-process fit's "moments" stage
+            done["rows"] += len(parts[index])
+            done["groups"] += 1
             if progress:
-                progress(FitProgress("moments", n, len(parts), s.target_slice, f"{n}/{len(parts)} row groups"))
+                progress(FitProgress("moments", done["rows"], int(train.n_rows), s.target_slice,
+                                     f"{done['groups']}/{len(parts)} row groups on the workers"))
 
         state = reduce_tasks(tasks, add_states, client, on_done=on_done)
         stats["row_groups"] = len(parts)

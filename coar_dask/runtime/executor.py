@@ -128,20 +128,19 @@ def reduce_tasks(
     or partial sums) are ready, a ``combine`` task sums them on a worker, so
     the sums form a tree of depth about log2(tasks) and only the total
     travels to the client. ``combine`` must be associative and commutative
-    (the order is the completion order). ``on_done(n)`` is called with the
-    number of tasks finished so far. A failing task raises here, and every
+    (the order is the completion order). ``on_done(index)`` is called as
+    each task finishes, with its index. A failing task raises here, and every
     unfinished task is cancelled.
     """
     if not taskset.tasks:
         raise ValueError("reduce_tasks needs at least one task.")
     if client is None:
-        total, done = None, 0
-        for _, args in taskset.tasks:
+        total = None
+        for index, args in taskset.tasks:
             result = taskset.fn(*args)
             total = result if total is None else combine(total, result)
-            done += 1
             if on_done:
-                on_done(done)
+                on_done(index)
         return total
     return _reduce_dask(taskset, combine, client, on_done)
 
@@ -152,20 +151,20 @@ def _reduce_dask(taskset: TaskSet, combine: Callable[[Any, Any], Any], client: A
 
     opts = dict(resources=dict(taskset.resources) if taskset.resources else None, retries=taskset.retries)
     # Only futures not yet summed are held here: a partial sum's inputs are released once it is done.
-    live = {client.submit(taskset.fn, *args, key=taskset.key(index), pure=False, **opts)
-            for index, args in taskset.tasks}
-    leaf_keys = {f.key for f in live}
+    leaves = {client.submit(taskset.fn, *args, key=taskset.key(index), pure=False, **opts): index
+              for index, args in taskset.tasks}
+    live = set(leaves)
+    leaf_index = {f.key: i for f, i in leaves.items()}
+    del leaves
     ready: list[Any] = []
-    done = sums = 0
+    sums = 0
     try:
         pending = as_completed(list(live))
         for future in pending:
             if future.status == "error":
                 future.result()  # raises the task's own error
-            if future.key in leaf_keys:
-                done += 1
-                if on_done:
-                    on_done(done)
+            if on_done and future.key in leaf_index:
+                on_done(leaf_index[future.key])
             ready.append(future)
             if len(ready) == 2:
                 sums += 1
