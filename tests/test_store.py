@@ -245,6 +245,7 @@ def test_a_store_with_the_previous_codec_opens_verifies_and_fits_the_same(tmp_pa
     zarr.open_group(str(old.path), mode="r+").attrs["coar_dask"] = meta
     old = open_store(old.path)
     assert _codec_names(old.array("masks")) == ["BytesCodec", "ZstdCodec"] and "codecs" not in old.meta
+    assert old.status()["codecs"]["bool"] == "zstd0+checksum" and "bitshuffle" in new.status()["codecs"]["bool"]
     assert verify_store(old.path).ok and verify_store(new.path).ok
     a, b = fit(old), fit(new)
     np.testing.assert_array_equal(a.weight, b.weight)

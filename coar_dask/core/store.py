@@ -531,6 +531,8 @@ class Store:
             "experiment_fingerprint": self.experiment_fingerprint,
             "spec_sha256": self.spec.sha256,
             "block_digests": self.has_digests,
+            # stores written before issue 16 record none: zstd on every array
+            "codecs": self._meta.get("codecs") or {"bool": "zstd0+checksum", "other": "zstd0+checksum"},
         }
 
 
