@@ -208,3 +208,17 @@ def test_store_size_benchmark_meets_the_codec_goal():
     result = json.loads(out.getvalue())
     assert result["masks_ratio_vs_npy"] >= 20 and [r["P"] for r in result["by_P"]] == [2304, 82944]
     assert all(r["masks_ratio_vs_npy"] >= 20 for r in result["by_P"])
+
+
+def test_a_worker_error_in_a_row_parallel_fit_is_one_regression_error(built, client, monkeypatch):
+    from coar_dask.errors import RegressionError
+    from coar_dask.fit.fit import fit
+
+    moments = __import__("importlib").import_module("coar_dask.fit.moments")
+    monkeypatch.setattr(moments, "group_moments", _broken_group)
+    with pytest.raises(RegressionError, match="row groups failed on the cluster .*OSError: disk gone"):
+        fit(built, client=client)
+
+
+def _broken_group(*args):
+    raise OSError("disk gone")

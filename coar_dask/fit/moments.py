@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from coar_dask.core.store import Store, open_store
-from coar_dask.errors import RegressionError
+from coar_dask.errors import CoarError, RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.core import FitSettings, fit_store
 from coar_dask.fit.rows import StoreRows
@@ -135,7 +135,14 @@ def fit_rows_parallel(store: Store | str, settings: FitSettings, client: Any | N
                 progress(FitProgress("moments", done["rows"], int(train.n_rows), s.target_slice,
                                      f"{done['groups']}/{len(parts)} row groups on the workers"))
 
-        state = reduce_tasks(tasks, add_states, client, on_done=on_done)
+        try:
+            state = reduce_tasks(tasks, add_states, client, on_done=on_done)
+        except CoarError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a task's own error, raised again on the client
+            raise RegressionError(f"summing the moments of {len(parts)} row groups failed on the cluster "
+                                  f"({type(exc).__name__}: {exc}); fit in target slices (slices=N) to "
+                                  f"see which rows, or without a client.") from exc
         stats["row_groups"] = len(parts)
         return PrecomputedRows(train, Moments.from_state(state, torch.device("cpu")))
 

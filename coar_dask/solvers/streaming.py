@@ -459,7 +459,7 @@ def stream_moments(
     """Moments of ``source``; ``precise=True`` computes every product in float64 (for validation
     rows, whose MSE comes out of a cancellation of much larger sums); ``shift``: the outputs'
     reference (default: from the first batch; see :class:`Moments`)."""
-    summed = getattr(source, "moments", None)
+    summed = source.moments if isinstance(source, PrecomputedRows) else None
     if summed is not None and (summed.gram or not gram) and not precise and shift is None:
         report(progress, stage, summed.n, int(source.n_rows), f"{summed.n}/{int(source.n_rows)} rows (summed)")
         source.moments = None  # used once: the solver may centre them in place
