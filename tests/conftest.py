@@ -120,3 +120,23 @@ def ctrl_c():
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     return interrupt
+
+
+def deepcopy_reference(state, masks):
+    """Outputs of deepcopy-and-zero per mask (the seed's semantics), on the experiment's batches, the
+    output function called as a user's would be: the reference every faster path is compared with."""
+    import torch
+
+    from coar_dask.ablation.zeroing import reference_model
+
+    rows, bs = [], state.experiment.batch_size
+    with torch.inference_mode():
+        for mask in masks:
+            model = reference_model(state.model, state.components, mask)
+            parts = []
+            for s in range(0, state.n_examples, bs):
+                batch = state.batch(s, min(s + bs, state.n_examples))
+                out = model(**batch.inputs) if isinstance(batch.inputs, dict) else model(batch.inputs)
+                parts.append(state.output_fn(out, batch).float().numpy())
+            rows.append(np.concatenate(parts))
+    return np.stack(rows)

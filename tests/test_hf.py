@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 from coar_dask import Experiment, Spec, evaluate, fit, init_store, run_build  # noqa: E402
 from coar_dask.ablation import engine  # noqa: E402
 from coar_dask.ablation.engine import compute_outputs  # noqa: E402
-from coar_dask.ablation.zeroing import reference_model  # noqa: E402
+from conftest import deepcopy_reference as reference  # noqa: E402
 from coar_dask.core.components import select_components  # noqa: E402
 from coar_dask.core.experiment import load_state  # noqa: E402
 from coar_dask.core.outputs import find_logits, input_ids_and_mask  # noqa: E402
@@ -69,19 +69,6 @@ def gpt2_experiment(**kw):
     base = dict(model="coar_dask.zoo.hf:tiny_gpt2", examples="coar_dask.zoo.hf:token_examples",
                 output="lm_margin", alpha=0.025, batch_size=32, **GPT2_SELECTION)
     return Experiment(**{**base, **kw})
-
-
-def reference(state, masks):
-    rows, bs = [], state.experiment.batch_size
-    with torch.inference_mode():
-        for mask in masks:
-            model = reference_model(state.model, state.components, mask)
-            parts = []
-            for s in range(0, state.n_examples, bs):
-                batch = state.batch(s, min(s + bs, state.n_examples))
-                parts.append(state.output_fn(model(**batch.inputs), batch).float().numpy())
-            rows.append(np.concatenate(parts))
-    return np.stack(rows)
 
 
 def masks_for(state, n=6, alpha=0.2):

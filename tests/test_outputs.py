@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 from coar_dask import Batch  # noqa: E402
 from coar_dask.ablation import engine  # noqa: E402
 from coar_dask.ablation.engine import compute_outputs  # noqa: E402
-from coar_dask.ablation.zeroing import reference_model  # noqa: E402
+from conftest import deepcopy_reference as reference  # noqa: E402
 from coar_dask.cli.main import main  # noqa: E402
 from coar_dask.core.experiment import Experiment, load_state, resolve_output  # noqa: E402
 from coar_dask.core.outputs import OUTPUTS, find_logits, get_output, lm_logprob, lm_margin, margin, register_output  # noqa: E402,E501
@@ -159,21 +159,6 @@ def lm_margin_loop(logits, ids, mask):
                 margins.append(float(correct - others.max()))
         out.append(np.mean(margins))
     return np.array(out)
-
-
-def reference(state, masks):
-    """deepcopy-and-zero per mask, on the experiment's batches, the output called as a user would."""
-    rows, bs = [], state.experiment.batch_size
-    with torch.inference_mode():
-        for mask in masks:
-            model = reference_model(state.model, state.components, mask)
-            parts = []
-            for s in range(0, state.n_examples, bs):
-                batch = state.batch(s, min(s + bs, state.n_examples))
-                out = model(**batch.inputs) if isinstance(batch.inputs, dict) else model(batch.inputs)
-                parts.append(state.output_fn(out, batch).float().numpy())
-            rows.append(np.concatenate(parts))
-    return np.stack(rows)
 
 
 def experiment(**kw):

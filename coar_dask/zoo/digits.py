@@ -82,26 +82,34 @@ def load_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return x_tr, y_tr, x_te, y_te
 
 
+def fit_classifier(model: Any, x: np.ndarray, y: np.ndarray, *, seed: int, epochs: int, batch: int, lr: float,
+                   max_lr: float) -> Any:
+    """Train ``model`` on ``(x, y)`` with AdamW and a one-cycle schedule, seeded; returns it in eval mode."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * (-(-len(x) // batch)))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(batch):
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
 def train_model(seed: int = 0, width: int = 16, blocks: int = 2, epochs: int = 30) -> Any:
     """Train the digits model (seeded; a few seconds on a CPU)."""
     import torch
 
     x_tr, y_tr, x_te, y_te = load_data(seed)
     torch.manual_seed(seed)
-    model = DigitsResNet(width=width, blocks=blocks)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * (-(-len(x_tr) // 64)))
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(64):
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    model = fit_classifier(DigitsResNet(width=width, blocks=blocks), x_tr, y_tr, seed=seed, epochs=epochs,
+                           batch=64, lr=3e-3, max_lr=1e-2)
     with torch.no_grad():
         acc = (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()
     logger.info("trained digits model: held-out accuracy %.4f", acc)

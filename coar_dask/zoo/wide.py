@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coar_dask.zoo.digits import default_cache_dir, heldout_accuracy, heldout_examples, load_data
+from coar_dask.zoo.digits import default_cache_dir, fit_classifier, heldout_accuracy, heldout_examples, load_data
 
 __all__ = ["WideDigitsNet", "train_model", "load_model", "heldout_examples", "heldout_accuracy", "experiment",
            "N_COMPONENTS"]
@@ -64,21 +64,7 @@ def train_model(seed: int = 0, epochs: int = 12) -> Any:
 
     x_tr, y_tr, _, _ = load_data(seed)
     torch.manual_seed(seed)
-    model = WideDigitsNet()
-    steps = epochs * (-(-len(x_tr) // 128))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(128):
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    model = fit_classifier(WideDigitsNet(), x_tr, y_tr, seed=seed, epochs=epochs, batch=128, lr=1e-3, max_lr=3e-3)
     logger.info("trained wide digits model: held-out accuracy %.4f", heldout_accuracy(model, seed))
     return model
 
