@@ -152,6 +152,15 @@ class FitPlan:
         )
 
 
+def _settings(caller: str, settings: FitSettings | None, fit_kwargs: dict[str, Any]) -> FitSettings:
+    """``settings``, or a :class:`FitSettings` from ``fit``'s keywords; not both."""
+    if settings is None:
+        return FitSettings.create(**fit_kwargs)
+    if fit_kwargs:
+        raise RegressionError(f"{caller}: pass settings or keywords, not both (got {sorted(fit_kwargs)}).")
+    return settings
+
+
 def plan_fit(
     store: Any,
     settings: FitSettings | None = None,
@@ -166,10 +175,7 @@ def plan_fit(
     of :meth:`FitSettings.create <coar_dask.fit.core.FitSettings.create>`
     (those of :func:`coar_dask.fit.fit.fit`) say what to fit.
     """
-    if settings is None:
-        settings = FitSettings.create(**fit_kwargs)
-    elif fit_kwargs:
-        raise RegressionError(f"plan_fit: pass settings or keywords, not both (got {sorted(fit_kwargs)}).")
+    settings = _settings("plan_fit", settings, fit_kwargs)
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
     settings = settings.resolve(store)
@@ -350,10 +356,7 @@ def fit_distributed(
     """
     if parallel not in ("auto", "rows", "slices"):
         raise RegressionError(f"parallel={parallel!r}: choose 'auto', 'rows' or 'slices'.")
-    if settings is None:
-        settings = FitSettings.create(**fit_kwargs)
-    elif fit_kwargs:
-        raise RegressionError(f"fit_distributed: pass settings or keywords, not both (got {sorted(fit_kwargs)}).")
+    settings = _settings("fit_distributed", settings, fit_kwargs)
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
     if parallel == "auto":
