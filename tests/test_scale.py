@@ -222,3 +222,20 @@ def test_a_worker_error_in_a_row_parallel_fit_is_one_regression_error(built, cli
 
 def _broken_group(*args):
     raise OSError("disk gone")
+
+
+def test_coar_dask_fit_with_a_cluster_and_no_slices_sums_rows_on_the_workers(built, tmp_path, coar_dask_cli):
+    import subprocess
+
+    import torch
+
+    out = tmp_path / "a.pt"
+    done = subprocess.run([*coar_dask_cli, "fit", str(built.path), "--out", str(out), "--cluster", "local",
+                           "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert meta["parallel"] == "rows"
+    plain = subprocess.run([*coar_dask_cli, "fit", str(built.path), "--out", str(tmp_path / "b.pt")],
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert "parallel" not in torch.load(tmp_path / "b.pt", weights_only=True)["metadata"]  # in this process

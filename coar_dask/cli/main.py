@@ -152,7 +152,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from coar_dask.fit.progress import FitProgressBar
 
     progress = FitProgressBar(disable=None)  # hidden when stderr is not a terminal; its unit follows the stage
-    use_cluster = bool(options.get("slices")) and (args.cluster or "local") != "none"
+    # a cluster for target slices, or (--cluster given, no --slices) for row-parallel least squares
+    use_cluster = (bool(options.get("slices")) or args.cluster is not None) and args.cluster != "none"
     with (client_for(args) if use_cluster else contextlib.nullcontext()) as client:
         try:
             attrs = fit(args.store, x_name=args.x_name, y_name=args.y_name, num_train=args.num_train,
