@@ -198,3 +198,15 @@ def test_cli_components_names_a_factory_that_exits(tmp_path, factories, coar_das
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert proc.stderr.count("\n") == 1 and "examples factory" in proc.stderr and "sys.exit(0)" in proc.stderr
+
+
+def test_listing_an_experiments_components_goes_through_the_same_factory_rules(tmp_path, monkeypatch):
+    """``coar-dask components --experiment`` calls only the model factory: it too gives one FactoryError line."""
+    from coar_dask.errors import FactoryError
+    from coar_dask.zoo.presets import experiment_components
+
+    (tmp_path / "exiting_model.py").write_text("import sys\n\ndef make():\n    sys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    exp = {"model": {"factory": "exiting_model:make"}, "examples": {"factory": "exiting_model:make"}}
+    with pytest.raises(FactoryError, match="exiting_model:make"):
+        experiment_components(exp)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from coar_dask.core.components import Components, select_components
-from coar_dask.core.experiment import import_object, load_experiment, load_state
+from coar_dask.core.experiment import call_factory, import_object, load_experiment, load_state
 from coar_dask.errors import ExperimentError
 
 __all__ = [
@@ -168,7 +168,7 @@ def experiment_components(source: Any) -> Components:
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         raise ExperimentError(f"experiment file {str(source)!r} does not exist.")
     experiment = load_experiment(source)
-    model = import_object(experiment.model)(**experiment.model_kwargs)
+    model = call_factory("model", experiment.model, experiment.model_kwargs)
     return select_components(model, include=experiment.include, exclude=experiment.exclude, kinds=experiment.kinds)
 
 
