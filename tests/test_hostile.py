@@ -156,16 +156,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.pt"]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (root only): a real full disk."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+def _tmpfs(folder, options):
+    """A real tmpfs mounted at ``folder`` with ``options`` (root only; skips elsewhere), unmounted after."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if done.returncode:
         pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs: a real full disk."""
+    yield from _tmpfs(tmp_path / "full", "size=64k")
 
 
 def test_fit_out_on_a_full_disk_says_so(tmp_path, capsys, tiny_tmpfs):
@@ -425,13 +429,7 @@ def test_a_build_on_a_full_disk_says_so_and_keeps_its_completed_blocks(tmp_path,
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A read-only tmpfs (root ignores folder permissions; a read-only mount it cannot)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    yield from _tmpfs(tmp_path / "ro", "ro,size=64k")
 
 
 def test_a_read_only_folder_is_one_line(tmp_path, capsys, store, read_only_folder):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coar_dask.zoo.digits import default_cache_dir, fit_classifier, heldout_accuracy, heldout_examples, load_data
+from coar_dask.zoo.digits import experiment as digits_experiment
 
 __all__ = ["WideDigitsNet", "train_model", "load_model", "heldout_examples", "heldout_accuracy", "experiment",
            "N_COMPONENTS"]
@@ -93,20 +94,12 @@ def load_model(cache_dir: str | os.PathLike | None = None, seed: int = 0, epochs
 
 
 def experiment(cache_dir: str | os.PathLike | None = None, **overrides: Any):
-    """The wide model's :class:`~coar_dask.core.experiment.Experiment` (1,568 components, alpha 0.05)."""
-    from coar_dask.core.experiment import Experiment
-
+    """The wide model's :class:`~coar_dask.core.experiment.Experiment` (1,568 components, alpha 0.05):
+    the digits experiment with this model and its conv channels and hidden neurons as components."""
     fields = dict(
         model="coar_dask.zoo.wide:load_model",
         model_kwargs={"cache_dir": str(cache_dir)} if cache_dir else {},
-        examples="coar_dask.zoo.digits:heldout_examples",
         include=("^conv$", "^fc1$", "^fc2$"),
         kinds=("conv2d", "linear"),
-        output="margin",
-        alpha=0.05,
-        mask_seed=0,
-        batch_size=360,
-        device="cpu",
     )
-    fields.update(overrides)
-    return Experiment(**fields)
+    return digits_experiment(**{**fields, **overrides})
