@@ -185,7 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _finish_eval_store(store, args)
     if args.plot:
         check_output_path(plot_path(args.plot), args.overwrite)  # refused before any build or read
-    result = evaluate(args.attributions, store)
+    # the plotted examples need a second pass over the store: only read them for a plot
+    result = evaluate(args.attributions, store, n_plot_examples=3 if args.plot else 0)
     summary = result.summary()
     if args.plot:
         args.plot = str(plot_evaluation(result, args.plot, overwrite=args.overwrite))
