@@ -234,3 +234,13 @@ def test_the_python_api_sizes_a_store_from_the_experiment_and_resumes_what_it_re
     bare = init_store(tmp_path / "bare", Spec.for_experiment(20, state.n_components, state.n_examples))
     with pytest.raises(ExperimentError, match="records no experiment"):
         run_build(bare, None)
+
+
+def test_a_built_store_names_its_components_so_fit_needs_no_model(built, monkeypatch):
+    from coar_dask.core.store import open_store
+    from coar_dask.fit import fit as fit_module
+
+    assert open_store(built, read_only=True).meta["components"]["total"] == 23
+    monkeypatch.setattr(fit_module, "select_components", lambda *a, **k: pytest.fail("fit built the model"))
+    attrs = fit(built)
+    assert len(attrs.component_names) == 23

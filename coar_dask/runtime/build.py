@@ -219,6 +219,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
             mask_seed=experiment.mask_seed,
             alpha=experiment.alpha,
             experiment=experiment.to_dict(),
+            components=state.components.summary(),  # names the components: fit needs no model for them
         )
     return BuildPlan(
         store_path=str(store.path),
