@@ -145,6 +145,8 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 _read_ahead = prefetch  # iter_batches' keyword ``prefetch`` shadows the function
+#: Rows of 0/1 masks whose Gram sums stay exact in float32 (its counts reach at most this).
+EXACT_GRAM_ROWS = 2**24
 #: Batches read ahead by :func:`iter_batches`.
 PREFETCH_DEPTH = 1
 
@@ -294,6 +296,7 @@ class Moments:
         self.xy = torch.zeros(P, K, **f64) if xy else None
         self.dtype: np.dtype | None = None
         self._buffers: dict[Any, Any] = {}
+        self._acc_rows, self._acc = 0, None  # Gram rows summed in a scratch buffer, not yet in xx
 
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
         with full_precision():  # TF32 would round y' to 10 bits in X^T Y'
@@ -301,8 +304,17 @@ class Moments:
 
     def release(self) -> None:
         """Free the per-batch scratch buffers (a float32 ``P x P`` among them) once the rows are summed."""
+        self._flush()
         self._buffers.clear()
         self._ybuf = None
+
+    def _flush(self) -> None:
+        """Add the Gram rows summed in the batch precision (CPU path) into the float64 ``xx``."""
+        if self._acc_rows:
+            import torch
+
+            self.xx += torch.from_numpy(self._acc)  # Fortran-ordered: torch keeps its strides
+            self._acc_rows = 0
 
     def _update(self, x: np.ndarray, y: np.ndarray) -> None:
         import torch
@@ -321,19 +333,46 @@ class Moments:
         self.syy += torch.mul(yt, yt, out=self._scratch("yy", tuple(yt.shape), yt.dtype)).sum(0).double()
         if not self.gram:
             self.dxx += torch.mul(xt, xt, out=self._scratch("xsq", tuple(xt.shape), xt.dtype)).sum(0).double()
+        if self._scipy_blas():
+            self._update_cpu(x, y, xt.dtype)
+            return
         if self.xy is not None:
             self.xy += torch.mm(xt.T, yt, out=self._scratch("xy", (xt.shape[1], yt.shape[1]), xt.dtype))
         if self.gram:
-            if self.dev.type == "cpu":
-                from scipy.linalg import blas
+            self.xx += torch.mm(xt.T, xt, out=self._scratch("xx", (xt.shape[1], xt.shape[1]), xt.dtype))
 
-                syrk = blas.dsyrk if dt == np.float64 else blas.ssyrk
-                c = self._scratch("xx", (x.shape[1], x.shape[1]), xt.dtype, fortran=True).numpy().T
-                # x.T is Fortran-ordered, so syrk reads it without a copy and writes into c.
-                upper = syrk(1.0, x.T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
-                self.xx += torch.from_numpy(upper)
-            else:
-                self.xx += torch.mm(xt.T, xt, out=self._scratch("xx", (xt.shape[1], xt.shape[1]), xt.dtype))
+    def _scipy_blas(self) -> bool:
+        """Whether the products run on scipy's BLAS (on the CPU) rather than torch (CUDA)."""
+        return self.dev.type == "cpu"
+
+    def _update_cpu(self, x: np.ndarray, y: np.ndarray, tdtype: Any) -> None:
+        """The products by scipy's BLAS alone (:mod:`coar_dask.solvers._blas`, the GIL released):
+        ``syrk`` for the Gram (half a general product's work), ``gemm`` for ``X^T Y'``. One BLAS
+        thread pool: torch's and scipy's pools taking turns spin-wait against each other (on 2
+        cores a batch took 1.6x longer with ``torch.mm`` for ``X^T Y'``).
+
+        The Gram sums stay in the batch precision over up to :data:`EXACT_GRAM_ROWS` rows before
+        they are added into float64: entries of ``X^T X`` of 0/1 masks are counts, exact in float32
+        below 2**24, so the sum is the same, and the float64 addition (14% of the time of a 40,000-row
+        fit when it ran per batch) runs once per 16 million rows.
+        """
+        import torch
+
+        from coar_dask.solvers._blas import gemm_tn, syrk_upper
+
+        if self.xy is not None:
+            # (Y'^T X) in Fortran order (K x P) is X^T Y' in C order (P x K): no copy of either input.
+            c = self._scratch("xy", (y.shape[1], x.shape[1]), tdtype, fortran=True).numpy().T
+            gemm_tn(y.T, x.T, c)
+            self.xy += torch.from_numpy(c.T)
+        if self.gram:
+            c = self._scratch("xx", (x.shape[1], x.shape[1]), tdtype, fortran=True).numpy().T
+            same = self._acc is not None and self._acc.dtype == c.dtype and self._acc.ctypes.data == c.ctypes.data
+            if self._acc_rows and (not same or self._acc_rows + x.shape[0] > EXACT_GRAM_ROWS):
+                self._flush()
+            self._acc = c
+            syrk_upper(x.T, c, beta=1.0 if self._acc_rows else 0.0)  # upper triangle of c, summed
+            self._acc_rows += x.shape[0]
 
     def _shifted(self, y: np.ndarray, dt: np.dtype) -> np.ndarray:
         """``y - shift`` in ``dt``, in a reused buffer (the shift is set from the first batch)."""
@@ -369,6 +408,8 @@ class Moments:
 
     def add(self, other: "Moments") -> "Moments":
         """Sums of both (e.g. train + validation)."""
+        self._flush()
+        other._flush()
         import torch
 
         if self.shift is not None and other.shift is not None and not torch.equal(self.shift, other.shift):
@@ -379,7 +420,7 @@ class Moments:
         out.shift = self.shift if self.shift is not None else other.shift
         out._ybuf, out._ref = None, {}
         out.n = self.n + other.n
-        out._buffers = {}
+        out._buffers, out._acc_rows, out._acc = {}, 0, None
         for name in ("sx", "sy", "syy", "dxx"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.xx = self.xx + other.xx if out.gram else None
@@ -389,12 +430,20 @@ class Moments:
     _STATE = ("sx", "sy", "syy", "dxx", "xx", "xy", "shift")
 
     def state(self) -> dict[str, Any]:
-        """The sums as plain numpy (float64), to send between processes; :meth:`from_state` inverts it."""
+        """The sums as plain numpy, to send between processes; :meth:`from_state` inverts it.
+
+        Float64, except the Gram matrix: its upper triangle, row by row (``xx_packed``), in float32
+        when that is lossless (the counts of 0/1 masks below 2**24 rows) -- a quarter of the bytes
+        of the float64 matrix that a row-parallel fit would move between workers.
+        """
+        self._flush()
         out: dict[str, Any] = {"n": int(self.n), "gram": bool(self.gram),
                                "dtype": None if self.dtype is None else np.dtype(self.dtype).str}
         for name in self._STATE:
             value = getattr(self, name)
             out[name] = None if value is None else value.cpu().numpy()
+        if out["xx"] is not None:
+            out["xx"], out["xx_packed"] = pack_gram(out["xx"]), True
         return out
 
     @classmethod
@@ -404,14 +453,17 @@ class Moments:
         out = cls.__new__(cls)
         out.dev, out.gram, out.precise, out.n = dev, bool(state["gram"]), False, int(state["n"])
         out.dtype = None if state["dtype"] is None else np.dtype(state["dtype"])
-        out._ybuf, out._ref, out._buffers = None, {}, {}
+        out._ybuf, out._ref, out._buffers, out._acc_rows, out._acc = None, {}, {}, 0, None
         for name in cls._STATE:
             value = state[name]
+            if name == "xx" and value is not None and state.get("xx_packed"):
+                value = unpack_gram(value, int(np.asarray(state["sx"]).size))
             setattr(out, name, None if value is None else torch.from_numpy(np.asarray(value)).to(dev))
         return out
 
     def full_gram(self):
         """X^T X as a full symmetric matrix (the CPU path accumulates the upper triangle)."""
+        self._flush()
         import torch
 
         if self.dev.type == "cpu":
@@ -487,10 +539,54 @@ def add_states(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """The sum of two :meth:`Moments.state` (same shift): the combine step of a tree reduction."""
     if not np.array_equal(a["shift"], b["shift"]):
         raise RegressionError("add_states: the two sums have different output shifts; compute both with one shift.")
+    if bool(a.get("xx_packed")) != bool(b.get("xx_packed")):
+        raise RegressionError("add_states: one Gram matrix is packed and the other not; make both with state().")
     out = dict(a, n=a["n"] + b["n"], gram=a["gram"] and b["gram"])
     out["dtype"] = np.promote_types(a["dtype"], b["dtype"]).str if a["dtype"] and b["dtype"] else a["dtype"] or b["dtype"]
     for name in ("sx", "sy", "syy", "dxx", "xx", "xy"):
-        out[name] = None if a[name] is None or b[name] is None else a[name] + b[name]
+        out[name] = None if a[name] is None or b[name] is None else np.add(a[name], b[name], dtype=np.float64)
+    if out["xx"] is not None and out.get("xx_packed"):
+        out["xx"] = _narrow(out["xx"])
+    return out
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """``values`` in float32 when that loses nothing (e.g. counts below 2**24), else float64."""
+    narrow = values.astype(np.float32)
+    return narrow if np.array_equal(narrow, values) else values
+
+
+def pack_gram(xx: np.ndarray) -> np.ndarray:
+    """The upper triangle of ``xx`` (``P x P``; its lower triangle is not read), row by row, as one
+    vector: float32 when lossless, else float64. :func:`unpack_gram` inverts it.
+
+    >>> pack_gram(np.array([[1.0, 2.0], [-7.0, 3.0]])).tolist()
+    [1.0, 2.0, 3.0]
+    """
+    p = xx.shape[0]
+    out = np.empty(p * (p + 1) // 2, dtype=np.float64)
+    at = 0
+    for i in range(p):  # a row slice at a time: no P x P index arrays
+        out[at: at + p - i] = xx[i, i:]
+        at += p - i
+    return _narrow(out)
+
+
+def unpack_gram(packed: np.ndarray, p: int) -> np.ndarray:
+    """The symmetric float64 ``P x P`` matrix of a :func:`pack_gram` vector.
+
+    >>> unpack_gram(np.array([1.0, 2.0, 3.0]), 2).tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
+    packed = np.asarray(packed)
+    if packed.shape != (p * (p + 1) // 2,):
+        raise RegressionError(f"a packed Gram matrix of {p} features has {p * (p + 1) // 2} values; found {packed.shape}.")
+    out = np.empty((p, p), dtype=np.float64)
+    at = 0
+    for i in range(p):
+        out[i, i:] = packed[at: at + p - i]
+        out[i:, i] = packed[at: at + p - i]
+        at += p - i
     return out
 
 
