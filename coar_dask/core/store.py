@@ -353,22 +353,31 @@ class Store:
 
     def _write_block(self, block: Block, written: Mapping[str, np.ndarray], completed: np.ndarray | None) -> None:
         index = block.index
-        arrays = {}  # each array's metadata is read once per block
-        for name, values in written.items():
-            arrays[name] = self._group[name]
-            arrays[name][block.start : block.stop] = values
-        _fsync([self.chunk_path(name, index, array=arr) for name, arr in arrays.items()])
+        arrays = {name: self._group[name] for name in written}  # each array's metadata is read once per block
+        rows = slice(block.start, block.stop)
+        writes = [(arrays[name], rows, values) for name, values in written.items()]
+        chunk_files = [self.chunk_path(name, index, array=arr) for name, arr in arrays.items()]
         if self.has_digests:
             digests = self._digests()
-            digests[index] = np.stack([
+            writes.append((digests, slice(index, index + 1), np.stack([
                 np.frombuffer(block_digest(self.store_id, index, name, values), np.uint8)
                 for name, values in written.items()  # the codecs are lossless: readers decode these bytes
-            ])
-            _fsync([self.chunk_path(DIGESTS, index, array=digests)])
-        flags = True if completed is None else np.asarray(completed, dtype=bool).reshape(len(block))
+            ])[None]))
+            chunk_files.append(self.chunk_path(DIGESTS, index, array=digests))
         done = self._group[COMPLETED]
-        done[block.start : block.stop] = flags
-        _fsync([self.chunk_path(COMPLETED, index, array=done)])
+        flags_file = [self.chunk_path(COMPLETED, index, array=done)]
+        if np.asarray(done[block.start : block.stop]).any():
+            # A block rewritten after it was completed is marked pending first, durably: a write cut
+            # short below leaves it pending (rebuilt), never flagged with new data and an old digest.
+            done[block.start : block.stop] = False
+            _fsync(flags_file, self.path)
+        # Data and digests in one trip through zarr's event loop (encoded concurrently), all durable
+        # before the flags: a block cut short anywhere before the flags' fsync is still pending.
+        _write_concurrently(writes)
+        _fsync(chunk_files, self.path)
+        done[block.start : block.stop] = True if completed is None else np.asarray(completed, dtype=bool).reshape(
+            len(block))
+        _fsync(flags_file, self.path)
 
     # -- integrity --------------------------------------------------------
     def _digests(self) -> Any:
@@ -548,24 +557,54 @@ def _verified_chunk(path: str, name: str, block_info: Any = None) -> np.ndarray:
     return np.asarray(store.array(name)[block.start:block.stop])
 
 
-def _fsync(paths: Sequence[Path]) -> None:
+def _write_concurrently(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
+    """``array[selection] = values`` for each write, in one call into zarr's event loop (the chunks
+    are encoded and written concurrently); one at a time where zarr's asynchronous interface is not there."""
+    try:
+        import asyncio
+
+        from zarr.core.sync import sync
+    except ImportError:  # pragma: no cover - another zarr 3 layout
+        for arr, selection, values in writes:
+            arr[selection] = values
+        return
+
+    async def write_all() -> None:
+        await asyncio.gather(*(arr.async_array.setitem(selection, values) for arr, selection, values in writes))
+
+    sync(write_all())
+
+
+def _fsync(paths: Sequence[Path], root: Path | None = None) -> None:
     """Flush files and the directories holding them to disk.
 
     zarr's local store writes each chunk to a temporary file and renames it
     into place, which is atomic but not durable; the directory is synced too,
-    so that the rename itself survives a power loss.
+    so that the rename itself survives a power loss, and so is every folder
+    between it and ``root`` (the store), which holds the entry of a chunk
+    folder zarr has just created (``masks/c/17/`` for block 17's ``masks/c/17/0``).
+    A chunk that is not there (zarr deletes one set to the fill value, e.g.
+    completion flags cleared) has its folder synced: the deletion is durable.
     """
     dirs = set()
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a chunk equal to the fill value is not stored
+        except FileNotFoundError:  # a chunk equal to the fill value is not stored (zarr deleted it):
+            fd = None              # its folder is synced, which makes the deletion durable
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        parent = path.parent
+        if not parent.is_dir():
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dirs.add(path.parent)
+        dirs.add(parent)
+        if root is not None:  # the chunk key's folders below the array's own folder
+            while parent.parent != root and parent.parent != parent and len(parent.parts) > len(root.parts) + 1:
+                parent = parent.parent
+                dirs.add(parent)
     for directory in dirs:
         fd = os.open(directory, os.O_RDONLY)
         try:
