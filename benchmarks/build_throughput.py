@@ -342,6 +342,7 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
             user = sum(u1[w][0] - u0[w][0] for w in u1)
             sys_ = sum(u1[w][1] - u0[w][1] for w in u1)
             builds.append({"models_per_s": report.rows_done / report.seconds, "seconds": report.seconds,
+                           "rows_per_chunk": store.rows_per_chunk,
                            "wall_with_planning": wall, "rows": report.rows_done, "blocks": report.blocks_done,
                            "user_ms_per_model": 1e3 * user / report.rows_done,
                            "sys_ms_per_model": 1e3 * sys_ / report.rows_done})
@@ -428,12 +429,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "build_over_floor": build["models_per_s"] / floor,
             "build_over_seed_style": build["models_per_s"] / seed,
             "build_over_floor_cpu_time": _cpu_ms(inproc["cpu"]["floor"]) / _cpu_ms(build),
+            "build_over_auto": build["models_per_s"] / rates["auto"],
+            "build_over_auto_cpu_time": _cpu_ms(inproc["cpu"]["auto"]) / _cpu_ms(build),
             "build_over_seed_style_cpu_time": _cpu_ms(inproc["cpu"]["seed"]) / _cpu_ms(build),
             "build_over_seed_compute": build["models_per_s"] / rates["seed-compute"],
             "build_over_seed_compute_cpu_time": _cpu_ms(inproc["cpu"]["seed-compute"]) / _cpu_ms(build),
             "build": build,
             "build_rows": args.rows,
-            "rows_per_chunk": args.rows_per_chunk,
+            "rows_per_chunk": build["rows_per_chunk"],
         })
     out["seconds"] = time.perf_counter() - t0
     out["load_average_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
@@ -478,6 +481,9 @@ def table(res: dict[str, Any]) -> str:
         cpu_text = (f"{c:>13.2f} {cpu_ms['floor'] / c:>8.2f} {cpu_ms['seed'] / c:>7.2f}" if c else "")
         lines.append(f"{name:<38} {rate:>9.1f} {rate / floor:>8.2f} {rate / seed:>7.2f} {cpu_text}")
     lines.append("")
+    if "build_over_auto" in res:
+        lines.append(f"# build / in-process auto: {res['build_over_auto']:.2f} (wall), "
+                     f"{res['build_over_auto_cpu_time']:.2f} (CPU time)")
     lines.append("# x floor, x seed: throughput ratios (wall clock), and the same from CPU time per model "
                  "(robust to other load on the machine)")
     return "\n".join(lines)
@@ -493,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", type=int, default=None, help="masks per process and way (default: digits 48, resnet 4)")
     p.add_argument("--ms", default="2,4,8", help="masks per pass to measure for (c), e.g. 2,4,8")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a)-(d); the best is kept")
-    p.add_argument("--rows", type=int, default=None, help="rows of the build (default: digits 1200, resnet 16)")
-    p.add_argument("--rows-per-chunk", type=int, default=None, help="rows per block (default: digits 50, resnet 2)")
+    p.add_argument("--rows", type=int, default=None, help="rows of the build (default: digits 2400, resnet 16)")
+    p.add_argument("--rows-per-chunk", type=int, default=None,
+                   help="rows per block (default: digits as a store chooses them (100), resnet 2)")
     p.add_argument("--build-repeats", type=int, default=2, help="builds; the best is kept (default 2)")
     p.add_argument("--no-build", action="store_true", help="skip (e)")
     p.add_argument("--malloc", default="package", help="package (default), dask, glibc or NAME=VALUE,...")
@@ -507,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     small = args.model == "digits"
     args.masks = args.masks or (48 if small else 4)
-    args.rows = args.rows or (1200 if small else 16)
-    args.rows_per_chunk = args.rows_per_chunk or (50 if small else 2)
+    args.rows = args.rows or (2400 if small else 16)
+    args.rows_per_chunk = args.rows_per_chunk or (None if small else 2)  # None: the store's default blocks
     import dask
 
     dask.config.set({"logging": {"distributed": "error", "bokeh": "error", "tornado": "error"}})

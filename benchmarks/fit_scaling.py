@@ -14,10 +14,19 @@ built with digests like any store. Three ways fit every row with ``lstsq``
   chooses row groups, their moments are summed on the workers as a tree and
   solved once on the client (:mod:`coar_dask.fit.moments`).
 
+The workers run twice: as started (``workers_N``) and each pinned to a core
+of its own (``workers_N_pinned``, ``sched_setaffinity`` on every thread of
+the worker process). A one-thread worker is one core of a cluster job
+(``--cpus-per-task=1`` on SLURM gives it a cgroup of one core); unpinned on a
+machine with idle cores, one worker also runs its read-ahead thread (which
+decodes the next chunks while BLAS works) on another core, so "1 worker" is
+then more than one core. ``speedup_2_workers`` = wall time of 1 worker / 2
+workers, pinned (one core vs two; acceptance: >= 1.6), and
+``speedup_2_workers_unpinned`` the same unpinned; both are printed.
+
 Each way is warmed up (workers started, torch imported) and then timed
 ``--repeat`` times, best kept; wall-clock and CPU time (this process plus
-the workers' processes) are printed. ``speedup_2_workers`` = wall time of 1
-worker / 2 workers (acceptance: >= 1.6). The weights of every way are
+the workers' processes) are printed. The weights of every way are
 compared with the in-process fit's (``max_weight_diff``).
 
 Usage::
@@ -85,6 +94,25 @@ def timed_fit(store: Any, client: Any | None, repeat: int) -> tuple[dict[str, fl
     return best, attrs
 
 
+def pin_to_core(cpu: int) -> list[int]:
+    """Run on a worker: pin every thread of its process (and the threads they start) to core ``cpu``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:  # a thread that has just ended
+            pass
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_workers(client: Any) -> dict[str, list[int]]:
+    """One core per worker, in worker order (core ``i`` for worker ``i``)."""
+    cores = sorted(os.sched_getaffinity(0))
+    workers = sorted(client.scheduler_info()["workers"])
+    if len(workers) > len(cores):
+        raise SystemExit(f"{len(workers)} workers but {len(cores)} cores to pin them to")
+    return {w: client.run(pin_to_core, cores[i], workers=[w])[w] for i, w in enumerate(workers)}
+
+
 def machine() -> dict[str, Any]:
     import dask
     import distributed
@@ -106,24 +134,32 @@ def run(store_path: Path, rows: int, repeat: int) -> dict[str, Any]:
     weights: dict[str, np.ndarray] = {}
     results["in_process"], a = timed_fit(store, None, repeat)
     weights["in_process"] = a.weight
-    for n in (1, 2):
-        with cluster_client("local", n_workers=n) as client:
-            results[f"workers_{n}"], a = timed_fit(store, client, repeat)
-            results[f"workers_{n}"]["parallel"] = a.metadata.get("parallel")
-            weights[f"workers_{n}"] = a.weight
+    for pinned in (False, True):
+        for n in (1, 2):
+            name = f"workers_{n}" + ("_pinned" if pinned else "")
+            with cluster_client("local", n_workers=n) as client:
+                cores = pin_workers(client) if pinned else None
+                results[name], a = timed_fit(store, client, repeat)
+                results[name]["parallel"] = a.metadata.get("parallel")
+                if cores:
+                    results[name]["cores"] = list(cores.values())
+                weights[name] = a.weight
     del ways
     ref = weights["in_process"]
     for name, w in weights.items():
         results[name]["max_weight_diff"] = float(np.abs(w - ref).max() / max(np.abs(ref).max(), 1e-30))
         results[name]["rows_per_s"] = rows / results[name]["wall_s"]
-    w1, w2, ip = results["workers_1"], results["workers_2"], results["in_process"]
+    w1, w2, ip = results["workers_1_pinned"], results["workers_2_pinned"], results["in_process"]
+    u1, u2 = results["workers_1"], results["workers_2"]
     return {
         "sizes": {"P": P, "K": K, "rows": rows, "rows_per_chunk": store.rows_per_chunk, "alpha": ALPHA},
         "ways": results,
         "speedup_2_workers": w1["wall_s"] / w2["wall_s"],
         "speedup_2_workers_cpu_ratio": w2["cpu_s"] / w1["cpu_s"],
-        "workers_2_vs_in_process": ip["wall_s"] / w2["wall_s"],
-        "workers_1_vs_in_process": ip["wall_s"] / w1["wall_s"],
+        "speedup_2_workers_unpinned": u1["wall_s"] / u2["wall_s"],
+        "speedup_2_workers_unpinned_cpu_ratio": u2["cpu_s"] / u1["cpu_s"],
+        "workers_2_vs_in_process": ip["wall_s"] / u2["wall_s"],
+        "workers_1_vs_in_process": ip["wall_s"] / u1["wall_s"],
     }
 
 
@@ -143,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(f"machine: {out['machine']}\nsizes: {out['sizes']}")
-    print(f"{'way':12} {'wall s':>8} {'cpu s':>8} {'rows/s':>9} {'parallel':>9} {'max weight diff':>16}")
+    print(f"{'way':17} {'wall s':>8} {'cpu s':>8} {'rows/s':>9} {'parallel':>9} {'max weight diff':>16}")
     for name, r in out["ways"].items():
-        print(f"{name:12} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['rows_per_s']:9,.0f} {str(r.get('parallel')):>9} "
+        print(f"{name:17} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['rows_per_s']:9,.0f} {str(r.get('parallel')):>9} "
               f"{r['max_weight_diff']:16.2e}")
-    print(f"speedup_2_workers {out['speedup_2_workers']:.2f} (cpu 2w/1w {out['speedup_2_workers_cpu_ratio']:.2f}); "
-          f"2 workers vs in-process {out['workers_2_vs_in_process']:.2f}; "
+    print(f"speedup_2_workers {out['speedup_2_workers']:.2f} pinned, one core per worker "
+          f"(cpu 2w/1w {out['speedup_2_workers_cpu_ratio']:.2f}); "
+          f"{out['speedup_2_workers_unpinned']:.2f} unpinned (cpu 2w/1w "
+          f"{out['speedup_2_workers_unpinned_cpu_ratio']:.2f}); "
+          f"unpinned 2 workers vs in-process {out['workers_2_vs_in_process']:.2f}; "
           f"1 worker vs in-process {out['workers_1_vs_in_process']:.2f}")
     return 0
 
