@@ -313,6 +313,55 @@ def _rusage() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
+_PARTS = {"compute": "compute_outputs", "masks": "sample_masks", "open": "_open_on_worker", "task": "run_block"}
+
+
+def _instrument() -> None:
+    """On a worker: count the task thread's CPU time in each part of ``run_block`` (from now on)."""
+    from coar_dask.core.store import Store
+    from coar_dask.runtime import build
+
+    spent = build.__dict__.setdefault("_bench_cpu", {})
+    spent.clear()
+    spent["_process0"] = sum(_rusage())
+
+    def timed(fn: Any, part: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.thread_time() - t0
+        wrapper.__wrapped_for_bench__ = fn
+        return wrapper
+
+    for part, name in _PARTS.items():
+        fn = getattr(build, name)
+        setattr(build, name, timed(getattr(fn, "__wrapped_for_bench__", fn), part))
+    Store.write_block = timed(getattr(Store.write_block, "__wrapped_for_bench__", Store.write_block), "write")
+
+
+def _thread_cpu() -> dict[str, float]:
+    from coar_dask.runtime import build
+
+    spent = dict(build.__dict__.get("_bench_cpu", {}))
+    spent["process"] = sum(_rusage()) - spent.pop("_process0", 0.0)
+    return spent
+
+
+def cpu_breakdown(per_worker: dict[str, dict[str, float]], client_cpu: float, rows: int) -> dict[str, float]:
+    """CPU ms per model by part: the ablated passes, the store's work in the task thread (open, masks,
+    write), the rest of the task, the worker processes' other threads (zarr's I/O loop that encodes
+    the chunks, Dask's event loop, profiler), and this process (client and scheduler)."""
+    total = {k: sum(w.get(k, 0.0) for w in per_worker.values()) for k in ("compute", "masks", "open", "write",
+                                                                           "task", "process")}
+    store = total["open"] + total["masks"] + total["write"]
+    ms = 1e3 / rows
+    return {"compute": total["compute"] * ms, "store_in_task": store * ms,
+            "task_other": (total["task"] - total["compute"] - store) * ms,
+            "worker_other_threads": (total["process"] - total["task"]) * ms, "client_and_scheduler": client_cpu * ms}
+
+
 def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int, malloc: dict[str, str],
                   n_components: int, n_examples: int, repeats: int, worker_profile: str = "default") -> dict[str, Any]:
     """(e): ``run_build`` on a fresh store, on a warmed-up LocalCluster; best of ``repeats`` builds."""
@@ -334,21 +383,25 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
         for i in range(repeats):
             store = eval_store_for(Path(tmp) / f"store{i}", experiment, rows, n_components, n_examples,
                                    rows_per_chunk=rows_per_chunk)
+            client.run(_instrument)
             u0 = client.run(_rusage)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             report = run_build(store, experiment, client=client)
-            wall = time.perf_counter() - t0
+            wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
             u1 = client.run(_rusage)
+            parts = cpu_breakdown(client.run(_thread_cpu), client_cpu, report.rows_done)
             user = sum(u1[w][0] - u0[w][0] for w in u1)
             sys_ = sum(u1[w][1] - u0[w][1] for w in u1)
             builds.append({"models_per_s": report.rows_done / report.seconds, "seconds": report.seconds,
                            "rows_per_chunk": store.rows_per_chunk,
                            "wall_with_planning": wall, "rows": report.rows_done, "blocks": report.blocks_done,
                            "user_ms_per_model": 1e3 * user / report.rows_done,
-                           "sys_ms_per_model": 1e3 * sys_ / report.rows_done})
+                           "sys_ms_per_model": 1e3 * sys_ / report.rows_done,
+                           "cpu_ms_per_model_by_part": parts})
     best = dict(max(builds, key=lambda b: b["models_per_s"]))  # wall: the least disturbed build
     by_cpu = sorted(builds, key=lambda b: b["user_ms_per_model"] + b["sys_ms_per_model"])[(len(builds) - 1) // 2]
     best["user_ms_per_model"], best["sys_ms_per_model"] = by_cpu["user_ms_per_model"], by_cpu["sys_ms_per_model"]
+    best["cpu_ms_per_model_by_part"] = by_cpu["cpu_ms_per_model_by_part"]
     best["all"] = builds
     best["worker_malloc_env"] = next(iter(worker_env.values()), {})
     best["worker_profiler"] = next(iter(profiling.values()), None)
@@ -484,6 +537,9 @@ def table(res: dict[str, Any]) -> str:
     if "build_over_auto" in res:
         lines.append(f"# build / in-process auto: {res['build_over_auto']:.2f} (wall), "
                      f"{res['build_over_auto_cpu_time']:.2f} (CPU time)")
+        parts = res["build"]["cpu_ms_per_model_by_part"]
+        lines.append("# build CPU ms per model by part: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                     + f" (auto in-process: {cpu_ms['auto']:.3f})")
     lines.append("# x floor, x seed: throughput ratios (wall clock), and the same from CPU time per model "
                  "(robust to other load on the machine)")
     return "\n".join(lines)
