@@ -77,6 +77,10 @@ logger = logging.getLogger(__name__)
 COMPLETED = "_completed"
 #: Per-block digests of what a build wrote (format 2).
 DIGESTS = "_digests"
+#: :meth:`Store.iter_completed` reads up to this many consecutive blocks (and at most
+#: ``SPAN_BYTES`` of decoded rows) with one zarr call per array.
+SPAN_BLOCKS = 8
+SPAN_BYTES = 64 * 2**20
 #: The file naming the experiment a store belongs to (first build wins).
 CLAIM_FILE = "coar_dask.claim.json"
 _ATTR = "coar_dask"
@@ -406,6 +410,9 @@ class Store:
             raw = np.asarray(self._digests()[index], dtype=np.uint8)
         except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise various errors on damaged chunks
             raise self._corrupt(index, f"its digest chunk cannot be decoded ({type(exc).__name__})") from None
+        return self._digest_row(raw)
+
+    def _digest_row(self, raw: np.ndarray) -> dict[str, bytes] | None:
         if not raw.any():
             return None
         return {name: raw[i].tobytes() for i, name in enumerate(self.spec.names)}
@@ -427,22 +434,60 @@ class Store:
         check = self.verify_reads
         kinds = {n: self.chunk_kind(n, index, array=arrays[n]) if check else "file" for n in names}
         digests = self.stored_digests(index) if check else None
-        if check and digests is None and self.has_digests:
-            raise self._corrupt(index, "its rows are flagged completed but no digest was written with them "
-                                       "(no build wrote this block)")
-        for n, kind in kinds.items():
-            if kind != "file" and not (kind == "missing" and digests is not None):
-                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
+        self._check_kinds(index, kinds, digests)
         out = {}
         for n in names:
             try:
                 out[n] = np.asarray(arrays[n][block.start : block.stop])
             except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise various errors on damaged chunks
                 raise self._corrupt(index, f"the chunk of {n!r} cannot be decoded ({type(exc).__name__})") from None
-            if digests is not None and block_digest(self.store_id, index, n, out[n]) != digests[n]:
-                found = "is missing" if kinds[n] == "missing" else "does not hold what was written for this block"
-                raise self._corrupt(index, f"the chunk of {n!r} {found} (its digest differs: swapped with another "
-                                           f"block, copied from another store, or changed)")
+            self._check_digest(index, n, out[n], digests, kinds[n])
+        return out
+
+    def _check_kinds(self, index: int, kinds: Mapping[str, str], digests: Mapping[str, bytes] | None) -> None:
+        """Refuse block ``index`` before reading it: flagged without a digest, or a chunk that is not a file."""
+        if self.verify_reads and digests is None and self.has_digests:
+            raise self._corrupt(index, "its rows are flagged completed but no digest was written with them "
+                                       "(no build wrote this block)")
+        for n, kind in kinds.items():
+            if kind != "file" and not (kind == "missing" and digests is not None):
+                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
+
+    def _check_digest(self, index: int, name: str, values: np.ndarray, digests: Mapping[str, bytes] | None,
+                      kind: str) -> None:
+        if digests is not None and block_digest(self.store_id, index, name, values) != digests[name]:
+            found = "is missing" if kind == "missing" else "does not hold what was written for this block"
+            raise self._corrupt(index, f"the chunk of {name!r} {found} (its digest differs: swapped with another "
+                                       f"block, copied from another store, or changed)")
+
+    def _read_span(self, first: int, last: int, names: Sequence[str], arrays: Mapping[str, Any]
+                   ) -> list[dict[str, np.ndarray]] | None:
+        """Blocks ``first..last`` read with one zarr call per array (and one for their digests),
+        each block checked as :meth:`read_verified` checks it; ``None`` when anything is wrong with
+        any of them: the caller then reads them one by one, which raises at the first bad block."""
+        check = self.verify_reads
+        blocks = [self.block(i) for i in range(first, last + 1)]
+        if check:  # nothing is opened before every chunk is known to be a plain file (a FIFO would block)
+            kinds = [{n: self.chunk_kind(n, b.index, array=arrays[n]) for n in names} for b in blocks]
+            if any(kind != "file" for k in kinds for kind in k.values()):
+                return None
+        try:
+            span = {n: np.asarray(arrays[n][blocks[0].start : blocks[-1].stop]) for n in names}
+            raw = np.asarray(self._digests()[first : last + 1], dtype=np.uint8) if check and self.has_digests \
+                else None
+        except Exception:  # noqa: BLE001 - read block by block for the error naming the block
+            return None
+        out = []
+        for j, b in enumerate(blocks):
+            digests = self._digest_row(raw[j]) if raw is not None else None
+            values = {n: span[n][b.start - blocks[0].start : b.stop - blocks[0].start] for n in names}
+            try:
+                self._check_kinds(b.index, kinds[j] if check else {}, digests)
+                for n in names:
+                    self._check_digest(b.index, n, values[n], digests, "file")
+            except CorruptBlockError:
+                return None
+            out.append(values)
         return out
 
     def read_block(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -475,11 +520,26 @@ class Store:
         block_ids = rows // self.rows_per_chunk
         bounds = np.flatnonzero(np.diff(block_ids)) + 1
         arrays = {n: self.array(n) for n in names}
-        for chunk_rows in np.split(rows, bounds):
-            block = self.block(int(chunk_rows[0]) // self.rows_per_chunk)
-            local = chunk_rows - block.start
-            data = self.read_verified(block.index, names, arrays=arrays)
-            yield chunk_rows, {n: values[local] for n, values in data.items()}
+        per_block = np.split(rows, bounds)
+        row_bytes = sum(self.spec[n].row_nbytes for n in names)
+        span_blocks = int(max(1, min(SPAN_BLOCKS, SPAN_BYTES // max(row_bytes * self.rows_per_chunk, 1))))
+        at = 0
+        while at < len(per_block):
+            # consecutive blocks (those a run of rows touches) are read together: one zarr call
+            # per array for up to SPAN_BLOCKS blocks costs less than one per block
+            group = [per_block[at]]
+            while (len(group) < span_blocks and at + len(group) < len(per_block)
+                   and per_block[at + len(group)][0] // self.rows_per_chunk
+                   == group[-1][0] // self.rows_per_chunk + 1):
+                group.append(per_block[at + len(group)])
+            at += len(group)
+            first = int(group[0][0]) // self.rows_per_chunk
+            data = self._read_span(first, first + len(group) - 1, names, arrays) if len(group) > 1 else None
+            for j, chunk_rows in enumerate(group):
+                block = self.block(int(chunk_rows[0]) // self.rows_per_chunk)
+                local = chunk_rows - block.start
+                values = data[j] if data is not None else self.read_verified(block.index, names, arrays=arrays)
+                yield chunk_rows, {n: v[local] for n, v in values.items()}
 
     # -- the experiment that owns the store --------------------------------
     def read_claim(self) -> dict[str, Any] | None:
