@@ -44,12 +44,32 @@ def _routine(name: str) -> Any | None:
         get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
         get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
         get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        address = get_pointer(capsule, get_name(capsule))
+        signature = get_name(capsule)
+        address = get_pointer(capsule, signature)
     except Exception as exc:  # noqa: BLE001 - any failure: use scipy.linalg.blas instead
         logger.debug("scipy cython_blas %s unavailable (%s); BLAS calls will hold the GIL", name, exc)
         return None
     n_args = {"syrk": 10, "gemm": 13}[name[1:]]
+    if not _expected(signature.decode("ascii", "replace"), n_args):
+        logger.debug("scipy cython_blas %s has signature %r; BLAS calls will hold the GIL", name, signature)
+        return None
     return ctypes.CFUNCTYPE(None, *([_P] * n_args))(address)
+
+
+def _expected(signature: str, n_args: int) -> bool:
+    """Whether a cython_blas signature is the one the calls here are written for: ``void``, ``n_args``
+    pointers, the integers C ``int`` (LP64), so that a scipy built otherwise is never called wrongly.
+
+    >>> _expected("void (char *, char *, int *, int *, s *, s *, int *, s *, s *, int *)", 10)
+    True
+    >>> _expected("void (char *, char *, int64_t *, int64_t *, s *, s *, int64_t *, s *, s *, int64_t *)", 10)
+    False
+    """
+    if not (signature.startswith("void (") and signature.endswith(")")):
+        return False
+    args = [a.strip() for a in signature[len("void ("):-1].split(",")]
+    ints = [a for a in args if "int" in a]
+    return len(args) == n_args and all(a.endswith("*") for a in args) and all(a == "int *" for a in ints)
 
 
 def _refs(*values: Any) -> list[Any]:
