@@ -87,3 +87,16 @@ def test_a_first_write_reads_no_flag_to_clear(tmp_path, monkeypatch):
     flags = store.chunk_path("_completed", 0)
     assert synced.count(str(flags)) == 1 and synced.count(str(flags.parent)) == 2
     assert synced.index(str(flags.parent)) < synced.index(str(store.chunk_path("y", 0)))
+
+
+def test_a_block_whose_flags_chunk_is_damaged_can_be_rewritten(tmp_path):
+    """Reading the flags before a rewrite must not make a damaged flags chunk block the rebuild."""
+    store = small_store(tmp_path / "s")
+    store.write_block(0, block(0))
+    flags = store.chunk_path("_completed", 0)
+    flags.write_bytes(b"not a zstd frame")
+    reopened = open_store(store.path)
+    reopened.write_block(0, block(1))
+    assert open_store(store.path).completed_blocks()[0]
+    report = verify_store(store.path)
+    assert report.intact, report.format()

@@ -370,7 +370,11 @@ class Store:
             chunk_files.append(self.chunk_path(DIGESTS, index, array=digests))
         done = self._group[COMPLETED]
         flags_file = [self.chunk_path(COMPLETED, index, array=done)]
-        if np.asarray(done[block.start : block.stop]).any():
+        try:
+            was_completed = bool(np.asarray(done[block.start : block.stop]).any())
+        except Exception:  # noqa: BLE001 - a damaged flags chunk: cleared (rewritten whole) like set ones
+            was_completed = True
+        if was_completed:
             # A block rewritten after it was completed is marked pending first, durably: a write cut
             # short below leaves it pending (rebuilt), never flagged with new data and an old digest.
             done[block.start : block.stop] = False
