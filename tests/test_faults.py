@@ -14,6 +14,7 @@ digits experiment (module fixture): masks bitwise, outputs exactly (CPU), and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,8 +227,10 @@ def test_two_concurrent_builds_of_one_store_equal_the_reference(tmp_path, digits
     for rc, out, err in results:
         assert rc == 0, err
         assert "Traceback" not in err
-    # Both planned every block before either finished one, and wrote each of them.
-    assert sum(f"Built {rows} rows" in out for _, out, _ in results) == 2, [out for _, out, _ in results]
+    # The builds overlapped: at least one block was planned and written by both (the barrier lines
+    # them up at loading; on a busy machine one may still plan after the other has finished a block).
+    built = [int(m.group(1)) for _, out, _ in results for m in [re.search(r"Built (\d+) rows", out)] if m]
+    assert len(built) == 2 and sum(built) > rows and max(built) == rows, [out for _, out, _ in results]
     assert_same_store(store.path, reference)
     meta = open_store(store.path, read_only=True).meta
     assert meta["experiment_fingerprint"] == together.fingerprint
