@@ -18,7 +18,7 @@ from dask.utils import parse_timedelta
 from coar_dask.errors import ConfigError
 
 __all__ = ["DEFAULTS_FILE", "SLURM_EXAMPLE_FILE", "factory_timeout", "load_defaults", "user_config_path",
-           "write_user_config"]
+           "worker_dask_config", "write_user_config"]
 
 #: The packaged defaults, commented.
 DEFAULTS_FILE = Path(__file__).with_name("coar_dask.yaml")
@@ -50,6 +50,29 @@ def factory_timeout(value: object = "config") -> float | None:
     if seconds < 0:
         raise ConfigError(f"coar-dask.factory-timeout must not be negative; found {value!r} (0 or null: no limit).")
     return seconds or None
+
+
+def worker_dask_config(value: object = "config") -> dict[str, str]:
+    """Dask settings that clusters coar_dask starts give their workers: the profiler's sampling
+    interval from ``coar-dask.worker-profile-interval`` (``{}`` when it is null: dask's own).
+
+    >>> worker_dask_config("250ms")
+    {'distributed.worker.profile.interval': '250ms'}
+    >>> worker_dask_config(None)
+    {}
+    """
+    if value == "config":
+        value = dask.config.get("coar-dask.worker-profile-interval", None)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return {}
+    try:
+        seconds = float(parse_timedelta(value, default="seconds"))
+    except (AttributeError, TypeError, ValueError, KeyError):
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"coar-dask.worker-profile-interval must be a positive duration such as '100ms', or null "
+                          f"for dask's own distributed.worker.profile.interval; found {value!r}.")
+    return {"distributed.worker.profile.interval": f"{round(seconds * 1000, 3):g}ms"}
 
 
 def user_config_path() -> Path:

@@ -454,3 +454,44 @@ def test_unknown_kind_lists_the_kinds():
     with pytest.raises(ConfigError, match="local"):
         with C.cluster_client("kubernetes"):
             pass
+
+
+# ------------------------------------------------ the workers' profiler interval
+
+
+def _profile_interval():
+    import dask
+
+    return dask.config.get("distributed.worker.profile.interval")
+
+
+@pytest.mark.slow
+def test_local_workers_sample_their_tasks_every_100ms_and_the_client_keeps_its_config():
+    """Dask's 10ms profiler cost a build 3-5% (BENCHMARKS.md); coar_dask's clusters sample every 100ms."""
+    before = dask.config.get("distributed.worker.profile.interval")
+    with C.cluster_client("local", n_workers=1) as client:
+        assert set(client.run(_profile_interval).values()) == {"100ms"}
+    assert dask.config.get("distributed.worker.profile.interval") == before
+    with dask.config.set({"coar-dask.worker-profile-interval": None}), \
+            C.cluster_client("local", n_workers=1) as client:  # null: dask's own setting
+        assert set(client.run(_profile_interval).values()) == {before}
+
+
+@needs_jobqueue
+def test_slurm_workers_get_the_profile_interval_unless_the_prologue_sets_it():
+    script = C.slurm_job_script(cores=1, memory="2GB", walltime="00:30:00")
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms" in script.splitlines()
+    with dask.config.set({"coar-dask.worker-profile-interval": "250ms"}):
+        assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=250ms" in C.slurm_job_script(
+            cores=1, memory="2GB", walltime="00:30:00").splitlines()
+    own = C.slurm_job_script(cores=1, memory="2GB", walltime="00:30:00",
+                             job_script_prologue=["export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=10ms"])
+    assert own.count("DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL") == 1
+
+
+@pytest.mark.parametrize("bad", ["-1s", "0", "soon", [1]])
+def test_a_bad_profile_interval_is_one_config_error(bad):
+    from coar_dask.config import worker_dask_config
+
+    with pytest.raises(ConfigError, match="worker-profile-interval must be a positive duration"):
+        worker_dask_config(bad)

@@ -48,6 +48,7 @@ import dask
 import dask.config
 
 from coar_dask import config as _config  # noqa: F401  (loads coar_dask's dask.config defaults)
+from coar_dask.config import worker_dask_config
 from coar_dask._yaml import read_yaml_file
 from coar_dask.errors import ConfigError, missing_dependency
 
@@ -480,7 +481,9 @@ class SlurmSettings:
         prologue = list(self.job_script_prologue)
         # The local workers' environment (one BLAS thread per Dask thread, ...),
         # except what the site's prologue sets itself.
-        prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items() if not any(k in line for line in prologue)]
+        env = {**WORKER_ENV, **{"DASK_" + key.upper().replace(".", "__").replace("-", "_"): value
+                                for key, value in worker_dask_config().items()}}
+        prologue += [f"export {k}={v}" for k, v in env.items() if not any(k in line for line in prologue)]
         scheduler_options = dict(self.scheduler_options)
         if self.dashboard_address is not None:
             scheduler_options["dashboard_address"] = self.dashboard_address
@@ -1031,7 +1034,7 @@ def cluster_client(
     >>> with cluster_client("slurm", cores=4, memory="16GB", gpus_per_job=1, adapt="0:8") as client:  # doctest: +SKIP
     ...     run_build(store, experiment, client=client)
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if kind is None:
         kind = dask.config.get("coar-dask.cluster.kind", "local")
@@ -1070,6 +1073,18 @@ def cluster_client(
     if dashboard_address is None:
         dashboard_address = ":0"
     devices = _resolve_local_gpus(gpus) if n_workers is None or gpus is not None else []
+    with dask.config.set(worker_dask_config()):  # each nanny hands its worker the config of this moment
+        cluster, described = _local_cluster(devices, n_workers, threads_per_worker, dashboard_address, kwargs)
+    with cluster, Client(cluster) as client:  # closed in reverse: the client, then the cluster
+        logger.info("started local cluster with %s, dashboard at %s", described, client.dashboard_link)
+        yield client
+
+
+def _local_cluster(devices: list[str], n_workers: int | None, threads_per_worker: int, dashboard_address: str,
+                   kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """A started local cluster: one worker per GPU in ``devices``, else ``n_workers`` CPU workers."""
+    from distributed import LocalCluster
+
     if devices:
         from distributed import Scheduler, SpecCluster
 
@@ -1091,6 +1106,4 @@ def cluster_client(
             **kwargs,
         )
         described = f"{len(cluster.worker_spec)} CPU worker(s)"
-    with cluster, Client(cluster) as client:  # closed in reverse: the client, then the cluster
-        logger.info("started local cluster with %s, dashboard at %s", described, client.dashboard_link)
-        yield client
+    return cluster, described
