@@ -40,9 +40,10 @@ def _routine(name: str) -> Any | None:
         from scipy.linalg import cython_blas
 
         capsule = cython_blas.__pyx_capi__[name]
-        get_name = ctypes.pythonapi.PyCapsule_GetName
+        python = ctypes.PyDLL(None)  # our own handles: ctypes.pythonapi's are shared with other libraries
+        get_name = python.PyCapsule_GetName
         get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer = python.PyCapsule_GetPointer
         get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
         signature = get_name(capsule)
         address = get_pointer(capsule, signature)
