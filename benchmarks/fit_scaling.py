@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +129,6 @@ def run(store_path: Path, rows: int, repeat: int) -> dict[str, Any]:
     from coar_dask.runtime.cluster import cluster_client
 
     store = build_store(store_path, rows)
-    ways: dict[str, Callable[[], Any]] = {}
     results: dict[str, dict[str, float]] = {}
     weights: dict[str, np.ndarray] = {}
     results["in_process"], a = timed_fit(store, None, repeat)
@@ -148,7 +147,6 @@ def run(store_path: Path, rows: int, repeat: int) -> dict[str, Any]:
                 if cores:
                     results[name]["cores"] = list(cores.values())
                 weights[name] = a.weight
-    del ways
     ref = weights["in_process"]
     for name, w in weights.items():
         results[name]["max_weight_diff"] = float(np.abs(w - ref).max() / max(np.abs(ref).max(), 1e-30))

@@ -665,8 +665,8 @@ def _fsync(paths: Sequence[Path], root: Path | None = None) -> None:
         if not parent.is_dir():
             continue
         dirs.add(parent)
-        if root is not None:  # the chunk key's folders below the array's own folder
-            while parent.parent != root and parent.parent != parent and len(parent.parts) > len(root.parts) + 1:
+        if root is not None and parent.is_relative_to(root):  # the chunk key's folders, up to the array's own
+            while len(parent.parts) > len(root.parts) + 1:
                 parent = parent.parent
                 dirs.add(parent)
     for directory in dirs:

@@ -6,7 +6,7 @@ a general product's work, which torch does not offer) and ``X^T Y'``
 whole call, so the read-ahead thread (:func:`~coar_dask.solvers.streaming.prefetch`),
 which decodes the next chunks while BLAS works on this batch, and a Dask
 worker's event loop both stopped for 60-100 ms per batch (measured: a
-spinning thread ran at 11-27% of its speed). The same routines from
+spinning thread ran at 6% of its speed with one BLAS thread, 20-27% with two). The same routines from
 ``scipy.linalg.cython_blas``, called through :mod:`ctypes` (which releases
 the GIL around a foreign call), run at the same speed with the other
 threads free.

@@ -432,7 +432,7 @@ class Moments:
     def state(self) -> dict[str, Any]:
         """The sums as plain numpy, to send between processes; :meth:`from_state` inverts it.
 
-        Float64, except the Gram matrix: its upper triangle, row by row (``xx_packed``), in float32
+        Float64, except the Gram matrix: its upper triangle, row by row (:func:`pack_gram`), in float32
         when that is lossless (the counts of 0/1 masks below 2**24 rows) -- a quarter of the bytes
         of the float64 matrix that a row-parallel fit would move between workers.
         """
@@ -443,7 +443,7 @@ class Moments:
             value = getattr(self, name)
             out[name] = None if value is None else value.cpu().numpy()
         if out["xx"] is not None:
-            out["xx"], out["xx_packed"] = pack_gram(out["xx"]), True
+            out["xx"] = pack_gram(out["xx"])
         return out
 
     @classmethod
@@ -456,7 +456,7 @@ class Moments:
         out._ybuf, out._ref, out._buffers, out._acc_rows, out._acc = None, {}, {}, 0, None
         for name in cls._STATE:
             value = state[name]
-            if name == "xx" and value is not None and state.get("xx_packed"):
+            if name == "xx" and value is not None:
                 value = unpack_gram(value, int(np.asarray(state["sx"]).size))
             setattr(out, name, None if value is None else torch.from_numpy(np.asarray(value)).to(dev))
         return out
@@ -539,13 +539,11 @@ def add_states(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """The sum of two :meth:`Moments.state` (same shift): the combine step of a tree reduction."""
     if not np.array_equal(a["shift"], b["shift"]):
         raise RegressionError("add_states: the two sums have different output shifts; compute both with one shift.")
-    if bool(a.get("xx_packed")) != bool(b.get("xx_packed")):
-        raise RegressionError("add_states: one Gram matrix is packed and the other not; make both with state().")
     out = dict(a, n=a["n"] + b["n"], gram=a["gram"] and b["gram"])
     out["dtype"] = np.promote_types(a["dtype"], b["dtype"]).str if a["dtype"] and b["dtype"] else a["dtype"] or b["dtype"]
     for name in ("sx", "sy", "syy", "dxx", "xx", "xy"):
         out[name] = None if a[name] is None or b[name] is None else np.add(a[name], b[name], dtype=np.float64)
-    if out["xx"] is not None and out.get("xx_packed"):
+    if out["xx"] is not None:  # packed (pack_gram): float32 again when the sum allows it
         out["xx"] = _narrow(out["xx"])
     return out
 
