@@ -14,6 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import test_solvers
+
 from coar_dask.core.store import init_store
 from coar_dask.fit.evaluate import evaluate
 from coar_dask.fit.fit import fit
@@ -25,18 +27,11 @@ CPU = torch.device("cpu")
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class ArrayRows:
-    """A row source over arrays, in blocks of ``block`` rows."""
+class ArrayRows(test_solvers.ArrayRows):
+    """test_solvers' row source over arrays, in blocks of 23 rows by default."""
 
     def __init__(self, X, Y, block=23):
-        self.X, self.Y = np.asarray(X), np.asarray(Y)
-        self.n_rows, self.n_features = self.X.shape
-        self.n_targets = self.Y.shape[1]
-        self.block = block
-
-    def blocks(self):
-        for a in range(0, self.n_rows, self.block):
-            yield self.X[a : a + self.block], self.Y[a : a + self.block]
+        super().__init__(X, Y, block)
 
 
 def problem(seed, n, p, k, alpha, offset, *, dtype=np.float32, const_col=False, const_target=False, noise=0.1):
