@@ -80,7 +80,7 @@ def factories(tmp_path, monkeypatch):
 
 
 def experiment(model: str = "conftest:tiny_model", examples: str = "conftest:tiny_examples") -> Experiment:
-    # A fresh mask seed per call: load_state caches by fingerprint, and every test needs a first load.
+    # Distinct mask seeds; load_state caches by model and examples (not the seed), and a failed load is never cached.
     experiment.seed = getattr(experiment, "seed", 1000) + 1
     return Experiment(model=model, examples=examples, alpha=0.2, batch_size=5, mask_seed=experiment.seed)
 

@@ -68,3 +68,31 @@ def test_local_workers_apply_worker_env_malloc_settings_at_start():
         # client.run runs outside any task, and before any build task: only the preload can have applied it
         (applied,) = client.run(lambda: worker._MALLOC_APPLIED).values()
     assert applied == expected
+
+
+def _cached_states() -> tuple[int, int, int]:
+    """On a worker: cached experiment states, engine runners, and distinct models among the states."""
+    from coar_dask.ablation import engine
+    from coar_dask.core import experiment
+
+    states = list(experiment._STATE_CACHE.values())
+    return len(states), len(engine._RUNNERS), len({id(s.model) for s in states})
+
+
+def test_train_and_eval_stores_share_one_state_per_worker(tmp_path, tiny_experiment):
+    """Issue 23 item 1: the mask seed does not change the model or examples, so a worker that builds a
+    train store and an evaluation store of one experiment keeps one model, one example set, one runner."""
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.runtime.build import run_build
+    from coar_dask.runtime.cluster import cluster_client
+
+    state = load_state(tiny_experiment)
+    heldout = tiny_experiment.replace(mask_seed=tiny_experiment.mask_seed + 1)
+    with cluster_client("local", n_workers=1) as client:
+        for name, exp in (("train", tiny_experiment), ("eval", heldout)):
+            store = eval_store_for(tmp_path / name, exp, 8, state.n_components, state.n_examples, rows_per_chunk=4)
+            run_build(store, exp, client=client)
+        (counts,) = client.run(_cached_states).values()
+    assert counts == (1, 1, 1)
+    assert load_state(heldout) is state

@@ -653,18 +653,33 @@ def _check_first_batch(state: ExperimentState) -> None:
             )
 
 
+def _state_key(experiment: Experiment) -> tuple[Any, ...]:
+    """What a loaded state depends on: the model, examples, components and output, and the run settings.
+
+    Not the mask sampling (seed, alpha) nor the store's array names and dtype: a train store and its
+    evaluation stores share one model and one example set per process (issue 23: two 30 GB copies of
+    ImageNet's examples per GPU otherwise). Run settings change the loaded state (device, AMP, memory
+    format) or how the engine uses it, so they are in the key though not in the fingerprint.
+    """
+    what = experiment._what()
+    for name in ("alpha", "mask_seed", "x_name", "y_name", "y_dtype"):
+        del what[name]
+    return (_digest(what), str(experiment.device), experiment.masks_per_pass, experiment.amp,
+            experiment.channels_last, experiment.batch_size)
+
+
 def load_state(experiment: Experiment) -> ExperimentState:
     """The experiment's model, examples and components, loaded once per process.
 
-    The first load calls the factories through :func:`call_factory`: one that
+    Keyed by what the state depends on, not by the mask seed: a train store
+    and its evaluation stores share one state (``state.experiment`` is the
+    first experiment loaded; use the block's own experiment for its masks and
+    dtype). The first load calls the factories through :func:`call_factory`: one that
     raises, exits, returns zero examples or runs past
     ``coar-dask.factory-timeout`` (10 minutes by default) fails with a
     one-line :class:`~coar_dask.errors.FactoryError` naming it.
     """
-    # Run settings change the loaded state (device, AMP, memory format) or how it is
-    # used, so they belong in the key even though they are not in the fingerprint.
-    key = (experiment.fingerprint, str(experiment.device), experiment.masks_per_pass, experiment.amp,
-           experiment.channels_last, experiment.batch_size)
+    key = _state_key(experiment)
     with _STATE_LOCK:
         state = _STATE_CACHE.get(key)
         if state is None:
