@@ -109,7 +109,7 @@ def digits_store(path: Path, n: int) -> Any:
 def heldout_correlation(attrs: Any, store: Any, rows: np.ndarray) -> float:
     from coar_dask.fit.rows import StoreRows
     from coar_dask.solvers.base import SolverResult
-    from coar_dask.solvers.streaming import validation_metrics
+    from coar_dask.solvers.metrics import validation_metrics
 
     src = StoreRows(store, rows, attrs.metadata["x_name"], attrs.metadata["y_name"])
     r = validation_metrics(SolverResult(attrs.weight, attrs.bias, attrs.lam), src)["val_correlation"]
@@ -210,7 +210,7 @@ def moments_precision(P: int = 1024, K: int = 1000, rows: int = 2000, batches: i
     wall-clock and CPU seconds (process time, all threads), with the error of the centred X^T Y against float64."""
     import torch
 
-    from coar_dask.solvers.streaming import Moments
+    from coar_dask.solvers.moments import Moments
 
     rng = np.random.default_rng(0)
     xs = [(rng.random((rows, P)) >= 0.05).astype(np.float32) for _ in range(batches)]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coar_dask.solvers import _blas, streaming
+from coar_dask.solvers import _blas, moments as moments_mod
 
 FAST = settings(max_examples=30, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fixtures set once
@@ -106,18 +106,18 @@ def test_other_threads_run_during_a_call():
        seed=st.integers(0, 99))
 def test_moments_gram_summed_across_batches_is_exact(rows, p, batch, alpha, seed, monkeypatch):
     """Masks' Gram sums held in float32 over several batches (flushed at EXACT_GRAM_ROWS) equal the counts."""
-    monkeypatch.setattr(streaming, "EXACT_GRAM_ROWS", 97)  # flush often: across batch boundaries too
+    monkeypatch.setattr(moments_mod, "EXACT_GRAM_ROWS", 97)  # flush often: across batch boundaries too
     rng = np.random.default_rng(seed)
     x = rng.random((rows, p)) >= alpha
     y = rng.normal(loc=50, size=(rows, 3))
-    m = streaming.Moments(p, 3, CPU, gram=True)
+    m = moments_mod.Moments(p, 3, CPU, gram=True)
     for a in range(0, rows, batch):
         m.update(x[a:a + batch].astype(np.float32), y[a:a + batch])
     state = m.state()  # flushes what is still in float32
     xf = x.astype(np.float64)
     np.testing.assert_array_equal(m.full_gram().numpy(), xf.T @ xf)
     assert state["xx"].dtype == np.float32  # counts: packed losslessly in float32
-    np.testing.assert_array_equal(streaming.unpack_gram(state["xx"], p), xf.T @ xf)
+    np.testing.assert_array_equal(moments_mod.unpack_gram(state["xx"], p), xf.T @ xf)
     shifted = y - m.shift.numpy()
     np.testing.assert_allclose(state["xy"], xf.T @ shifted, rtol=1e-5, atol=1e-3 * rows)
     m.release()
@@ -137,16 +137,16 @@ def test_states_pack_the_gram_losslessly_and_add_up(p, integer, seed):
     shift = np.array([9.0, 9.0])
     states = []
     for x, y in parts:
-        m = streaming.Moments(p, 2, CPU, gram=True, shift=shift)
+        m = moments_mod.Moments(p, 2, CPU, gram=True, shift=shift)
         m.update(x, y)
         states.append(m.state())
         assert states[-1]["xx"].dtype == (np.float32 if integer else np.float64)
-    total = streaming.add_states(streaming.add_states(states[0], states[1]), states[2])
-    other = streaming.add_states(states[2], streaming.add_states(states[1], states[0]))
+    total = moments_mod.add_states(moments_mod.add_states(states[0], states[1]), states[2])
+    other = moments_mod.add_states(states[2], moments_mod.add_states(states[1], states[0]))
     xs = np.concatenate([x for x, _ in parts]).astype(np.float64)
     ys = np.concatenate([y for _, y in parts]) - shift
     for s in (total, other):
-        m = streaming.Moments.from_state(s, CPU)
+        m = moments_mod.Moments.from_state(s, CPU)
         np.testing.assert_allclose(m.full_gram().numpy(), xs.T @ xs, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(m.xy.numpy(), xs.T @ ys, rtol=1e-5, atol=1e-4)
         assert m.n == len(xs)
@@ -154,4 +154,4 @@ def test_states_pack_the_gram_losslessly_and_add_up(p, integer, seed):
 
 def test_pack_gram_refuses_a_wrong_length():
     with pytest.raises(Exception, match="packed Gram matrix of 3 features has 6 values"):
-        streaming.unpack_gram(np.zeros(5), 3)
+        moments_mod.unpack_gram(np.zeros(5), 3)

@@ -19,7 +19,7 @@ import test_solvers
 from coar_dask.core.store import init_store
 from coar_dask.fit.evaluate import evaluate
 from coar_dask.fit.fit import fit
-from coar_dask.solvers import base, streaming
+from coar_dask.solvers import base, metrics as metrics_mod, moments as moments_mod
 from coar_dask.solvers import lstsq as lstsq_mod
 from coar_dask.solvers import saga as saga_mod
 
@@ -130,7 +130,7 @@ def test_ridge_grid_and_moment_metrics_independent_of_offset(seed, offset, alpha
     X, Y = problem(seed, n, 8, 3, alpha, offset, dtype=np.float64, noise=0.5)
     Xv, Yv = problem(seed + 1, 40, 8, 3, alpha, offset, dtype=np.float64, noise=0.5)
     res = lstsq_mod.lstsq(ArrayRows(X, Y), ArrayRows(Xv, Yv), ridge_grid="0,1,10")
-    ref = streaming.validation_metrics(res, ArrayRows(Xv, Yv))
+    ref = metrics_mod.validation_metrics(res, ArrayRows(Xv, Yv))
     # The moments' metrics are of the float64 weights, the streamed ones of the returned float32 weights.
     np.testing.assert_allclose(res.info["val_mse"], ref["val_mse"], rtol=1e-4)
     np.testing.assert_allclose(res.info["val_correlation"], ref["val_correlation"], atol=1e-5)
@@ -184,7 +184,7 @@ def test_pearson_accumulator_equals_two_pass_and_nan_without_variance(seed, n, o
         pred[:, 1] = offset + 0.1
     if flat in ("actual", "both"):
         actual[:, 2] = offset - 0.3
-    acc = streaming.PearsonAccumulator(3)
+    acc = metrics_mod.PearsonAccumulator(3)
     edges = [0, *sorted({c for c in cuts if c < n}), n]
     for a, b in zip(edges[:-1], edges[1:]):
         acc.update(pred[a:b], actual[a:b])
@@ -204,11 +204,11 @@ def test_pearson_accumulator_equals_two_pass_and_nan_without_variance(seed, n, o
 def test_moment_metrics_equal_streamed_metrics_with_constant_targets(seed, offset, const_target):
     X, Y = problem(seed, 60, 6, 3, 0.3, offset, dtype=np.float64, const_target=const_target)
     res = lstsq_mod.lstsq(ArrayRows(X, Y))
-    tm = streaming.stream_moments(ArrayRows(X, Y), CPU, gram=True, rows=None, progress=None)
-    vm = streaming.stream_moments(ArrayRows(X, Y), CPU, gram=True, rows=None, progress=None, precise=True,
+    tm = moments_mod.stream_moments(ArrayRows(X, Y), CPU, gram=True, rows=None, progress=None)
+    vm = moments_mod.stream_moments(ArrayRows(X, Y), CPU, gram=True, rows=None, progress=None, precise=True,
                                   shift=tm.shift)
     got = lstsq_mod.moment_metrics(vm, torch.from_numpy(res.weight), torch.from_numpy(res.bias))
-    ref = streaming.validation_metrics(res, ArrayRows(X, Y))
+    ref = metrics_mod.validation_metrics(res, ArrayRows(X, Y))
     np.testing.assert_allclose(got["val_mse"], ref["val_mse"], rtol=1e-6, atol=1e-12)
     g, r = np.array(got["val_correlation"]), np.array(ref["val_correlation"])
     np.testing.assert_array_equal(np.isnan(g), np.isnan(r))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coar_dask.solvers import base, registry, streaming
+from coar_dask.solvers import base, registry, metrics as metrics_mod, moments as moments_mod, rows as rows_mod
 from coar_dask.solvers import lstsq as lstsq_mod
 from coar_dask.solvers import saga as saga_mod
 from coar_dask.errors import MissingDependencyError, RegressionError
@@ -160,7 +160,7 @@ def test_lstsq_does_not_depend_on_block_or_batch_sizes(sizes, batch):
 def test_rebatch_keeps_rows_and_order(sizes, rows):
     n = sum(sizes)
     X, Y = np.arange(2 * n).reshape(n, 2), np.arange(n).reshape(n, 1)
-    out = list(streaming.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows))
+    out = list(rows_mod.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows))
     if n == 0:
         assert out == []
         return
@@ -175,7 +175,7 @@ def test_rebatch_pool_recycles_a_few_buffers(sizes, rows, pool):
     n = sum(sizes)
     X, Y = np.arange(3 * n, dtype=np.float32).reshape(n, 3), np.arange(n, dtype=np.float32).reshape(n, 1)
     got, buffers = [], []
-    for x, y in streaming.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows, pool):
+    for x, y in rows_mod.rebatch(ArrayRows(X, Y, block=sizes).blocks(), rows, pool):
         got.append((x.copy(), y.copy()))  # valid until the next batches are drawn
         buffers.append(x if x.base is None else x.base)
     if n:
@@ -192,7 +192,7 @@ def test_iter_batches_reuse_recycles_few_buffers_through_the_reader_thread():
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(3000, 4)).astype(np.float32)
     buffers, got = [], []
-    for i, (x, y) in enumerate(streaming.iter_batches(ArrayRows(X, Y, block=70), 100, reuse=True)):
+    for i, (x, y) in enumerate(rows_mod.iter_batches(ArrayRows(X, Y, block=70), 100, reuse=True)):
         first = x.copy()
         if i % 5 == 0:
             time.sleep(0.02)  # let the reader fill the queue meanwhile
@@ -200,7 +200,7 @@ def test_iter_batches_reuse_recycles_few_buffers_through_the_reader_thread():
         got.append(first)
         buffers.append(x if x.base is None else x.base)  # kept alive: fresh arrays would all differ
     np.testing.assert_array_equal(np.concatenate(got), X)
-    assert len({id(b) for b in buffers}) <= streaming.PREFETCH_DEPTH + 3 < len(buffers)
+    assert len({id(b) for b in buffers}) <= rows_mod.PREFETCH_DEPTH + 3 < len(buffers)
 
 
 @settings(max_examples=30, deadline=None)
@@ -210,7 +210,7 @@ def test_streamed_validation_metrics_equal_numpy(sizes, seed):
     rng = np.random.default_rng(seed)
     X, Y = masks(rng, n, 5), rng.normal(size=(n, 3))
     res = base.SolverResult(rng.normal(size=(5, 3)), rng.normal(size=3), np.zeros(3))
-    m = streaming.validation_metrics(res, ArrayRows(X, Y, block=sizes))
+    m = metrics_mod.validation_metrics(res, ArrayRows(X, Y, block=sizes))
     pred = X @ res.weight + res.bias
     np.testing.assert_allclose(m["val_mse"], ((pred - Y) ** 2).mean(0), rtol=1e-9)
     if n > 2:
@@ -234,10 +234,10 @@ def test_metrics_from_moments_equal_streamed_metrics(seed, n):
     rng = np.random.default_rng(seed)
     X, Y = masks(rng, n, 6, 0.3), rng.normal(size=(n, 3)) + 5.0
     res = base.SolverResult(rng.normal(size=(6, 3)), rng.normal(size=3), np.zeros(3))
-    vm = streaming.stream_moments(ArrayRows(X, Y, block=7), base.torch_device("cpu"), gram=True, rows=None,
+    vm = moments_mod.stream_moments(ArrayRows(X, Y, block=7), base.torch_device("cpu"), gram=True, rows=None,
                                  progress=None)
     got = lstsq_mod.moment_metrics(vm, torch.from_numpy(res.weight), torch.from_numpy(res.bias))
-    ref = streaming.validation_metrics(res, ArrayRows(X, Y))
+    ref = metrics_mod.validation_metrics(res, ArrayRows(X, Y))
     np.testing.assert_allclose(got["val_mse"], ref["val_mse"], rtol=1e-8)
     ok = np.isfinite(ref["val_correlation"])
     np.testing.assert_allclose(np.array(got["val_correlation"])[ok], np.array(ref["val_correlation"])[ok],
@@ -287,18 +287,18 @@ def test_prefetch_propagates_errors_and_stops_early():
         yield 1
         raise ValueError("boom")
 
-    it = streaming.prefetch(broken())
+    it = rows_mod.prefetch(broken())
     assert next(it) == 1
     with pytest.raises(ValueError, match="boom"):
         next(it)
-    endless = streaming.prefetch(iter(range(10**9)))
+    endless = rows_mod.prefetch(iter(range(10**9)))
     assert [next(endless) for _ in range(3)] == [0, 1, 2]
     endless.close()  # must not hang
 
 
 def test_concat_rows():
     X, Y, _, _ = planted(8, n=30, p=3, k=2)
-    both = streaming.ConcatRows(ArrayRows(X[:10], Y[:10]), ArrayRows(X[10:], Y[10:]))
+    both = rows_mod.ConcatRows(ArrayRows(X[:10], Y[:10]), ArrayRows(X[10:], Y[10:]))
     assert both.n_rows == 30
     np.testing.assert_array_equal(np.concatenate([x for x, _ in both.blocks()]), X)
 
@@ -397,7 +397,7 @@ def test_saga_streamed_and_disk_table_agree_with_cached_memory(tmp_path):
 def test_saga_batches_visit_every_row_once_per_epoch(cached, n, batch, block, epoch):
     rng = np.random.default_rng(n)
     X, Y = masks(rng, n, 3, 0.5, np.float32), np.arange(n, dtype=np.float32)[:, None]
-    rows = streaming.EpochRows(ArrayRows(X, Y, block=block), batch, seed=0, cache_bytes=10**9 if cached else 0)
+    rows = rows_mod.EpochRows(ArrayRows(X, Y, block=block), batch, seed=0, cache_bytes=10**9 if cached else 0)
     assert rows.cached == cached
     seen = []
     batches = list(rows.batches(epoch))
@@ -517,7 +517,7 @@ def test_pearson_accumulator_streamed_equals_corrcoef(seed, n, k, cuts):
     rng = np.random.default_rng(seed)
     pred = rng.normal(size=(n, k))
     actual = 0.5 * pred + rng.normal(size=(n, k))
-    acc = streaming.PearsonAccumulator(k)
+    acc = metrics_mod.PearsonAccumulator(k)
     edges = [0, *sorted({c for c in cuts if c < n}), n]
     for a, b in zip(edges[:-1], edges[1:]):
         acc.update(pred[a:b], actual[a:b])
@@ -651,7 +651,7 @@ def test_auto_method_sizes_the_gram_path_from_the_gpus_free_memory(monkeypatch):
 
 def test_gram_moments_free_their_scratch_and_centre_in_place():
     X, Y, _, _ = planted(25, n=300, p=12, k=3, dtype=np.float32)
-    m = streaming.stream_moments(ArrayRows(X, Y), lstsq_mod.torch_device("cpu"), gram=True, rows=64,
+    m = moments_mod.stream_moments(ArrayRows(X, Y), lstsq_mod.torch_device("cpu"), gram=True, rows=64,
                                  progress=None)
     assert not m._buffers and m._ybuf is None  # the float32 P x P scratch is gone
     copy_xx, copy_xy = m.centred()
@@ -680,7 +680,7 @@ def test_products_run_at_full_float32_precision_even_with_tf32_enabled(monkeypat
     try:
         monkeypatch.setattr(torch, "mm", spy)
         # the moments' torch products are the CUDA path; run it on CPU tensors (the CPU path is scipy's BLAS)
-        monkeypatch.setattr(streaming.Moments, "_scipy_blas", lambda self: False)
+        monkeypatch.setattr(moments_mod.Moments, "_scipy_blas", lambda self: False)
         lstsq_mod.lstsq(ArrayRows(X, Y), method="gram")
         lstsq_mod.lstsq(ArrayRows(X, Y), method="cg")
         after = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32

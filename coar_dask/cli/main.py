@@ -41,7 +41,7 @@ from coar_dask.compat.seed import choose_solver
 from coar_dask.core.output_paths import check_output_path
 from coar_dask.errors import ConfigError
 from coar_dask.solvers.registry import REGISTRY
-from coar_dask.solvers.streaming import correlation_summary
+from coar_dask.solvers.metrics import correlation_summary
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 

@@ -26,7 +26,7 @@ from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
 from coar_dask.fit.rows import ROW_RULES, StoreRows, fitted_on, infer_names, select_rows
 from coar_dask.solvers.base import FitProgress, ProgressFn, RowSource
 from coar_dask.solvers.registry import check_solver_options, get_solver
-from coar_dask.solvers.streaming import ConcatRows
+from coar_dask.solvers.rows import ConcatRows
 
 __all__ = ["FitSettings", "fit_store", "fit_sources", "PATH_SOLVERS"]
 

@@ -23,7 +23,7 @@ from coar_dask.core.store import Store, init_store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.rows import in_sample_rows, infer_names
-from coar_dask.solvers.streaming import PearsonAccumulator, correlation_summary
+from coar_dask.solvers.metrics import PearsonAccumulator, correlation_summary
 
 __all__ = ["EvaluationResult", "evaluate", "evaluation_figure", "plot_evaluation", "plot_path", "ranked_examples",
            "eval_store_for"]

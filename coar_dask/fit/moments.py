@@ -3,7 +3,7 @@
 With P small and rows many (CIFAR: P = 2,304, 50,000 rows) a least-squares
 fit is bound by reading and decoding rows. Its sufficient statistics --
 ``n``, ``sum x``, ``sum y'``, ``sum y'^2``, ``X^T X`` and ``X^T Y'``, with
-``y' = y - shift`` as :class:`~coar_dask.solvers.streaming.Moments` keeps
+``y' = y - shift`` as :class:`~coar_dask.solvers.moments.Moments` keeps
 them -- add up over rows, so each Dask task sums one contiguous group of
 blocks (:func:`group_moments`), the partial sums are added pairwise on the
 workers (:func:`coar_dask.runtime.executor.reduce_tasks`), and the client
@@ -36,7 +36,7 @@ from coar_dask.fit.rows import StoreRows
 from coar_dask.runtime.executor import TaskSet, reduce_tasks
 from coar_dask.solvers.base import FitProgress
 from coar_dask.solvers.lstsq import LstsqOptions
-from coar_dask.solvers.streaming import Moments, PrecomputedRows, add_states, first_batch_shift, stream_moments
+from coar_dask.solvers.moments import Moments, PrecomputedRows, add_states, first_batch_shift, stream_moments
 
 __all__ = ["rows_parallel_fits", "plan_row_groups", "group_moments", "fit_rows_parallel"]
 

@@ -1,9 +1,9 @@
 """The two BLAS products of the moments on the CPU, called so that other Python threads keep running.
 
-:class:`~coar_dask.solvers.streaming.Moments` needs ``X^T X`` (``syrk``: half
+:class:`~coar_dask.solvers.moments.Moments` needs ``X^T X`` (``syrk``: half
 a general product's work, which torch does not offer) and ``X^T Y'``
 (``gemm``). scipy's ``scipy.linalg.blas`` wrappers hold the GIL for the
-whole call, so the read-ahead thread (:func:`~coar_dask.solvers.streaming.prefetch`),
+whole call, so the read-ahead thread (:func:`~coar_dask.solvers.rows.prefetch`),
 which decodes the next chunks while BLAS works on this batch, and a Dask
 worker's event loop both stopped for 60-100 ms per batch (measured: a
 spinning thread ran at 6% of its speed with one BLAS thread, 20-27% with two). The same routines from

@@ -15,7 +15,8 @@ import numpy as np
 from coar_dask.errors import MissingDependencyError, RegressionError
 from coar_dask.solvers.base import ProgressFn, RowSource, SolverResult, make_options, option, report
 from coar_dask.solvers.saga import LassoPathOptions, check_path_rows, table_nbytes
-from coar_dask.solvers.streaming import ConcatRows, EpochRows, validation_metrics
+from coar_dask.solvers.metrics import validation_metrics
+from coar_dask.solvers.rows import ConcatRows, EpochRows
 
 logger = logging.getLogger(__name__)
 

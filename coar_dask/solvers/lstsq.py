@@ -26,18 +26,9 @@ from coar_dask.solvers.base import (
     threads_for,
     torch_device,
 )
-from coar_dask.solvers.streaming import (
-    ConcatRows,
-    Moments,
-    batch_rows_for,
-    compute_dtype,
-    full_precision,
-    iter_batches,
-    no_variance,
-    pearson_centred,
-    stream_moments,
-    validation_metrics,
-)
+from coar_dask.solvers.metrics import no_variance, pearson_centred, validation_metrics
+from coar_dask.solvers.moments import Moments, compute_dtype, full_precision, stream_moments
+from coar_dask.solvers.rows import ConcatRows, batch_rows_for, iter_batches
 
 __all__ = ["LstsqOptions", "lstsq", "ridge_grid_values", "moment_metrics", "MAX_GRAM_BYTES", "gram_fits_device",
            "gram_max_features"]

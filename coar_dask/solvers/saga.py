@@ -76,7 +76,9 @@ from coar_dask.solvers.base import (
     threads_for,
     torch_device,
 )
-from coar_dask.solvers.streaming import ConcatRows, EpochRows, Moments, iter_batches, pearson_from_sums
+from coar_dask.solvers.metrics import pearson_from_sums
+from coar_dask.solvers.moments import Moments
+from coar_dask.solvers.rows import ConcatRows, EpochRows, iter_batches
 
 __all__ = [
     "LassoPathOptions",

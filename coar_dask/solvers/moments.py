@@ -1,213 +1,39 @@
-"""Streaming rows into solvers: batches, read-ahead, concatenation, moments, correlation.
+"""Streamed sums of a row source (the least-squares moments) and their exchange between processes.
 
-Solvers hold one batch of rows plus their own state, never the whole dataset,
-so memory does not grow with the number of rows. Everything here is public
-so that every solver (and :mod:`coar_dask.fit.evaluate`) uses the same
-streaming and the same statistics.
+:class:`Moments` keeps ``n``, ``sum x``, ``sum y'``, ``sum y'^2``, ``X^T Y'`` and
+``X^T X`` (or its diagonal) of outputs shifted by a per-target reference;
+:func:`stream_moments` sums a row source's batches into one;
+:meth:`Moments.state` / :func:`add_states` / :meth:`Moments.from_state` move
+partial sums between Dask workers (row-parallel fits); :class:`PrecomputedRows`
+hands summed moments to a solver in place of reading its rows.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from coar_dask.errors import RegressionError
-from coar_dask.solvers.base import ProgressFn, RowSource, SolverResult, report
+from coar_dask.solvers.base import ProgressFn, RowSource, report
+from coar_dask.solvers.rows import iter_batches
 
 __all__ = [
+    "EXACT_GRAM_ROWS",
     "full_precision",
-    "BATCH_BYTES",
-    "PREFETCH_DEPTH",
-    "batch_rows_for",
-    "rebatch",
-    "prefetch",
-    "iter_batches",
-    "ConcatRows",
     "compute_dtype",
     "Moments",
     "stream_moments",
     "first_batch_shift",
     "add_states",
+    "pack_gram",
+    "unpack_gram",
     "PrecomputedRows",
-    "PearsonAccumulator",
-    "NO_VARIANCE_RTOL",
-    "pearson_from_sums",
-    "pearson_centred",
-    "no_variance",
-    "correlation_summary",
-    "validation_metrics",
-    "EpochRows",
 ]
 
-#: Default size of one batch of rows handed to the BLAS (X and Y, float32).
-BATCH_BYTES = 16 * 2**20
 
-
-def batch_rows_for(n_features: int, n_targets: int, batch_bytes: int = BATCH_BYTES) -> int:
-    """Rows per batch so that a float32 batch of X and Y takes about ``batch_bytes``.
-
-    >>> batch_rows_for(2304, 1000)
-    1269
-    """
-    row = 4 * (int(n_features) + int(n_targets))
-    return int(max(64, batch_bytes // max(row, 1)))
-
-
-def rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int, pool: int = 0
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Regroup consecutive blocks into batches of exactly ``rows`` rows (the last may be smaller).
-
-    A row source's blocks are a store's chunks (often 100 rows); the BLAS is
-    much faster on thousands. With ``pool > 0`` the batches are written into
-    ``pool`` preallocated buffers used in turn, so streaming allocates nothing
-    once they exist (fresh ~30 MB arrays per batch fragment the heap, and the
-    process's memory creeps up with the number of rows); a batch is then only
-    valid until ``pool - 1`` further batches have been drawn.
-    """
-    buffers: list[tuple[np.ndarray, np.ndarray]] = []
-    drawn = 0
-    cur: tuple[np.ndarray, np.ndarray] | None = None
-    fill = 0
-    for x, y in blocks:
-        x, y = np.asarray(x), np.asarray(y)
-        if x.shape[0] != y.shape[0]:
-            raise RegressionError(f"a row block has {x.shape[0]} rows of X but {y.shape[0]} of Y.")
-        start = 0
-        while start < x.shape[0]:
-            if cur is None:
-                if pool and len(buffers) == pool:
-                    cur = buffers[drawn % pool]
-                else:
-                    cur = (np.empty((rows, *x.shape[1:]), x.dtype), np.empty((rows, *y.shape[1:]), y.dtype))
-                    if pool:
-                        buffers.append(cur)
-                fill = 0
-            take = min(rows - fill, x.shape[0] - start)
-            cur[0][fill : fill + take] = x[start : start + take]
-            cur[1][fill : fill + take] = y[start : start + take]
-            fill += take
-            start += take
-            if fill == rows:
-                yield cur
-                drawn += 1
-                cur = None
-    if cur is not None and fill:
-        yield cur[0][:fill], cur[1][:fill]
-
-
-_DONE = object()
-
-
-def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``iterator`` in a thread, ``depth`` items ahead, so that reading and
-    decompressing the next batch overlaps the BLAS work on this one.
-
-    Memory: at most ``depth + 1`` items alive. Exceptions in the reader are
-    re-raised here; closing this generator stops the reader.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in iterator:
-                if not put(("item", item)):
-                    return
-            put(("done", _DONE))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(("error", exc))
-
-    thread = threading.Thread(target=work, name="coar-dask-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
-_read_ahead = prefetch  # iter_batches' keyword ``prefetch`` shadows the function
 #: Rows of 0/1 masks whose Gram sums stay exact in float32 (its counts reach at most this).
 EXACT_GRAM_ROWS = 2**24
-#: Batches read ahead by :func:`iter_batches`.
-PREFETCH_DEPTH = 1
-
-
-def iter_batches(source: RowSource, rows: int | None = None, *, prefetch: bool = True, reuse: bool = False
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(X, Y)`` batches of ``source`` of ``rows`` rows each, read ahead in a thread.
-
-    Checks that the blocks have the source's widths and finite targets. With
-    ``reuse=True`` the batches live in a few recycled buffers: use each batch
-    before drawing the next (memory then stays flat however many rows).
-    """
-    P, K = int(source.n_features), int(source.n_targets)
-    rows = rows or batch_rows_for(P, K)
-    # Buffers alive at once: the consumer's, the queue's, and the one being filled.
-    pool = PREFETCH_DEPTH + 3 if reuse else 0
-
-    def checked() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for x, y in rebatch(source.blocks(), rows, pool):
-            x = x.reshape(x.shape[0], -1)
-            y = y.reshape(y.shape[0], -1)
-            if x.shape[1] != P or y.shape[1] != K:
-                raise RegressionError(
-                    f"the row source said {P} features x {K} targets but yielded blocks of "
-                    f"{x.shape[1]} x {y.shape[1]}; it is inconsistent."
-                )
-            if not np.isfinite(y).all():
-                raise RegressionError(
-                    "the regression targets contain NaN or inf; run `coar-dask verify` on the store "
-                    "and rebuild the affected blocks."
-                )
-            yield x, y
-
-    it = checked()
-    return _read_ahead(it, PREFETCH_DEPTH) if prefetch else it
-
-
-class ConcatRows:
-    """The rows of several row sources, one after the other (e.g. train + validation).
-
-    Examples
-    --------
-    >>> both = ConcatRows(train, val)    # doctest: +SKIP
-    """
-
-    def __init__(self, *sources: RowSource):
-        sources = tuple(s for s in sources if s is not None and s.n_rows > 0)
-        if not sources:
-            raise RegressionError("ConcatRows needs at least one row source with rows.")
-        p, k = sources[0].n_features, sources[0].n_targets
-        if any(s.n_features != p or s.n_targets != k for s in sources):
-            raise RegressionError("ConcatRows: the row sources have different numbers of features or targets.")
-        self.sources = sources
-        self.n_rows = int(sum(s.n_rows for s in sources))
-        self.n_features = int(p)
-        self.n_targets = int(k)
-
-    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for s in self.sources:
-            yield from s.blocks()
-
 
 
 class full_precision:
@@ -608,188 +434,3 @@ class PrecomputedRows:
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
-
-
-def validation_metrics(result: SolverResult, val: RowSource, rows: int | None = None) -> dict[str, Any]:
-    """Per-target validation MSE and Pearson correlation, streamed over ``val``.
-
-    Returns ``{"val_mse": [...], "val_correlation": [...], "val_correlation_nan": m}``
-    (lists of K floats; a target whose prediction or outputs do not vary on
-    ``val`` has correlation NaN, and ``m`` counts them).
-    """
-    stats = PearsonAccumulator(val.n_targets)
-    sq = np.zeros(val.n_targets)
-    w = result.weight.astype(np.float64)
-    for X, Y in iter_batches(val, rows, reuse=True):
-        # float64: the MSE is a small difference of large numbers when the fit is good.
-        pred = np.asarray(X, dtype=np.float64) @ w + result.bias
-        actual = np.asarray(Y, dtype=np.float64)
-        stats.update(pred, actual)
-        err = pred - actual
-        sq += np.einsum("ij,ij->j", err, err, dtype=np.float64)
-    corr = stats.result()
-    return {"val_mse": (sq / max(stats.n, 1)).tolist(), "val_correlation": corr.tolist(),
-            "val_correlation_nan": int(np.isnan(corr).sum())}
-
-
-#: A column whose standard deviation is at most this fraction of its largest
-#: magnitude has no variance: its values differ by rounding alone, and its
-#: correlation is NaN (a one-pass formula would give +-1 or noise there).
-NO_VARIANCE_RTOL = 1e-12
-
-
-def pearson_from_sums(n: int, sp, sa, spp, saa, spa, scale_p=0.0, scale_a=0.0) -> np.ndarray:
-    """Per-column Pearson correlation from sums of *shifted* values (``p - c_p``, ``a - c_a``, with
-    ``c`` near the column's values, e.g. its first one; the sums' rounding error then scales with
-    the spread, not the offset). ``scale_p``, ``scale_a``: the columns' largest ``|value|``; a column
-    with no variance (see :data:`NO_VARIANCE_RTOL`) gives NaN.
-    """
-    n = max(int(n), 1)
-    sp, sa, spp, saa, spa = (np.asarray(v, dtype=np.float64) for v in (sp, sa, spp, saa, spa))
-    mp, ma = sp / n, sa / n
-    vp = spp / n - mp * mp
-    va = saa / n - ma * ma
-    cov = spa / n - mp * ma
-    return pearson_centred(cov, vp, va, no_variance(vp, mp, scale_p) | no_variance(va, ma, scale_a))
-
-
-def no_variance(var, shifted_mean, scale) -> np.ndarray:
-    """Whether a column's variance ``var`` (from sums of values shifted by ``c``, whose mean is
-    ``shifted_mean``) is rounding alone: at most :data:`NO_VARIANCE_RTOL` of ``scale`` (the
-    values' magnitude) squared, or within the cancellation error of ``E[(v-c)^2] - E[v-c]^2``."""
-    var = np.asarray(var, dtype=np.float64)
-    m2 = np.asarray(shifted_mean, dtype=np.float64) ** 2
-    return (var <= (NO_VARIANCE_RTOL * np.asarray(scale, dtype=np.float64)) ** 2) | (var <= _CANCELLATION * m2)
-
-
-#: Relative error of a variance computed as ``E[v^2] - E[v]^2`` in float64 (a few hundred ulps).
-_CANCELLATION = 1e-13
-
-
-def pearson_centred(cov, vp, va, flat) -> np.ndarray:
-    """``cov / sqrt(vp va)`` clipped to [-1, 1], NaN where ``flat``."""
-    cov, vp, va = (np.asarray(v, dtype=np.float64) for v in (cov, vp, va))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.clip(cov / np.sqrt(np.clip(vp, 0, None) * np.clip(va, 0, None)), -1.0, 1.0)
-    return np.where(np.asarray(flat) | ~np.isfinite(r), np.nan, r)
-
-
-def correlation_summary(correlations: Any) -> dict[str, Any]:
-    """Mean and median over the examples with a correlation, and how many have none (NaN: a
-    constant prediction or constant outputs)."""
-    r = np.asarray(correlations, dtype=np.float64).ravel()
-    ok = r[np.isfinite(r)]
-    return {"mean": float(ok.mean()) if ok.size else float("nan"),
-            "median": float(np.median(ok)) if ok.size else float("nan"),
-            "n_nan": int(r.size - ok.size), "n": int(r.size)}
-
-
-class PearsonAccumulator:
-    """Streamed per-column Pearson correlation of predictions with actual values.
-
-    Sums are of values shifted by each column's first row, so the result
-    does not lose digits to a large common offset, and a constant column
-    gives exactly zero variance: its correlation is NaN (see
-    :func:`pearson_from_sums`).
-    """
-
-    def __init__(self, k: int):
-        self.n = 0
-        self.sp = np.zeros(k)
-        self.sa = np.zeros(k)
-        self.spp = np.zeros(k)
-        self.saa = np.zeros(k)
-        self.spa = np.zeros(k)
-        self.scale_p = np.zeros(k)
-        self.scale_a = np.zeros(k)
-        self.cp: np.ndarray | None = None
-        self.ca: np.ndarray | None = None
-
-    def update(self, pred: np.ndarray, actual: np.ndarray) -> None:
-        if pred.shape[0] == 0:
-            return
-        if self.cp is None:
-            self.cp = np.array(pred[0], dtype=np.float64)
-            self.ca = np.array(actual[0], dtype=np.float64)
-        p = np.asarray(pred, dtype=np.float64) - self.cp
-        a = np.asarray(actual, dtype=np.float64) - self.ca
-        self.n += p.shape[0]
-        self.scale_p = np.maximum(self.scale_p, np.abs(pred).max(0))
-        self.scale_a = np.maximum(self.scale_a, np.abs(actual).max(0))
-        self.sp += p.sum(0)
-        self.sa += a.sum(0)
-        self.spp += np.einsum("ij,ij->j", p, p)
-        self.saa += np.einsum("ij,ij->j", a, a)
-        self.spa += np.einsum("ij,ij->j", p, a)
-
-    def result(self) -> np.ndarray:
-        """Correlation per column; NaN where the prediction or the actual values do not vary."""
-        return pearson_from_sums(self.n, self.sp, self.sa, self.spp, self.saa, self.spa, self.scale_p, self.scale_a)
-
-
-class EpochRows:
-    """The rows of a source as torch batches ``(positions, X, Y)`` of exactly
-    ``batch_size`` rows (the last batch of an epoch may be smaller).
-
-    Small sources are cached in RAM (masks as bool) and visited in a fresh
-    random order every epoch, like FFCV's ``OrderOption.RANDOM``; larger ones
-    are streamed in source order and shuffled within a window of
-    ``4 * batch_size`` rows or more.
-    """
-
-    def __init__(self, source: RowSource, batch_size: int, *, seed: int, cache_bytes: int):
-        import torch
-
-        self.source = source
-        self.n = int(source.n_rows)
-        self.P, self.K = int(source.n_features), int(source.n_targets)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.window = max(4 * self.batch_size, batch_rows_for(self.P, self.K))
-        self.cached = self.n * (self.P + 4 * self.K) <= cache_bytes
-        self.X = self.Y = None
-        if self.cached:
-            xs, ys, binary = [], [], True
-            for x, y in iter_batches(source):
-                binary = binary and bool(np.isin(x, (0, 1)).all())
-                xs.append(torch.from_numpy(np.ascontiguousarray(x)))
-                ys.append(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)))
-            X = torch.cat(xs) if xs else torch.zeros(0, self.P)
-            self.X = X.bool() if binary else X.float()
-            self.Y = torch.cat(ys) if ys else torch.zeros(0, self.K)
-            if self.X.shape[0] != self.n:
-                raise RegressionError(f"the row source said {self.n} rows but yielded {self.X.shape[0]}.")
-
-    def batches(self, epoch: int | None) -> Iterator[tuple[Any, Any, Any]]:
-        """Batches of epoch ``epoch`` (shuffled); ``None``: in order, unshuffled."""
-        import torch
-
-        B = self.batch_size
-        rng = None if epoch is None else np.random.default_rng([self.seed, int(epoch)])
-        if self.cached:
-            order = torch.arange(self.n) if rng is None else torch.from_numpy(rng.permutation(self.n))
-            for i in range(0, self.n, B):
-                idx = order[i : i + B]
-                yield idx, self.X[idx], self.Y[idx]
-            return
-        offset = 0
-        carry: tuple[Any, Any, Any] | None = None
-        for x, y in iter_batches(self.source, self.window):
-            pos = torch.arange(offset, offset + x.shape[0])
-            offset += x.shape[0]
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
-            if carry is not None:
-                pos, xt, yt = torch.cat([carry[0], pos]), torch.cat([carry[1], xt]), torch.cat([carry[2], yt])
-            if rng is not None:
-                perm = torch.from_numpy(rng.permutation(pos.shape[0]))
-                pos, xt, yt = pos[perm], xt[perm], yt[perm]
-            full = (pos.shape[0] // B) * B
-            for i in range(0, full, B):
-                yield pos[i : i + B], xt[i : i + B], yt[i : i + B]
-            carry = (pos[full:], xt[full:], yt[full:]) if full < pos.shape[0] else None
-        if offset != self.n:
-            raise RegressionError(f"the row source said {self.n} rows but yielded {offset}.")
-        if carry is not None:
-            yield carry
-
