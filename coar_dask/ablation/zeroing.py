@@ -39,11 +39,13 @@ def ablated(model: Any, components: Components, mask: np.ndarray) -> Iterator[An
     >>> import numpy as np
     >>> from torch import nn
     >>> from coar_dask.core.components import select_components
-    >>> model = nn.Linear(2, 3)
+    >>> model = nn.Sequential(nn.Linear(2, 3))  # the root module itself is never a component
     >>> comps = select_components(model, kinds=["linear"])
     >>> with ablated(model, comps, np.array([True, False, True])):
-    ...     float(model.weight[1].abs().sum())
+    ...     float(model[0].weight[1].abs().sum())
     0.0
+    >>> bool(model[0].weight[1].detach().abs().sum() > 0)  # restored on exit
+    True
     """
     import torch
 
