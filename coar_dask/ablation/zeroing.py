@@ -42,7 +42,7 @@ def ablated(model: Any, components: Components, mask: np.ndarray) -> Iterator[An
     >>> model = nn.Sequential(nn.Linear(2, 3))  # the root module itself is never a component
     >>> comps = select_components(model, kinds=["linear"])
     >>> with ablated(model, comps, np.array([True, False, True])):
-    ...     float(model[0].weight[1].abs().sum())
+    ...     float(model[0].weight[1].detach().abs().sum())
     0.0
     >>> bool(model[0].weight[1].detach().abs().sum() > 0)  # restored on exit
     True
