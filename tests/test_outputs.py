@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -302,3 +303,71 @@ def test_bad_input_fails_on_the_first_batch_in_one_line_before_anything_is_writt
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# -------------------------------------------------------------- output dtypes
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int32", "bool"])
+def test_integer_output_dtypes_are_refused(dtype, tmp_path, capsys):
+    """Issue 22 item 3: a uint8 store wrapped margins (-11.66 stored as 245) and every command exited 0."""
+    with pytest.raises(ExperimentError, match=rf"y_dtype must be a floating-point dtype.*found {dtype!r}"):
+        experiment(y_dtype=dtype)
+    data = experiment().to_dict()
+    data["arrays"]["y_dtype"] = dtype
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    code = main(["init", str(tmp_path / "store"), "--experiment", str(path), "--rows", "10"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "y_dtype" in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def double_classifier():
+    return classifier().double()
+
+
+def double_examples():
+    x, y = class_examples()
+    return x.double(), y
+
+
+def test_float64_outputs_stay_float64_in_the_engine(tmp_path):
+    """Issue 22 item 4: the engine cast every output to float32, so a float64 store held float32 values."""
+    from coar_dask.runtime.build import init_experiment_store, run_build
+
+    exp = experiment(model="test_outputs:double_classifier", examples="test_outputs:double_examples",
+                     output="margin", y_dtype="float64")
+    state = load_state(exp)
+    masks = masks_for(state, n=4)
+    want = np.stack([reference_double(state, m) for m in masks])
+    assert not np.array_equal(want, want.astype(np.float32).astype(np.float64))  # float32 would show
+    for mpp in (1, 2):
+        got = compute_outputs(state, masks, masks_per_pass=mpp, dtype=np.float64)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    store = init_experiment_store(tmp_path / "s", exp, 4, rows_per_chunk=2)
+    run_build(store, exp)
+    stored = store.array(exp.y_name)[:]
+    assert stored.dtype == np.float64
+    np.testing.assert_allclose(stored, np.stack([reference_double(state, m) for m in store.array("masks")[:]]),
+                               rtol=0, atol=1e-12)
+
+
+def reference_double(state, mask):
+    from coar_dask.ablation.zeroing import reference_model
+
+    model = reference_model(state.model, state.components, mask)
+    batch = state.batch(0, state.n_examples)
+    with torch.inference_mode():
+        return state.output_fn(model(batch.inputs), batch).numpy()
+
+
+def test_a_component_selection_that_is_not_names_is_one_coar_error():
+    """Issue 22: Experiment(include=5) raised TypeError: 'int' object is not iterable."""
+    from coar_dask.errors import CoarError
+
+    for field, value in (("include", 5), ("exclude", [1, 2]), ("kinds", None)):
+        with pytest.raises(CoarError, match=rf"{field} must be a name or a list of names .*found {re.escape(repr(value))}"):
+            experiment(**{field: value})

@@ -39,6 +39,7 @@ from coar_dask.errors import ExperimentError, NotBatchableError, OutputError
 
 __all__ = [
     "compute_outputs",
+    "output_buffer_dtype",
     "verify_tolerance",
     "VERIFY_TOLERANCE",
     "auto_masks_per_pass",
@@ -252,14 +253,15 @@ def _forward(model: Any, inputs: Any) -> Any:
 
 
 def _values(state: Any, out: Any, batch: Any, error: type = OutputError) -> Any:
-    """The output function on one pass, as float32 ``(rows,)``; another shape raises ``error``."""
+    """The output function on one pass, ``(rows,)``, float32 or float64 (as the output returns it: a
+    float64 model's outputs keep their digits); another shape raises ``error``."""
     values = state.output_fn(out, batch)
     if tuple(getattr(values, "shape", ())) != (len(batch),):
         raise error(
             f"output {state.experiment.output!r} returned shape {tuple(getattr(values, 'shape', ()))} for a pass "
             f"of {len(batch)} rows; it must return one value per row."
         )
-    return values.float()
+    return values if values.dtype.itemsize == 8 and values.is_floating_point() else values.float()
 
 
 def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner) -> None:
@@ -320,7 +322,7 @@ def _tf32_active(device: Any) -> bool:
 
 def _verify(state: Any, masks: np.ndarray, batched_out: np.ndarray, runner: _Runner) -> None:
     """Check the first batched mask of this process against in-place zeroing (once)."""
-    ref = np.empty((1, state.n_examples), dtype=np.float32)
+    ref = np.empty((1, state.n_examples), dtype=batched_out.dtype)
     _inplace_outputs(state, masks[:1], ref, runner)
     scale = max(1.0, float(np.abs(ref).max()))
     tol = verify_tolerance(runner.amp, _tf32_active(state.device)) * scale
@@ -334,8 +336,22 @@ def _verify(state: Any, masks: np.ndarray, batched_out: np.ndarray, runner: _Run
     logger.debug("batched ablation verified (max difference %.3g)", err)
 
 
-def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None = None) -> np.ndarray:
-    """Outputs ``(n_masks, K)`` float32 of the ablated model for each mask (True = kept).
+def output_buffer_dtype(dtype: Any) -> np.dtype:
+    """The dtype :func:`compute_outputs` returns for a store of ``dtype``: float64 for float64, else float32.
+
+    float16 stores get float32 outputs, so that the build can tell an output beyond float16's range from
+    a NaN; an integer dtype is refused (it would wrap the outputs).
+    """
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        raise ExperimentError(f"outputs are stored as floating point (float16, float32 or float64); the store's "
+                              f"output dtype is {dt.name}. Build into a store with a floating output dtype.")
+    return np.dtype(np.float64) if dt.itemsize > 4 else np.dtype(np.float32)
+
+
+def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None = None,
+                    dtype: Any = np.float32) -> np.ndarray:
+    """Outputs ``(n_masks, K)`` of the ablated model for each mask (True = kept).
 
     Parameters
     ----------
@@ -349,16 +365,20 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         ``masks_per_pass`` if it sets one, else automatic
         (:func:`auto_masks_per_pass`). ``1`` uses in-place zeroing. Models or
         kinds that forward hooks cannot express always use in-place zeroing.
+    dtype
+        The store's output dtype: the result is float64 for float64 (the
+        output function's float64 values are kept), float32 otherwise (see
+        :func:`output_buffer_dtype`).
 
     Returns
     -------
     numpy.ndarray
-        float32 ``(n_masks, K)``.
+        ``(n_masks, K)``, float32 or float64.
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2:
         raise ExperimentError(f"masks must be 2-D (n_masks, n_components); got shape {masks.shape}.")
-    out = np.empty((masks.shape[0], state.n_examples), dtype=np.float32)
+    out = np.empty((masks.shape[0], state.n_examples), dtype=output_buffer_dtype(dtype))
     if masks.shape[0] == 0:
         return out
     runner = _runner(state)

@@ -193,6 +193,31 @@ def _run_factory(path: str, kwargs: Mapping[str, Any], where: str) -> Any:
         ) from None
 
 
+def _names(field_name: str, value: Any) -> tuple[str, ...]:
+    """A component selection field as a tuple of strings (one name, or a list of them)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ExperimentError(
+        f"{field_name} must be a name or a list of names (module-name patterns, or kinds such as 'conv2d'); "
+        f"found {value!r}. For example: {field_name}=['conv'] (YAML: components: {{{field_name}: [conv]}})."
+    )
+
+
+def _check_y_dtype(y_dtype: Any) -> None:
+    """Outputs are stored as floating point: an integer store wraps them (a margin of -11.66 became 245)."""
+    try:
+        dtype = np.dtype(y_dtype) if isinstance(y_dtype, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind != "f":
+        raise ExperimentError(
+            f"y_dtype must be a floating-point dtype (float16, float32 or float64); found {y_dtype!r}. Outputs "
+            f"are real numbers: an integer dtype would wrap them. Set arrays: {{y_dtype: float32}}."
+        )
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A frozen description of what to build.
@@ -262,10 +287,7 @@ class Experiment:
                     f"experiment.{name} must be an import path 'package.module:function'; found {value!r}."
                 )
         for name in ("include", "exclude", "kinds"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "examples_kwargs", dict(self.examples_kwargs))
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
@@ -280,6 +302,7 @@ class Experiment:
             if not isinstance(getattr(self, name), bool):
                 raise ExperimentError(f"{name} must be true or false; found {getattr(self, name)!r}.")
         object.__setattr__(self, "output", _output_name(self.output))
+        _check_y_dtype(self.y_dtype)
         if self.x_name == self.y_name:
             raise ExperimentError("x_name and y_name must differ.")
         if not str(self.device).startswith(("cpu", "cuda")):

@@ -135,9 +135,14 @@ def find_logits(out: Any, output: str = "output") -> Any:
     )
 
 
+def _float(t: Any) -> Any:
+    """``t`` as float32 at least: AMP's float16/bfloat16 widened, a float64 model's logits kept float64."""
+    return t if t.is_floating_point() and t.element_size() >= 4 else t.float()
+
+
 def _class_logits(out: Any, batch: Any, output: str) -> tuple[Any, Any]:
     """(logits (B, C) float, labels (B,)); ``batch`` may also be the labels tensor (the old call form)."""
-    logits = find_logits(out, output).float()
+    logits = _float(find_logits(out, output))
     labels = batch.labels if isinstance(batch, Batch) else batch
     if labels is None:
         raise OutputError(
@@ -199,7 +204,7 @@ def _next_token_logits(out: Any, batch: Batch, output: str) -> tuple[Any, Any, A
         )
     real = mask.bool()
     weights = (real[:, :-1] & real[:, 1:]).float()
-    return logits[:, :-1].float(), ids[:, 1:], weights
+    return _float(logits[:, :-1]), ids[:, 1:], weights
 
 
 def _mean_over_positions(values: Any, weights: Any) -> Any:

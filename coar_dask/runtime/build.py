@@ -283,7 +283,8 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
     block = store.block(block_index)
     state = load_state(experiment)
     masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
-    outputs = _stored_outputs(store, experiment, block, compute_outputs(state, masks))
+    dtype = store.spec[experiment.y_name].np_dtype  # float64 stores get float64 outputs (issue 22 item 4)
+    outputs = _stored_outputs(store, experiment, block, compute_outputs(state, masks, dtype=dtype))
     store.write_block(block_index, {experiment.x_name: masks, experiment.y_name: outputs})
     worker = ""
     try:
