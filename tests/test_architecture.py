@@ -168,3 +168,14 @@ def test_import_writes_nothing_and_stays_light(tmp_path):
                          cwd=tmp_path)
     assert json.loads(out.stdout) == []
     assert list(home.rglob("*")) == [], f"import coar_dask wrote {list(home.rglob('*'))}"
+
+
+def test_the_test_command_runs_the_docstring_examples():
+    """``pytest`` alone (``make test``, CI) collects the package's doctests as well as ``tests/``."""
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "--doctest-modules" in config["addopts"].split()
+    assert {"tests", "coar_dask"} <= set(config["testpaths"])
+    make_test = (PACKAGE.parent / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "-m pytest $(PYTEST_ARGS)" in make_test, "make test must run pytest over its configured testpaths"
