@@ -32,14 +32,20 @@ def load_defaults() -> None:
         dask.config.update_defaults(yaml.safe_load(f))
 
 
-def factory_timeout(value: object = "config") -> float | None:
+def factory_timeout(value: object = None) -> float | None:
     """Seconds a factory may run on its first load (``coar-dask.factory-timeout``); ``None``: no limit.
 
-    ``value`` overrides the config: a number of seconds, a duration such as
-    ``"10m"``, or ``0`` / ``None`` for no limit.
+    ``value`` (not ``None``) overrides the config: a number of seconds, a
+    duration such as ``"10m"``, or ``0`` / ``False`` / ``"off"`` for no limit.
+    ``None`` reads the config, where ``null`` also means no limit.
+
+    >>> factory_timeout("90s"), factory_timeout(0)
+    (90.0, None)
+    >>> with dask.config.set({"coar-dask.factory-timeout": "2m"}):
+    ...     factory_timeout()
+    120.0
     """
-    if value == "config":
-        value = dask.config.get("coar-dask.factory-timeout", None)
+    value = dask.config.get("coar-dask.factory-timeout", None, override_with=value)
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
         return None
     try:
@@ -52,18 +58,23 @@ def factory_timeout(value: object = "config") -> float | None:
     return seconds or None
 
 
-def worker_dask_config(value: object = "config") -> dict[str, str]:
+def worker_dask_config(value: object = None) -> dict[str, str]:
     """Dask settings that clusters coar_dask starts give their workers: the profiler's sampling
     interval from ``coar-dask.worker-profile-interval`` (``{}`` when it is null: dask's own).
 
+    ``value`` (not ``None``) overrides the config: a duration, or ``False`` /
+    ``"null"`` for dask's own interval.
+
     >>> worker_dask_config("250ms")
     {'distributed.worker.profile.interval': '250ms'}
-    >>> worker_dask_config(None)
+    >>> worker_dask_config(False)
     {}
+    >>> with dask.config.set({"coar-dask.worker-profile-interval": "0.2s"}):
+    ...     worker_dask_config()
+    {'distributed.worker.profile.interval': '200ms'}
     """
-    if value == "config":
-        value = dask.config.get("coar-dask.worker-profile-interval", None)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+    value = dask.config.get("coar-dask.worker-profile-interval", None, override_with=value)
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return {}
     try:
         seconds = float(parse_timedelta(value, default="seconds"))

@@ -143,12 +143,12 @@ def test_a_limit_runs_the_factory_in_a_helper_thread_and_none_in_this_one(factor
 
     module = importlib.import_module(factories)
     call_factory("model", f"{factories}:where_called", {}, timeout=5)
-    call_factory("model", f"{factories}:where_called", {}, timeout=None)
+    call_factory("model", f"{factories}:where_called", {}, timeout=0)
     assert module.CALLS[0] is not threading.current_thread()
     assert module.CALLS[1] is threading.current_thread()
 
 
-@pytest.mark.parametrize("value, seconds", [("10m", 600.0), ("90s", 90.0), (2.5, 2.5), (0, None), (None, None),
+@pytest.mark.parametrize("value, seconds", [("10m", 600.0), ("90s", 90.0), (2.5, 2.5), (0, None), (False, None),
                                             ("off", None)])
 def test_factory_timeout_setting(value, seconds):
     assert factory_timeout(value) == seconds

@@ -126,13 +126,13 @@ def resolve_output(output: str) -> Any:
     return fn
 
 
-def call_factory(kind: str, path: str, kwargs: Mapping[str, Any], timeout: Any = "config") -> Any:
+def call_factory(kind: str, path: str, kwargs: Mapping[str, Any], timeout: Any = None) -> Any:
     """Import and call an experiment's factory; every failure is one :class:`FactoryError` naming it.
 
     A factory that raises (on import or when called) or calls ``sys.exit()``
     becomes a :class:`~coar_dask.errors.FactoryError`; one that does not
-    return within ``timeout`` (default: ``dask.config`` key
-    ``coar-dask.factory-timeout``, 10 minutes; ``0`` / ``None``: no limit)
+    return within ``timeout`` (default ``None``: ``dask.config`` key
+    ``coar-dask.factory-timeout``, 10 minutes; ``0``: no limit)
     a :class:`~coar_dask.errors.FactoryTimeoutError`. With a limit the
     factory runs in a daemon thread that this (calling) thread waits for; a
     factory still running at the limit is abandoned -- Python cannot stop a
