@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Dask's statistical profiler in the build's workers (default: as configured)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: (a)-(d) on the GPU (use --workers 1), "
                                                     "(e) on one local worker per GPU")
-    p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="run.amp: autocast dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     small = args.model == "digits"

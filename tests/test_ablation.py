@@ -324,17 +324,54 @@ def test_folded_copy_follows_changes_to_the_model():
     assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
 
 
+def _seeded_convnet():
+    torch.manual_seed(5)  # the same weights whatever ran before (ConvNet draws from the global generator)
+    return ConvNet(True)
+
+
 def test_channels_last_and_amp_run_and_stay_close():
     masks = _masks(9 + 0, n=4)
-    base = _state(ConvNet(True), ("conv2d",))
+    base = _state(_seeded_convnet(), ("conv2d",))
     ref = _reference(base, masks)
-    cl = _state(ConvNet(True), ("conv2d",), channels_last=True)
+    cl = _state(_seeded_convnet(), ("conv2d",), channels_last=True)
     got = compute_outputs(cl, masks, masks_per_pass=2)
     assert cl.inputs.is_contiguous(memory_format=torch.channels_last)
     assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
-    amp = _state(ConvNet(True), ("conv2d",), amp=True)  # bfloat16 autocast on CPU
-    got = compute_outputs(amp, masks, masks_per_pass=2)
-    assert np.isfinite(got).all() and np.abs(got - ref).max() <= 0.1 * max(1.0, np.abs(ref).max())
+    for mode in ("bf16", "fp16"):
+        amp = _state(_seeded_convnet(), ("conv2d",), amp=mode)
+        seen = []
+        amp.model.fc.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+        got = compute_outputs(amp, masks, masks_per_pass=2)
+        assert set(seen) == {torch.bfloat16 if mode == "bf16" else torch.float16}, (mode, seen)
+        assert np.isfinite(got).all() and np.abs(got - ref).max() <= 0.1 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("value, mode", [("bf16", "bf16"), ("FP16", "fp16"), ("off", "off"), (False, "off"),
+                                         (None, "off")])
+def test_run_amp_is_bf16_fp16_or_off(value, mode):
+    """Issue 23 item 5: ``run.amp: bf16 | fp16 | off``; YAML's ``amp: off`` reads as False and means off."""
+    data = {"model": "m:f", "examples": "m:g", "run": {"amp": value}}
+    assert Experiment.from_dict(data).amp == mode
+    assert Experiment.from_dict(Experiment.from_dict(data).to_dict()).amp == mode
+
+
+@pytest.mark.parametrize("value, message", [(True, "run.amp: true is no longer accepted"),
+                                            ("float16", "run.amp must be one of"), (1, "run.amp must be one of")])
+def test_the_old_amp_true_and_unknown_modes_are_refused_in_one_line(value, message):
+    with pytest.raises(ExperimentError, match=message) as info:
+        Experiment(model="m:f", examples="m:g", amp=value)
+    assert "amp: bf16" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_gpu_configs_autocast_in_bfloat16():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/experiment.yaml"))
+    assert configs
+    for path in configs:
+        exp = Experiment.from_yaml(path)
+        if exp.device.startswith("cuda"):
+            assert exp.amp == "bf16", path
 
 
 def test_compute_outputs_shapes_and_errors():

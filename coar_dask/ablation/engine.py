@@ -150,7 +150,7 @@ class _Runner:
         self.verified = False
         self.elements_per_example: int | None = None
         experiment = state.experiment
-        self.amp = bool(getattr(experiment, "amp", False))
+        self.amp = getattr(experiment, "amp", "off")
         self.channels_last = bool(getattr(experiment, "channels_last", False))
         self._rep_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
         self.folded = False
@@ -191,10 +191,10 @@ class _Runner:
     def autocast(self, state: Any) -> Any:
         import torch
 
-        if not self.amp:
+        if self.amp == "off":
             return contextlib.nullcontext()
-        device_type = torch.device(state.device).type
-        return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+        return torch.autocast(torch.device(state.device).type,
+                              dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def probe(self, state: Any) -> int:
         """Elements per example of the largest hooked activation (one tiny forward pass)."""
@@ -302,13 +302,20 @@ def _batched_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Ru
 
 #: Largest difference, relative to the output scale, allowed between the batched path and in-place
 #: zeroing: float32 (1e-4), TF32 convolutions and matmuls on Ampere/Hopper GPUs (2e-2: ten mantissa
-#: bits; simulated on CPU, TF32 rounding moved a ResNet's outputs by 1.3e-2), autocast float16 (5e-2).
-VERIFY_TOLERANCE = {"float32": 1e-4, "tf32": 2e-2, "amp": 5e-2}
+#: bits; simulated on CPU, TF32 rounding moved a ResNet's outputs by 1.3e-2), autocast float16
+#: (5e-2, ten mantissa bits) and bfloat16 (1e-1: seven mantissa bits, four times float16's rounding).
+VERIFY_TOLERANCE = {"float32": 1e-4, "tf32": 2e-2, "fp16": 5e-2, "bf16": 1e-1}
 
 
-def verify_tolerance(amp: bool, tf32: bool) -> float:
-    """The relative tolerance of the one-time check of the batched path (see :data:`VERIFY_TOLERANCE`)."""
-    return VERIFY_TOLERANCE["amp" if amp else "tf32" if tf32 else "float32"]
+def verify_tolerance(amp: str | bool, tf32: bool) -> float:
+    """The relative tolerance of the one-time check of the batched path (see :data:`VERIFY_TOLERANCE`).
+
+    ``amp`` is ``run.amp`` (``"bf16"``, ``"fp16"``, ``"off"``); ``True`` means ``"fp16"``, ``False`` ``"off"``.
+    """
+    mode = "fp16" if amp is True else "off" if amp is False else amp
+    if mode in ("bf16", "fp16"):
+        return VERIFY_TOLERANCE[mode]
+    return VERIFY_TOLERANCE["tf32" if tf32 else "float32"]
 
 
 def _tf32_active(device: Any) -> bool:

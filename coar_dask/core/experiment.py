@@ -205,6 +205,26 @@ def _names(field_name: str, value: Any) -> tuple[str, ...]:
     )
 
 
+#: ``run.amp`` values: the autocast dtype of the ablated forward passes.
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def _amp(value: Any) -> str:
+    """``run.amp`` normalised: ``bf16``, ``fp16`` or ``off`` (YAML's ``off``/``false`` read as False)."""
+    if value is False or value is None:
+        return "off"
+    if value is True:
+        raise ExperimentError(
+            "run.amp: true is no longer accepted (it meant float16 on CUDA, bfloat16 on CPU); write amp: bf16 "
+            "(bfloat16 autocast: float32's range, recommended on GPUs) or amp: fp16 (float16: overflow risk on "
+            "GPT-2/ViT), or amp: off."
+        )
+    if isinstance(value, str) and value.lower() in AMP_MODES:
+        return value.lower()
+    raise ExperimentError(f"run.amp must be one of {list(AMP_MODES)}; found {value!r}. For example: "
+                          f"run: {{amp: bf16}}.")
+
+
 def _check_y_dtype(y_dtype: Any) -> None:
     """Outputs are stored as floating point: an integer store wraps them (a margin of -11.66 became 245)."""
     try:
@@ -256,8 +276,10 @@ class Experiment:
     masks_per_pass, amp, channels_last
         How to run the ablations (not part of the fingerprint): masks evaluated
         per forward pass (``None``: automatic, ``1``: one at a time; see
-        :func:`coar_dask.ablation.engine.compute_outputs`), autocast (float16 on CUDA,
-        bfloat16 on CPU), and the ``channels_last`` memory format.
+        :func:`coar_dask.ablation.engine.compute_outputs`), autocast
+        (``"bf16"``: bfloat16, the GPU configs' setting; ``"fp16"``: float16,
+        whose range GPT-2 and ViT activations can overflow; ``"off"``:
+        float32), and the ``channels_last`` memory format.
     """
 
     model: str
@@ -276,7 +298,7 @@ class Experiment:
     batch_size: int = 512
     device: str = "cpu"
     masks_per_pass: int | None = None
-    amp: bool = False
+    amp: str = "off"
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -298,9 +320,9 @@ class Experiment:
         mpp = self.masks_per_pass
         if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, int) or mpp <= 0):
             raise ExperimentError(f"masks_per_pass must be a positive integer or null (automatic); found {mpp!r}.")
-        for name in ("amp", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ExperimentError(f"{name} must be true or false; found {getattr(self, name)!r}.")
+        object.__setattr__(self, "amp", _amp(self.amp))
+        if not isinstance(self.channels_last, bool):
+            raise ExperimentError(f"channels_last must be true or false; found {self.channels_last!r}.")
         object.__setattr__(self, "output", _output_name(self.output))
         _check_y_dtype(self.y_dtype)
         if self.x_name == self.y_name:
