@@ -85,7 +85,7 @@ def time_export(store: Any, out: Path, workers: int, page_size: int) -> float:
     from coar_dask.formats.beton import export_beton
 
     t0 = time.perf_counter()
-    export_beton(store, out, y_name="val_margins", num_workers=workers, page_size=page_size)
+    export_beton(store, out, y_name="val_margins", num_workers=workers, page_size=page_size, overwrite=True)
     return time.perf_counter() - t0
 
 

@@ -179,3 +179,18 @@ def test_the_test_command_runs_the_docstring_examples():
     assert {"tests", "coar_dask"} <= set(config["testpaths"])
     make_test = (PACKAGE.parent / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
     assert "-m pytest $(PYTEST_ARGS)" in make_test, "make test must run pytest over its configured testpaths"
+
+
+def test_every_overwrite_parameter_defaults_to_false():
+    """Like the command line's ``--overwrite``: no library call replaces an existing file unless asked."""
+    true = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                positional = args.posonlyargs + args.args
+                pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+                true += [f"{name}.{node.name}" for a, d in pairs
+                         if a.arg == "overwrite" and not (isinstance(d, ast.Constant) and d.value is False)]
+    assert not true, "overwrite= must default to False:\n" + "\n".join(true)

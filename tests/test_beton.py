@@ -191,6 +191,22 @@ def test_export_errors_name_the_fix(store, ffcv, tmp_path):
     assert not (tmp_path / "x.beton").exists()
 
 
+@pytest.mark.ffcv
+def test_export_replaces_an_existing_file_only_when_asked(store, exported, tmp_path):
+    import shutil
+
+    from coar_dask.errors import ConfigError
+
+    out = tmp_path / "existing.beton"
+    shutil.copyfile(exported.path, out)
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match="exists"):
+        beton.export_beton(store, out, y_name="val_margins", y_slice=0, num_workers=1)
+    assert out.read_bytes() == before
+    info = beton.export_beton(store, out, y_name="val_margins", y_slice=0, num_workers=1, overwrite=True)
+    assert info.n_targets == 1 and beton.inspect_beton(out).n_targets == 1
+
+
 # --------------------------------------------------------------------------
 # Reading, and compatibility with the seed's loader and writer
 # --------------------------------------------------------------------------

@@ -117,11 +117,11 @@ def run_demo(
     t0 = time.perf_counter()
     attributions = fit(store)
     fit_seconds = time.perf_counter() - t0
-    attributions.save(out / "attributions.pt")
+    attributions.save(out / "attributions.pt", overwrite=True)  # a rerun replaces its own outputs
 
     echo("[5/5] evaluating on held-out masks")
     result = evaluate(attributions, eval_store)
-    plot = plot_evaluation(result, out / "evaluation.png", title=f"COAR on digits (alpha {alpha})")
+    plot = plot_evaluation(result, out / "evaluation.png", title=f"COAR on digits (alpha {alpha})", overwrite=True)
     summary = {
         "n_components": P,
         "n_examples": K,
@@ -209,7 +209,7 @@ def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2,
         build_with_progress(store, experiment, client, "build")
         echo("[3/4] fitting attributions (exact least squares)")
         attributions = fit(store)
-        attributions.save(out / "edit_attributions.pt")
+        attributions.save(out / "edit_attributions.pt", overwrite=True)
         echo(f"[4/4] COAR-Edit of {len(cases)} targets, k in {EDIT_KS[0]}..{EDIT_KS[-1]} (each k a Dask task)")
         sweep = sweep_edit(experiment, attributions, cases, EDIT_KS, direction="lower", client=client)
     summary = sweep.summary()

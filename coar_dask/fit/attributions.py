@@ -164,7 +164,7 @@ class Attributions:
         """Predicted outputs ``(n, K)`` for masks ``(n, P)``."""
         return np.asarray(masks, dtype=np.float32) @ self.weight + self.bias
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save as a torch file with keys ``weight``, ``bias``, ``lam``, ``metadata``
         (the seed's keys), loadable with ``torch.load(path, weights_only=True)``
         (the metadata is stored as plain data: :func:`plain_metadata`).

@@ -240,7 +240,7 @@ def plot_path(path: str | os.PathLike) -> Path:
 
 
 def plot_evaluation(result: EvaluationResult, path: str | os.PathLike | None = None, title: str | None = None,
-                    *, overwrite: bool = True) -> Any:
+                    *, overwrite: bool = False) -> Any:
     """Draw an evaluation on one page; with ``path``, also write it (PNG or PDF by its suffix).
 
     Returns the :class:`matplotlib.figure.Figure` (:func:`evaluation_figure`)

@@ -436,7 +436,7 @@ def export_beton(
     completed_name: str = "_completed",
     num_workers: int | None = None,
     page_size: int | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> BetonInfo:
     """Stream a store's rows into an FFCV ``.beton`` with the seed's fields.
 
