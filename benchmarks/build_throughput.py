@@ -15,7 +15,7 @@ On the same model, examples and mask count, in one run:
 (e) ``build``     ``coar_dask.runtime.build.run_build`` on a LocalCluster of single-threaded workers
 
 Same total cores for all: (a)-(d) run in ``--workers`` processes at once, each
-with one torch thread and the workers' environment (``coar_dask.runtime.cluster.WORKER_ENV``,
+with one torch thread and the workers' environment (``coar_dask.runtime.clusters.WORKER_ENV``,
 malloc settings included), started together behind a barrier; their rates are
 summed. (e) uses ``--workers`` single-threaded Dask workers, warmed up (model
 and examples loaded) before the timed build; its time is the build's
@@ -96,7 +96,7 @@ def make_experiment(name: str, examples: int | None, batch_size: int | None) -> 
 
 def malloc_env(choice: str) -> dict[str, str]:
     """The ``MALLOC_*`` variables of a ``--malloc`` choice."""
-    from coar_dask.runtime.cluster import WORKER_ENV
+    from coar_dask.runtime.clusters import WORKER_ENV
 
     if choice == "package":
         return {k: v for k, v in WORKER_ENV.items() if k in _MALLOC_KEYS}
@@ -116,7 +116,7 @@ def malloc_env(choice: str) -> dict[str, str]:
 @contextlib.contextmanager
 def process_env(malloc: dict[str, str]) -> Iterator[dict[str, str]]:
     """This process's environment, as children started inside inherit it: workers' env with ``malloc``."""
-    from coar_dask.runtime.cluster import WORKER_ENV
+    from coar_dask.runtime.clusters import WORKER_ENV
 
     env = {k: v for k, v in WORKER_ENV.items() if k not in _MALLOC_KEYS}
     env.update(malloc)
@@ -137,7 +137,7 @@ def cluster_env(malloc: dict[str, str]) -> Iterator[None]:
     import dask
     import distributed  # noqa: F401 - loads distributed's config defaults
 
-    from coar_dask.runtime import cluster
+    from coar_dask.runtime.clusters import local as cluster
 
     saved_worker_env = dict(cluster.WORKER_ENV)
     saved_environ = {k: os.environ.pop(k) for k in _MALLOC_KEYS if k in os.environ}
@@ -366,7 +366,7 @@ def measure_build(experiment: Any, workers: int, rows: int, rows_per_chunk: int,
                   n_components: int, n_examples: int, repeats: int, worker_profile: str = "default") -> dict[str, Any]:
     """(e): ``run_build`` on a fresh store, on a warmed-up LocalCluster; best of ``repeats`` builds."""
     from coar_dask.runtime.build import run_build
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.core.experiment import warm_up
 

@@ -126,7 +126,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(store_path: Path, rows: int, repeat: int) -> dict[str, Any]:
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     store = build_store(store_path, rows)
     results: dict[str, dict[str, float]] = {}

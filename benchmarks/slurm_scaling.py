@@ -88,7 +88,7 @@ def measure_bare(n_procs: int, experiment: Any, *, rows: int, rows_per_block: in
     import multiprocessing as mp
     from unittest import mock
 
-    from coar_dask.runtime.cluster import WORKER_ENV
+    from coar_dask.runtime.clusters import WORKER_ENV
 
     blocks = [range(a, min(a + rows_per_block, rows)) for a in range(0, rows, rows_per_block)]
     ctx = mp.get_context("spawn")
@@ -121,7 +121,7 @@ def measure(
 ) -> dict[str, float]:
     """Build one fresh store on ``n_jobs`` SLURM worker jobs; return seconds and models/s."""
     from coar_dask.runtime.build import execute_plan, plan_build
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.core.experiment import load_state, warm_up
 
@@ -152,7 +152,7 @@ def _versions() -> dict[str, str]:
     import distributed
     import torch
 
-    from coar_dask.runtime.cluster import import_jobqueue
+    from coar_dask.runtime.clusters import import_jobqueue
 
     dask_jobqueue = import_jobqueue()  # keeps Ctrl-C a KeyboardInterrupt
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from coar_dask._version import __version__
 from coar_dask.formats.beton import BetonRows, export_beton
 from coar_dask.runtime.build import BuildPlan, execute_plan, init_experiment_store, plan_build, run_build
-from coar_dask.runtime.cluster import cluster_client
+from coar_dask.runtime.clusters import cluster_client
 from coar_dask.core.components import Components, select_components
 from coar_dask.errors import CoarError
 from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_evaluation

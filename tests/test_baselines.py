@@ -93,7 +93,7 @@ def test_compare_on_digits_on_a_local_cluster(tmp_path, digits_experiment, coar_
     from coar_dask.fit.compare import compare, plot_comparison
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.runtime.build import run_build
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     state = load_state(digits_experiment)
     held_exp = digits_experiment.replace(mask_seed=1)

@@ -1,13 +1,17 @@
-"""Cluster settings, SLURM job scripts and local GPU workers, without SLURM.
+"""Cluster settings, batch job scripts (SLURM, PBS, LSF, SGE, HTCondor) and local GPU workers, without SLURM.
 
 The job-script tests are string tests (dask-jobqueue's own first tier): they
-need the ``dask-jobqueue`` package but no SLURM. Tests against a real SLURM
-cluster are in ``test_slurm.py``.
+need the ``dask-jobqueue`` package but no batch system. Tests against a real
+SLURM cluster are in ``test_slurm.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -17,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coar_dask.cli import cluster as cli_cluster
-from coar_dask.runtime import cluster as C
+from coar_dask.runtime import clusters as C
+from coar_dask.runtime.clusters import local as L
 from coar_dask.errors import ConfigError, MissingDependencyError
 
 def _has_jobqueue() -> bool:
@@ -29,12 +34,16 @@ def _has_jobqueue() -> bool:
 
 
 needs_jobqueue = pytest.mark.skipif(not _has_jobqueue(), reason="needs dask-jobqueue (pip install 'coar_dask[slurm]')")
+#: SLURM, the tested path (the settings tests below were written for it).
+resolve = functools.partial(C.resolve_jobqueue_settings, "slurm")
+slurm_script = functools.partial(C.job_script, kind="slurm")
 
 
 @pytest.fixture(autouse=True)
 def _clean_jobqueue_config():
     """No site jobqueue.yaml leaks into these tests; each sees the packaged defaults only."""
-    C._jobqueue_defaults_loaded()
+    if _has_jobqueue():
+        C.import_jobqueue()  # its defaults in dask's config
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None,
                           "jobqueue.slurm.queue": None, "jobqueue.slurm.account": None}):
         yield
@@ -87,7 +96,7 @@ def test_parse_adapt_rejects_bad_ranges(value):
 
 def test_cores_and_memory_are_required_and_the_error_says_where_to_put_them():
     with pytest.raises(ConfigError) as err:
-        C.resolve_slurm_settings(jobs=2)
+        resolve(jobs=2)
     message = str(err.value)
     assert "cores=4, memory='16GB'" in message
     assert "coar-dask config slurm --example" in message and "jobqueue.slurm.cores" in message
@@ -98,19 +107,25 @@ def test_arguments_beat_the_config_file_which_beats_dask_config(tmp_path):
     f.write_text("cores: 4\nmemory: 16GB\nqueue: from-file\nwalltime: '02:00:00'\n")
     with dask.config.set({"jobqueue.slurm.queue": "from-dask", "jobqueue.slurm.account": "acct-dask",
                           "jobqueue.slurm.cores": 64}):
-        s = C.resolve_slurm_settings(f, queue="from-arg")
-    assert s.queue == "from-arg"  # argument
-    assert s.cores == 4 and s.walltime == "02:00:00"  # file
-    assert s.account == "acct-dask"  # dask config
+        s = resolve(f, queue="from-arg")
+        assert s.get("queue") == "from-arg"  # argument
+        assert s.get("cores") == 4 and s.get("walltime") == "02:00:00"  # file
+        assert s.get("account") == "acct-dask"  # dask config, which dask-jobqueue reads itself:
+        assert "account" not in s.cluster_kwargs() and "#SBATCH -A acct-dask" in C.job_script(s).splitlines()
 
 
+@needs_jobqueue
 def test_a_sites_jobqueue_yaml_works_as_dask_config():
     with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "32GB",
                           "jobqueue.slurm.queue": "gpu", "jobqueue.slurm.job-extra-directives": ["--qos=high"]}):
-        s = C.resolve_slurm_settings(gpus_per_job=1)
-    kw = s.cluster_kwargs()
-    assert (kw["cores"], kw["memory"], kw["queue"]) == (8, "32GB", "gpu")
-    assert kw["job_extra_directives"] == ["--qos=high", "--gres=gpu:1"]
+        s = resolve(gpus_per_job=1)
+        kw = s.cluster_kwargs()
+        lines = C.job_script(s).splitlines()
+    assert not {"cores", "memory", "queue"} & set(kw)  # left to dask-jobqueue, which reads jobqueue.slurm.*
+    assert kw["job_extra_directives"] == ["--qos=high", "--gres=gpu:1"]  # the site's, and the GPU's added
+    for directive in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G", "#SBATCH --qos=high",
+                      "#SBATCH --gres=gpu:1"):
+        assert directive in lines
 
 
 def test_a_jobqueue_yaml_file_can_be_given_as_the_config_file(tmp_path):
@@ -123,16 +138,16 @@ def test_a_jobqueue_yaml_file_can_be_given_as_the_config_file(tmp_path):
             shebang: '#!/bin/bash'
             job-mem: 10GB
     """))
-    s = C.resolve_slurm_settings(f)
-    assert s.jobqueue_options == {"shebang": "#!/bin/bash", "job_mem": "10GB"}
+    s = resolve(f)
+    assert (s.options["shebang"], s.options["job_mem"]) == ("#!/bin/bash", "10GB")
     assert s.cluster_kwargs()["shebang"] == "#!/bin/bash"
 
 
 def test_the_packaged_slurm_example_is_valid():
     from coar_dask.config import SLURM_EXAMPLE_FILE
 
-    s = C.resolve_slurm_settings(SLURM_EXAMPLE_FILE)
-    assert s.cores >= 1 and s.gpus_per_job >= 0
+    s = resolve(SLURM_EXAMPLE_FILE)
+    assert s.get("cores") >= 1 and s.gpus_per_job >= 0
 
 
 def test_the_printed_slurm_example_is_the_packaged_file_and_loads(tmp_path, capsys):
@@ -144,41 +159,41 @@ def test_the_printed_slurm_example_is_the_packaged_file_and_loads(tmp_path, caps
     assert text == SLURM_EXAMPLE_FILE.read_text() and "# " in text
     f = tmp_path / "slurm.yaml"
     f.write_text(text)
-    assert C.resolve_slurm_settings(f) == C.resolve_slurm_settings(SLURM_EXAMPLE_FILE)
+    assert resolve(f) == resolve(SLURM_EXAMPLE_FILE)
     assert main(["config", "slurm"]) == 2
     assert "--example" in capsys.readouterr().err
 
 
 def test_a_missing_slurm_config_file_names_the_shipped_example(tmp_path):
     with pytest.raises(ConfigError, match="coar-dask config slurm --example"):
-        C.load_slurm_config(tmp_path / "nowhere.yaml")
+        C.load_jobqueue_config(tmp_path / "nowhere.yaml")
 
 
 def test_unknown_setting_names_the_key_and_lists_valid_ones(tmp_path):
     f = tmp_path / "slurm.yaml"
     f.write_text("slurm:\n  cores: 2\n  memory: 8GB\n  gpu: 1\n")
     with pytest.raises(ConfigError, match=r"unknown setting 'gpu'.*gpus-per-job"):
-        C.resolve_slurm_settings(f)
+        resolve(f)
 
 
 def test_deprecated_jobqueue_keys_point_to_their_new_name():
     with pytest.raises(ConfigError, match="use 'job-script-prologue'"):
-        C.resolve_slurm_settings(cores=1, memory="1GB", env_extra=["module load cuda"])
+        resolve(cores=1, memory="1GB", env_extra=["module load cuda"])
 
 
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        C.resolve_slurm_settings(tmp_path / "nope.yaml", cores=1, memory="1GB")
+        resolve(tmp_path / "nope.yaml", cores=1, memory="1GB")
 
 
 def test_jobs_and_adapt_come_from_one_source():
     with dask.config.set({"coar-dask.slurm.adapt": "0:4"}):
-        assert C.resolve_slurm_settings(cores=1, memory="1GB", jobs=3).adapt is None
-        assert C.resolve_slurm_settings(cores=1, memory="1GB").adapt == (0, 4)
-    s = C.resolve_slurm_settings(cores=1, memory="1GB")
+        assert resolve(cores=1, memory="1GB", jobs=3).adapt is None
+        assert resolve(cores=1, memory="1GB").adapt == (0, 4)
+    s = resolve(cores=1, memory="1GB")
     assert (s.jobs, s.adapt) == (1, None)
     with pytest.raises(ConfigError, match="either jobs"):
-        C.resolve_slurm_settings(cores=1, memory="1GB", jobs=2, adapt="0:2")
+        resolve(cores=1, memory="1GB", jobs=2, adapt="0:2")
 
 
 @pytest.mark.parametrize(
@@ -197,14 +212,14 @@ def test_jobs_and_adapt_come_from_one_source():
 def test_bad_settings_name_the_field_and_the_fix(kwargs, match):
     settings = {"cores": 1, "memory": "2GB", **kwargs}
     with pytest.raises(ConfigError, match=match):
-        C.resolve_slurm_settings(**settings).cluster_kwargs()
+        resolve(**settings).cluster_kwargs()
 
 
 def test_settings_are_frozen_and_round_trip_through_to_dict():
-    s = C.resolve_slurm_settings(cores=2, memory="8GB", adapt="0:3", gpus_per_job=1, walltime="01:00:00")
+    s = resolve(cores=2, memory="8GB", adapt="0:3", gpus_per_job=1, walltime="01:00:00")
     with pytest.raises(dataclasses_frozen_error()):
         s.cores = 3  # type: ignore[misc]
-    again = C.SlurmSettings.from_dict(s.to_dict())
+    again = C.JobqueueSettings.from_dict(s.to_dict(), kind="slurm")
     assert again == s
 
 
@@ -215,9 +230,15 @@ def dataclasses_frozen_error():
 
 
 def test_packaged_defaults_are_in_dask_config():
-    assert dask.config.get("coar-dask.slurm.lifetime") == "auto"
+    assert dask.config.get("coar-dask.jobqueue.lifetime") == "auto"
     assert dask.config.get("coar-dask.cluster.kind") == "local"
-    assert dask.config.get("coar-dask.slurm.gpus-per-job") == 0
+    assert dask.config.get("coar-dask.jobqueue.gpus-per-job") == 0
+
+
+def test_a_kinds_own_section_overrides_the_common_one():
+    with dask.config.set({"coar-dask.jobqueue.jobs": 3, "coar-dask.pbs.jobs": 5}):
+        assert resolve(cores=1, memory="1GB").jobs == 3
+        assert C.resolve_jobqueue_settings("pbs", cores=1, memory="1GB").jobs == 5
 
 
 # ------------------------------------------------------------------ job scripts
@@ -225,7 +246,7 @@ def test_packaged_defaults_are_in_dask_config():
 
 @needs_jobqueue
 def test_job_script_of_a_gpu_job():
-    script = C.slurm_job_script(cores=2, memory="8GB", gpus_per_job=1, queue="gpu", account="proj42",
+    script = slurm_script(cores=2, memory="8GB", gpus_per_job=1, queue="gpu", account="proj42",
                                 walltime="01:00:00", python="/opt/env/bin/python")
     lines = script.splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
@@ -243,14 +264,14 @@ def test_job_script_of_a_gpu_job():
 
 @needs_jobqueue
 def test_job_script_of_a_cpu_job_has_no_gres_and_no_gpu_resource():
-    script = C.slurm_job_script(cores=4, memory="16GB", walltime="00:30:00")
+    script = slurm_script(cores=4, memory="16GB", walltime="00:30:00")
     assert "--gres" not in script and "GPU=" not in script
     assert "--nthreads 4" in script
 
 
 @needs_jobqueue
 def test_job_script_extra_directives_prologue_and_existing_resources():
-    script = C.slurm_job_script(
+    script = slurm_script(
         cores=1, memory="2GB", gpus_per_job=1, lifetime="off",
         job_extra_directives=["--constraint=a100", "--qos=long"],
         job_script_prologue=["module load cuda/12", "export OMP_NUM_THREADS=4"],
@@ -267,13 +288,13 @@ def test_job_script_extra_directives_prologue_and_existing_resources():
 
 @needs_jobqueue
 def test_job_script_does_not_duplicate_a_gres_directive_the_user_gave():
-    script = C.slurm_job_script(cores=1, memory="2GB", gpus_per_job=1, job_extra_directives=["--gres=gpu:a100:1"])
+    script = slurm_script(cores=1, memory="2GB", gpus_per_job=1, job_extra_directives=["--gres=gpu:a100:1"])
     assert script.count("--gres") == 1 and "--resources GPU=1" in script
 
 
 @needs_jobqueue
 def test_job_script_with_explicit_lifetime_and_restart():
-    script = C.slurm_job_script(cores=1, memory="2GB", walltime="02:00:00", lifetime="100m",
+    script = slurm_script(cores=1, memory="2GB", walltime="02:00:00", lifetime="100m",
                                 lifetime_stagger="5m", lifetime_restart=True)
     assert "--lifetime 6000s --lifetime-stagger 300s --lifetime-restart" in script
 
@@ -282,7 +303,7 @@ def test_missing_dask_jobqueue_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
     monkeypatch.setitem(sys.modules, "dask_jobqueue.slurm", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'coar_dask\[slurm\]'"):
-        C.slurm_job_script(cores=1, memory="1GB")
+        slurm_script(cores=1, memory="1GB")
     with pytest.raises(MissingDependencyError, match="dask-jobqueue"):
         with C.cluster_client("slurm", cores=1, memory="1GB"):
             pass
@@ -346,8 +367,7 @@ def test_local_gpu_worker_specs_give_each_worker_its_own_device():
     assert list(specs) == ["gpu-0", "gpu-1", "gpu-GPU-abc"]
     for device, spec in zip(["0", "1", "GPU-abc"], specs.values()):
         options = spec["options"]
-        assert spec["cls"] == "distributed.Nanny"
-        assert options["env"]["CUDA_VISIBLE_DEVICES"] == device
+        assert options["env"]["CUDA_VISIBLE_DEVICES"] == device and spec["cls"] == L.GPU_NANNY
         assert options["env"]["OMP_NUM_THREADS"] == "1"
         assert options["resources"] == {"GPU": 1}
         assert options["nthreads"] == 2
@@ -367,9 +387,9 @@ def test_local_gpu_workers_share_the_memory_by_gpus_not_by_cores():
 def test_more_than_one_gpu_per_slurm_job_is_refused_naming_more_jobs():
     """Issue 18.5: a job's one worker advertised GPU=N and ran its N tasks on cuda:0."""
     with pytest.raises(ConfigError, match=r"--jobs N --gpus-per-job 1") as err:
-        C.resolve_slurm_settings(cores=4, memory="16GB", gpus_per_job=2)
+        resolve(cores=4, memory="16GB", gpus_per_job=2)
     assert "\n" not in str(err.value)
-    script = C.slurm_job_script(cores=4, memory="16GB", gpus_per_job=1, jobs=4)
+    script = slurm_script(cores=4, memory="16GB", gpus_per_job=1, jobs=4)
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
 
 
@@ -382,14 +402,14 @@ def test_local_gpu_worker_specs_reject_no_or_repeated_devices(devices):
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert C.visible_gpus() == ["2", "3"]
-    assert C._resolve_local_gpus("auto") == ["2", "3"]
-    assert C._resolve_local_gpus(1) == ["2"]
-    assert C._resolve_local_gpus(0) == []
-    assert C._resolve_local_gpus("3,2") == ["3", "2"]
+    assert L._resolve_local_gpus("auto") == ["2", "3"]
+    assert L._resolve_local_gpus(1) == ["2"]
+    assert L._resolve_local_gpus(0) == []
+    assert L._resolve_local_gpus("3,2") == ["3", "2"]
     with pytest.raises(ConfigError, match=r"gpus \['5', '7'\] are not among"):  # was accepted: issue 18 item 8
-        C._resolve_local_gpus("5,7")
+        L._resolve_local_gpus("5,7")
     with pytest.raises(ConfigError, match="only 2 GPU"):
-        C._resolve_local_gpus(4)
+        L._resolve_local_gpus(4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert C.visible_gpus() == []
 
@@ -430,7 +450,7 @@ def test_importing_dask_jobqueue_keeps_the_ctrl_c_handler():
     """dask-jobqueue's import sets SIGINT to sys.exit(): Ctrl-C of a SLURM build would exit 0, silently."""
     code = textwrap.dedent("""
         import signal
-        from coar_dask.runtime.cluster import import_jobqueue
+        from coar_dask.runtime.clusters import import_jobqueue
         import_jobqueue()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
         try:
@@ -479,12 +499,12 @@ def test_local_workers_sample_their_tasks_every_100ms_and_the_client_keeps_its_c
 
 @needs_jobqueue
 def test_slurm_workers_get_the_profile_interval_unless_the_prologue_sets_it():
-    script = C.slurm_job_script(cores=1, memory="2GB", walltime="00:30:00")
+    script = slurm_script(cores=1, memory="2GB", walltime="00:30:00")
     assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms" in script.splitlines()
     with dask.config.set({"coar-dask.worker-profile-interval": "250ms"}):
-        assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=250ms" in C.slurm_job_script(
+        assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=250ms" in slurm_script(
             cores=1, memory="2GB", walltime="00:30:00").splitlines()
-    own = C.slurm_job_script(cores=1, memory="2GB", walltime="00:30:00",
+    own = slurm_script(cores=1, memory="2GB", walltime="00:30:00",
                              job_script_prologue=["export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=10ms"])
     assert own.count("DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL") == 1
 
@@ -495,3 +515,150 @@ def test_a_bad_profile_interval_is_one_config_error(bad):
 
     with pytest.raises(ConfigError, match="worker-profile-interval must be a positive duration"):
         worker_dask_config(bad)
+
+
+# ------------------------------------------------ PBS, LSF, SGE, HTCondor: the same path as SLURM
+
+#: kind -> (settings of a 1-hour GPU job, lines its script must hold). Each kind writes its walltime
+#: its own way (LSF: HH:MM); workers leave 54 min +- 3 min after they start, as on SLURM.
+KIND_SCRIPTS = {
+    "pbs": ({"walltime": "01:00:00", "queue": "gpuq", "account": "proj42"},
+            ["#PBS -q gpuq", "#PBS -A proj42", "#PBS -l select=1:ncpus=2:mem=7630MB", "#PBS -l walltime=01:00:00",
+             "#PBS -l ngpus=1"]),
+    "lsf": ({"walltime": "01:00", "queue": "gpuq", "account": "proj42"},
+            ["#BSUB -q gpuq", '#BSUB -P "proj42"', "#BSUB -n 2", "#BSUB -W 01:00", '#BSUB -gpu "num=1"']),
+    "sge": ({"walltime": "01:00:00", "queue": "gpuq", "account": "proj42"},
+            ["#$ -q gpuq", "#$ -P proj42", "#$ -l h_rt=01:00:00", "#$ -l gpu=1"]),
+    "htcondor": ({"disk": "10GB", "lifetime": "54m", "lifetime_stagger": "3m"},
+                 ["request_gpus = 1", "MY.DaskWorkerCores = 2", "MY.DaskWorkerDisk = 10000000000"]),
+}
+
+
+@needs_jobqueue
+@pytest.mark.parametrize("kind", sorted(KIND_SCRIPTS))
+def test_job_script_of_a_gpu_job_on_every_batch_system(kind):
+    settings, expected = KIND_SCRIPTS[kind]
+    script = C.job_script(kind=kind, cores=2, memory="8GB", gpus_per_job=1, python="/opt/env/bin/python",
+                          **settings)
+    lines = script.splitlines()
+    for line in expected:
+        assert line in lines, (line, script)
+    assert "/opt/env/bin/python -m distributed.cli.dask_worker tcp://<scheduler-address>:8786" in script
+    assert "--resources GPU=1" in script and "--lifetime 3240s --lifetime-stagger 180s" in script
+    assert "export OMP_NUM_THREADS=1" in script and "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms" in script
+
+
+@needs_jobqueue
+@pytest.mark.parametrize("kind, own", [("pbs", "-l select=1:ncpus=2:ngpus=1"), ("lsf", '-gpu "num=1:mode=exclusive_process"'),
+                                       ("sge", "-l gpu_card=1"), ("slurm", "--gpus=1")])
+def test_a_gpu_directive_the_user_gave_is_not_doubled(kind, own):
+    script = C.job_script(kind=kind, cores=2, memory="8GB", gpus_per_job=1, job_extra_directives=[own])
+    assert own in script and sum("gpu" in line for line in script.splitlines() if line.startswith("#")) == 1
+
+
+@needs_jobqueue
+def test_cpu_jobs_of_other_kinds_ask_for_no_gpu():
+    for kind in ("pbs", "lsf", "sge"):
+        script = C.job_script(kind=kind, cores=4, memory="16GB")
+        assert "gpu" not in script.lower() and "--nthreads 4" in script
+
+
+@needs_jobqueue
+def test_each_kind_reads_its_own_walltime_format():
+    assert C.resolve_jobqueue_settings("lsf", cores=1, memory="1GB", walltime="02:00").lifetime_args()[:2] == \
+        ["--lifetime", f"{C.worker_lifetime(7200)[0]}s"]
+    assert C.resolve_jobqueue_settings("pbs", cores=1, memory="1GB", walltime="7200").lifetime_args()[:2] == \
+        ["--lifetime", f"{C.worker_lifetime(7200)[0]}s"]
+    with pytest.raises(ConfigError, match="not an LSF time"):
+        C.resolve_jobqueue_settings("lsf", cores=1, memory="1GB", walltime="01:00:00")
+    with pytest.raises(ConfigError, match=r"unknown setting 'walltime'.*disk"):  # HTCondor has none
+        C.resolve_jobqueue_settings("htcondor", cores=1, memory="1GB", disk="1GB", walltime="01:00:00")
+    with pytest.raises(ConfigError, match="need disk per job"):
+        C.resolve_jobqueue_settings("htcondor", cores=1, memory="1GB")
+
+
+@needs_jobqueue
+def test_a_kinds_own_jobqueue_keys_pass_through_from_the_file_and_dask_config(tmp_path):
+    f = tmp_path / "pbs.yaml"
+    f.write_text("jobqueue:\n  pbs:\n    cores: 2\n    memory: 8GB\n    resource-spec: select=1:ncpus=2:mem=8GB:model=a100\n")
+    assert "#PBS -l select=1:ncpus=2:mem=8GB:model=a100" in C.job_script(kind="pbs", config_file=f)
+    with pytest.raises(ConfigError, match="unknown setting 'resource_spec'"):  # not a SLURM key
+        C.resolve_jobqueue_settings("slurm", cores=1, memory="1GB", resource_spec="x")
+    with dask.config.set({"jobqueue.lsf.lsf-units": "GB", "jobqueue.lsf.cores": 2, "jobqueue.lsf.memory": "8GB"}):
+        assert "#BSUB -M 8" in C.job_script(kind="lsf").splitlines()
+
+
+@needs_jobqueue
+@pytest.mark.filterwarnings("ignore:OAR Job memory")
+def test_a_batch_system_is_one_registry_entry():
+    """OAR, which dask-jobqueue also drives, takes one entry: the CLI, job scripts and cluster_client know it."""
+    oar = C.JobqueueKind("oar", "OAR", "OARCluster", "-l gpu={n}", ("gpu",), None, account_key="project")
+    C.register_jobqueue_kind(oar)
+    try:
+        assert "oar" in C.cluster_kinds()
+        script = C.job_script(kind="oar", cores=1, memory="2GB", gpus_per_job=1)
+        assert "#OAR -l gpu=1" in script.splitlines() and "--resources GPU=1" in script
+    finally:
+        del C.JOBQUEUE_KINDS["oar"]
+    with pytest.raises(ConfigError, match="unknown cluster kind 'oar'"):
+        with C.cluster_client("oar", cores=1, memory="2GB"):
+            pass
+
+
+@needs_jobqueue
+@pytest.mark.parametrize("kind, header", [("pbs", "#PBS"), ("lsf", "#BSUB"), ("sge", "#$"), ("slurm", "#SBATCH")])
+def test_the_cli_dry_run_prints_each_kinds_job_script(kind, header, coar_dask_cli):
+    """``coar-dask cluster --cluster pbs --dry-run``, run as a user runs it."""
+    done = subprocess.run([*coar_dask_cli, "cluster", "--cluster", kind, "--dry-run", "--cores", "2", "--memory", "8GB",
+                           "--gpus-per-job", "1", "--jobs", "3"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"# {C.JOBQUEUE_KINDS[kind].label} cluster: 3 job(s)")
+    assert sum(line.startswith(header + " ") for line in lines) >= 2 and "--resources GPU=1" in lines[-1]
+
+
+def test_the_cli_dry_run_of_a_kind_without_a_job_script_says_which_have_one(capsys):
+    from coar_dask.cli.main import main
+
+    assert main(["cluster", "--cluster", "local", "--dry-run"]) == 2
+    assert "--cluster slurm | pbs | lsf | sge | htcondor" in capsys.readouterr().err
+
+
+# ------------------------------------- local GPU workers: their device before the user's code runs
+
+GPU_SCRIPT = '''\
+import json
+import os
+import sys
+
+SEEN_AT_IMPORT = os.environ.get("CUDA_VISIBLE_DEVICES")  # a model module touching CUDA here pins a GPU
+
+
+def seen(dask_worker):
+    return dask_worker.name, sys.modules["__mp_main__"].SEEN_AT_IMPORT
+
+
+if __name__ == "__main__":
+    from coar_dask import cluster_client
+
+    with cluster_client("local", gpus=["0", "1"]) as client:
+        first = sorted(client.run(seen).values())
+        client.restart()  # new worker processes, started by the same nannies
+        print(json.dumps([first, sorted(client.run(seen).values())]))
+    print(os.environ["CUDA_VISIBLE_DEVICES"])
+'''
+
+
+def test_each_gpu_worker_has_its_device_when_it_imports_the_users_main(tmp_path):
+    """Issue 23.4: the nanny set CUDA_VISIBLE_DEVICES after the worker re-imported ``__main__``: every
+    worker saw the parent's '0,1' there (CUDA at import -> all on GPU 0). Fake devices; run as a user does."""
+    script = tmp_path / "train.py"
+    script.write_text(GPU_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workers, parent = done.stdout.strip().splitlines()
+    first, restarted = json.loads(workers)
+    assert first == restarted == [["gpu-0", "0"], ["gpu-1", "1"]]
+    assert parent == "0,1"  # the client's own environment is as it was

@@ -113,7 +113,7 @@ def test_sweep_in_process_and_the_edit_command(tmp_path, wide_experiment, coar_d
 @pytest.mark.slow
 def test_sweep_on_a_local_cluster_equals_in_process(wide_experiment):
     from coar_dask.fit.baselines import gradient_x_parameter
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     attributions = gradient_x_parameter(wide_experiment)
     cases = [EditCase([5], list(range(100, 130))), EditCase([8, 9], list(range(200, 220)))]

@@ -94,7 +94,7 @@ def build_cmd(coar_dask_cli):
 
 def _env() -> dict[str, str]:
     """The environment of a CLI subprocess: one thread per process, as Dask workers run."""
-    from coar_dask.runtime.cluster import WORKER_ENV
+    from coar_dask.runtime.clusters import WORKER_ENV
 
     return {**os.environ, **WORKER_ENV}
 
@@ -121,7 +121,7 @@ def experiment_yaml(tmp_path, digits_experiment):
 
 @pytest.mark.slow
 def test_worker_killed_mid_block_loses_nothing(tmp_path, digits_experiment, reference):
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     store = _store_for(tmp_path / "s", digits_experiment)
     with cluster_client("local", n_workers=2) as client:

@@ -314,7 +314,7 @@ def test_a_cuda_device_this_process_cannot_see_is_refused_in_one_line(monkeypatc
 
 def test_local_gpus_must_be_visible(monkeypatch):
     from coar_dask.errors import ConfigError
-    from coar_dask.runtime import cluster
+    from coar_dask.runtime.clusters import local as cluster
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert cluster._resolve_local_gpus("1,0") == ["1", "0"]

@@ -147,7 +147,7 @@ def _attribute(tmp_path, experiment, client, rows=2000, held_out=200):
 @pytest.mark.slow
 def test_tiny_gpt2_attributions_on_a_local_cluster(tmp_path):
     """The issue's acceptance: lm_margin, and a custom output by import path from YAML, both >= 0.9."""
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     path = tmp_path / "custom.yaml"
     path.write_text(yaml.safe_dump(gpt2_experiment(output="test_hf:last_token_logprob").to_dict()))

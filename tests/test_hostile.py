@@ -36,7 +36,7 @@ from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.evaluate import evaluate
 from coar_dask.fit.fit import fit
 from coar_dask.formats.npy import export_npy, import_npy
-from coar_dask.runtime.cluster import load_slurm_config
+from coar_dask.runtime.clusters import load_jobqueue_config as load_slurm_config
 from test_bad_input import cli_error, snapshot
 
 torch = pytest.importorskip("torch")

@@ -292,7 +292,7 @@ def test_a_relative_store_path_builds_on_workers_started_in_another_folder(digit
                                                                            monkeypatch):
     """Issue 13, bug 2: a relative --store reached the workers unchanged and every block failed there."""
     from coar_dask.runtime.build import init_experiment_store
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     workers_home, mine = tmp_path / "workers", tmp_path / "client"
     workers_home.mkdir(), mine.mkdir()

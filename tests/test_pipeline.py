@@ -28,7 +28,7 @@ def assert_same_rows(a, b):
 
 @pytest.fixture(scope="module")
 def local_client():
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     with cluster_client("local", n_workers=2) as client:
         yield client

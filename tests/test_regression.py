@@ -132,7 +132,7 @@ def test_target_slice_subrange_in_slices(synthetic):
 
 @pytest.mark.slow
 def test_slices_as_dask_tasks_on_a_local_cluster_equal_a_single_fit(synthetic):
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     store, _, _ = synthetic
     kw = dict(num_train=400, num_val=100, split_seed=2, solver="saga", lr=0.05, batch_size=100, max_epochs=300)

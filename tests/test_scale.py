@@ -34,7 +34,7 @@ def make_store(path, blocks=None):
 
 @pytest.fixture(scope="module")
 def client():
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     with cluster_client("local", n_workers=2) as c:
         yield c

@@ -14,7 +14,7 @@ from pathlib import Path
 import dask
 import pytest
 
-from coar_dask.runtime.cluster import cluster_client
+from coar_dask.runtime.clusters import cluster_client
 from coar_dask.testing.slurm import (
     harness_processes,
     local_slurm_cluster,

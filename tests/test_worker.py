@@ -58,7 +58,7 @@ def test_local_workers_apply_worker_env_malloc_settings_at_start():
     distributed = pytest.importorskip("distributed")
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's")
-    from coar_dask.runtime.cluster import WORKER_ENV, local_worker_preload
+    from coar_dask.runtime.clusters import WORKER_ENV, local_worker_preload
 
     expected = {k: int(v) for k, v in WORKER_ENV.items() if k in worker._MALLOPT}
     assert expected, "WORKER_ENV sets no MALLOC_* variable: nothing to check"
@@ -85,7 +85,7 @@ def test_train_and_eval_stores_share_one_state_per_worker(tmp_path, tiny_experim
     from coar_dask.core.experiment import load_state
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.runtime.build import run_build
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     state = load_state(tiny_experiment)
     heldout = tiny_experiment.replace(mask_seed=tiny_experiment.mask_seed + 1)

@@ -38,7 +38,7 @@ def _load_model(echo: Echo) -> float:
 def _build_both(store: Any, eval_store: Any, experiment: Any, eval_experiment: Any, workers: int,
                 echo: Echo) -> tuple[Any, float]:
     """Build the store and the held-out store on one LocalCluster; returns the build's report and seconds."""
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
 
     echo(f"[3/5] building on a LocalCluster with {workers} workers")
     t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2,
     from coar_dask.fit.edit import plot_edit, sweep_edit
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.fit.fit import fit
-    from coar_dask.runtime.cluster import cluster_client
+    from coar_dask.runtime.clusters import cluster_client
     from coar_dask.zoo import wide
 
     out = Path(out)

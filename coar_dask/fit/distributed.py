@@ -6,7 +6,7 @@ each fitted by one task that streams the same train/validation rows. Plan,
 then execute: :func:`plan_fit` returns a small frozen :class:`FitPlan`;
 :func:`execute_fit` runs it in this process (``client=None``) or as one Dask
 task per slice (GPU-annotated, ``resources={"GPU": 1}``, when the device is
-CUDA), on any cluster of :func:`coar_dask.runtime.cluster.cluster_client`, and
+CUDA), on any cluster of :func:`coar_dask.runtime.clusters.cluster_client`, and
 concatenates the slices in target order. The result equals a single fit of
 all targets (the split of rows depends only on the store and the seed).
 

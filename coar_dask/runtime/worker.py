@@ -11,7 +11,7 @@ Worker.close()"), and a heartbeat may fail when the scheduler goes first;
 both are the expected end of an interrupted build, so they are not shown.
 
 Malloc: glibc reads ``MALLOC_*`` variables only when a process starts, and a
-Dask nanny sets its worker's ``env`` (``coar_dask.runtime.cluster.WORKER_ENV``)
+Dask nanny sets its worker's ``env`` (``coar_dask.runtime.clusters.WORKER_ENV``)
 inside the worker process, after it started (only
 ``distributed.nanny.pre-spawn-environ`` is set before, and it holds dask's own
 ``MALLOC_TRIM_THRESHOLD_=65536``). :func:`apply_malloc_env` applies them with
