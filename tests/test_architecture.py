@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "coar_dask"
 
 #: Layers, lowest first; a module may import only its own layer and those below.
 LAYERS = [
-    {"coar_dask._version", "coar_dask.errors", "coar_dask._yaml", "coar_dask.config"},
+    {"coar_dask._version", "coar_dask.errors", "coar_dask._yaml", "coar_dask.config", "coar_dask._exports"},
     {"coar_dask.core"},
     {"coar_dask.ablation"},
     {"coar_dask.solvers"},
@@ -194,3 +194,66 @@ def test_every_overwrite_parameter_defaults_to_false():
                 true += [f"{name}.{node.name}" for a, d in pairs
                          if a.arg == "overwrite" and not (isinstance(d, ast.Constant) and d.value is False)]
     assert not true, "overwrite= must default to False:\n" + "\n".join(true)
+
+
+#: The pipeline: what ``from coar_dask import *`` gives, and nothing more (trust_recorded: the trust gate).
+PIPELINE = {
+    "__version__", "CoarError", "Spec", "load_spec", "Store", "init_store", "open_store", "Experiment",
+    "load_experiment", "Components", "select_components", "Batch", "register_output", "sample_masks",
+    "init_experiment_store", "BuildPlan", "plan_build", "execute_plan", "run_build",
+    "cluster_client", "Attributions", "fit", "EvaluationResult", "evaluate",
+}
+#: The top-level names of 0.1 that moved, and their homes now.
+MOVED = {
+    "leave_one_out": "coar_dask.fit", "gradient_x_parameter": "coar_dask.fit", "edit_scores": "coar_dask.fit",
+    "edited": "coar_dask.fit", "edit_model": "coar_dask.fit", "sweep_edit": "coar_dask.fit",
+    "plot_evaluation": "coar_dask.fit", "compare": "coar_dask.fit.compare", "BetonRows": "coar_dask.formats",
+    "export_beton": "coar_dask.formats", "export_npy": "coar_dask.formats", "import_npy": "coar_dask.formats",
+}
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing of this test session imported), warnings shown."""
+    return subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True)
+
+
+def test_the_top_level_is_the_pipeline():
+    import coar_dask
+
+    assert PIPELINE <= set(coar_dask.__all__) <= PIPELINE | {"trust_recorded"}
+    assert len(coar_dask.__all__) == len(set(coar_dask.__all__))
+    out = _run_python("import json, warnings; warnings.simplefilter('error'); ns = {}; "
+                      "exec('from coar_dask import *', ns); print(json.dumps(sorted(set(ns) - {'__builtins__'})))")
+    assert set(json.loads(out.stdout)) == set(coar_dask.__all__)
+
+
+@pytest.mark.parametrize("name, home", sorted(MOVED.items()))
+def test_a_moved_name_still_imports_from_the_top_with_a_warning_naming_its_home(name, home):
+    import importlib
+
+    import coar_dask
+
+    with pytest.warns(DeprecationWarning, match=rf"coar_dask\.{name} is deprecated: import it from "
+                                                rf"{home.replace('.', '[.]')} \(from {home} import {name}\)"):
+        alias = getattr(coar_dask, name)
+    assert alias is getattr(importlib.import_module(home), name)
+    assert name not in coar_dask.__all__
+
+
+@pytest.mark.parametrize("package", ["coar_dask.fit", "coar_dask.formats"])
+def test_subpackage_exports_resolve_and_shadow_no_module(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert getattr(value, "__module__", "").startswith(package), (name, value)
+        assert not (MODULES[package].parent / f"{name}.py").exists(), f"{package}.{name} would hide a module"
+        assert name in dir(module)
+
+
+def test_importing_a_subpackage_imports_none_of_its_modules():
+    out = _run_python("import sys, coar_dask.fit, coar_dask.formats; print(sorted(m for m in sys.modules if "
+                      "m.startswith(('coar_dask.fit.edit', 'coar_dask.fit.baselines', 'coar_dask.fit.compare', "
+                      "'coar_dask.formats.'))))")
+    assert out.stdout.strip() == "[]"
