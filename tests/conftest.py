@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,27 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+
+def _restore_ctrl_c() -> None:
+    """Undo dask-jobqueue's SIGINT handler: importing ``dask_jobqueue.runner`` installs
+    ``lambda *_: sys.exit()``, which turns each Ctrl-C into a SystemExit that fails the running test
+    and lets the session go on. With Python's own handler back, Ctrl-C stops pytest."""
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__module__", None) == "dask_jobqueue.runner" and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_finish(session):
+    _restore_ctrl_c()  # test modules that import dask_jobqueue have been imported
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _restore_ctrl_c()
+    yield
+    _restore_ctrl_c()  # a test that imported dask_jobqueue itself
 
 
 def tiny_model():
