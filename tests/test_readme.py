@@ -96,3 +96,12 @@ def test_a_script_without_the_main_guard_says_so_in_one_line(tmp_path):
     assert last.startswith("coar_dask.errors.ConfigError: ") and 'if __name__ == "__main__":' in last
     assert "example.py (line 3)" in last
     assert "Nanny failed to start" not in done.stderr and "dashboard" not in done.stdout
+
+
+def test_readme_says_how_to_reach_the_installed_package_and_how_long_the_tests_take():
+    """Issue 24 items 6 and 7: a newcomer after `make demo` and before `make test`."""
+    text = README.read_text()
+    two_commands = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert "source .venv/bin/activate" in two_commands and "ModuleNotFoundError" in two_commands
+    assert re.search(r"make test .*about \d+ minutes on 2 cores", two_commands)
+    assert "three stores" in two_commands and "the two stores" not in text
