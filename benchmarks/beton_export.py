@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import zarr
 
     from coar_dask import __version__
-    from coar_dask.formats.beton import _page_size, import_ffcv
+    from coar_dask.formats.beton import import_ffcv
+    from coar_dask.formats.beton.write import _page_size
 
     ffcv = import_ffcv("The benchmark")
     workers = args.workers or os.cpu_count() or 1

@@ -257,3 +257,10 @@ def test_importing_a_subpackage_imports_none_of_its_modules():
                       "m.startswith(('coar_dask.fit.edit', 'coar_dask.fit.baselines', 'coar_dask.fit.compare', "
                       "'coar_dask.formats.'))))")
     assert out.stdout.strip() == "[]"
+
+
+def test_beton_writing_and_reading_are_apart():
+    """Each side imports only what both share (``layout``), never the other side."""
+    write, read = "coar_dask.formats.beton.write", "coar_dask.formats.beton.read"
+    assert read not in _internal(write) and write not in _internal(read)
+    assert "coar_dask.formats.beton.layout" in _internal(write) & _internal(read)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from coar_dask.formats import beton
+from coar_dask.formats.beton import layout, write
 from coar_dask.errors import CoarError, MissingDependencyError, StoreError
 from coar_dask.core.store import init_store
 from coar_dask.fit.rows import StoreRows
@@ -37,7 +38,7 @@ SKIPPED_BLOCK = 2  # left unbuilt: rows 80..119 stay incomplete
 # Without FFCV
 # --------------------------------------------------------------------------
 def test_missing_ffcv_names_the_install_steps(monkeypatch):
-    monkeypatch.setattr(beton, "_FFCV", None)
+    monkeypatch.setattr(layout, "_FFCV", None)
     monkeypatch.setitem(sys.modules, "ffcv", None)  # makes `import ffcv` raise ImportError
     monkeypatch.setitem(sys.modules, "ffcv.fields", None)
     with pytest.raises(MissingDependencyError) as err:
@@ -53,19 +54,19 @@ def test_missing_ffcv_names_the_install_steps(monkeypatch):
     [(None, (0, K)), (-1, (0, K)), (3, (3, 4)), ((2, 5), (2, 5)), ((2, -1), (2, K)), (slice(1, 3), (1, 3))],
 )
 def test_y_slice_forms(given, expected):
-    assert beton._parse_y_slice(given, K) == expected
+    assert write._parse_y_slice(given, K) == expected
 
 
 @pytest.mark.parametrize("bad", [K, (5, 2), (0, K + 1), "3", slice(0, 4, 2)])
 def test_y_slice_out_of_range_is_a_store_error(bad):
     with pytest.raises(StoreError):
-        beton._parse_y_slice(bad, K)
+        write._parse_y_slice(bad, K)
 
 
 def test_page_size_fits_rows_and_shrinks_for_small_exports():
-    assert beton._page_size(100, 10, 2) == 1 << 21
-    assert beton._page_size(100, 10**6, 2) == 1 << 23
-    assert beton._page_size(20 << 20, 10, 2) == 32 << 20  # a 20 MiB row needs 32 MiB pages
+    assert write._page_size(100, 10, 2) == 1 << 21
+    assert write._page_size(100, 10**6, 2) == 1 << 23
+    assert write._page_size(20 << 20, 10, 2) == 32 << 20  # a 20 MiB row needs 32 MiB pages
 
 
 # --------------------------------------------------------------------------
@@ -154,12 +155,12 @@ def test_ignore_completed_and_y_slice(store, ffcv, tmp_path):
 @pytest.mark.ffcv
 def test_export_streams_one_block_per_process(store, monkeypatch):
     """The writer's dataset reads each store block once, holding one at a time."""
-    src = beton._open_source(store, "masks", "val_margins", "_completed")
+    src = write._open_source(store, "masks", "val_margins", "_completed")
     calls = []
     real = src.read_block
     monkeypatch.setattr(src, "read_block", lambda b: calls.append(b) or real(b))
     rows = np.flatnonzero(store.completed_rows())
-    ds = beton._BlockDataset(src, rows, (0, K))
+    ds = write._BlockDataset(src, rows, (0, K))
     for i in range(len(ds)):
         x, y, row = ds[i]
         assert row == rows[i] and x.shape == (P,) and y.dtype == np.float32
