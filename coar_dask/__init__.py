@@ -21,6 +21,7 @@ from coar_dask.core.masks import sample_masks
 from coar_dask.core.outputs import Batch, register_output
 from coar_dask.core.spec import Spec, load_spec
 from coar_dask.core.store import Store, init_store, open_store
+from coar_dask.core.trust import trust_recorded
 from coar_dask.errors import CoarError
 from coar_dask.fit.evaluate import EvaluationResult, evaluate
 from coar_dask.fit.fit import Attributions, fit
@@ -44,6 +45,7 @@ __all__ = [
     "Batch",
     "register_output",
     "sample_masks",
+    "trust_recorded",
     # build, on a cluster
     "init_experiment_store",
     "BuildPlan",

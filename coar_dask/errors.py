@@ -26,6 +26,7 @@ __all__ = [
     "MissingDependencyError",
     "BuildError",
     "RegressionError",
+    "UntrustedCodeError",
 ]
 
 
@@ -102,6 +103,11 @@ class BetonNotFoundError(BetonError, FileNotFoundError):
 
 class RegressionError(CoarError, ValueError):
     """A regression cannot be run on the given data."""
+
+
+class UntrustedCodeError(CoarError, PermissionError):
+    """A store's or attributions file's record names code the user has not agreed to import
+    (:mod:`coar_dask.core.trust`)."""
 
 
 def missing_dependency(package: str, extra: str, purpose: str) -> MissingDependencyError:

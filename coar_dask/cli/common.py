@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import logging
 import sys
+import unicodedata
 from typing import Any, Callable
 
 from coar_dask.errors import CoarError
 
-__all__ = ["echo", "run_command", "setup_logging", "progress_bar", "build_with_progress"]
+__all__ = ["echo", "printable", "run_command", "setup_logging", "progress_bar", "build_with_progress"]
 
 #: What Ctrl-C prints when a command says nothing more specific.
 INTERRUPTED = "interrupted."
 
 
+def printable(text: str, keep: str = "\n\t") -> str:
+    """``text`` with control and format characters (terminal escapes, ``\\r``, bidi overrides) written as
+    escapes (``\\x1b``), except those in ``keep``: what a store or file from elsewhere records cannot
+    drive the terminal it is shown on."""
+    return "".join(ch if ch in keep or unicodedata.category(ch) not in _HIDDEN
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp"}
+
+
 def echo(*args: Any) -> None:
-    """Print to stdout, flushed (output interleaves with progress bars on stderr)."""
-    print(*args, flush=True)
+    """Print to stdout, flushed (output interleaves with progress bars on stderr), control characters
+    escaped (:func:`printable`)."""
+    print(printable(" ".join(map(str, args))), flush=True)
 
 
 def run_command(handler: Callable[[Any], int | None], args: Any, prog: str,
@@ -42,7 +55,7 @@ def run_command(handler: Callable[[Any], int | None], args: Any, prog: str,
     try:
         return int(handler(args) or 0)
     except CoarError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        print(printable(f"{prog}: error: {exc}"), file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)

@@ -49,7 +49,8 @@ def add_edit_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _experiment(args: argparse.Namespace, attributions: Any) -> Any:
-    from coar_dask.core.experiment import Experiment, load_experiment
+    from coar_dask.core.experiment import load_experiment
+    from coar_dask.core.trust import experiment_from_record
 
     if args.experiment:
         return load_experiment(args.experiment)
@@ -57,7 +58,7 @@ def _experiment(args: argparse.Namespace, attributions: Any) -> Any:
     if not data:
         raise ConfigError(f"attributions {args.attributions!r} do not record their experiment; give it: "
                           f"--experiment EXP.yaml.")
-    return Experiment.from_dict(data, source=f"the experiment recorded in {args.attributions!r}")
+    return experiment_from_record(data, f"the experiment recorded in {args.attributions!r}")
 
 
 def format_sweep(sweep: Any) -> str:

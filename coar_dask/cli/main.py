@@ -30,7 +30,7 @@ from coar_dask.cli.edit import add_edit_parser
 from coar_dask.cli.initialize_store import add_initialize_store_parser
 from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
 from coar_dask.cli.parser_rules import apply_parser_rules, resolve_store
-from coar_dask.cli.recorded import (describe_experiment, experiment_for_store, import_from_current_folder,
+from coar_dask.cli.recorded import (command_context, describe_experiment, describe_imports, experiment_for_store,
                                     recorded_experiment)
 from coar_dask.cli.run_regression import add_run_regression_parser
 from coar_dask.cli.solver_flags import add_fit_solver_arguments, add_row_arguments, solver_options_from_args
@@ -121,8 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         echo(f"array:    {name} {a['dtype']}{a['shape']}")
     echo(f"masks:    seed {status['mask_seed']}, alpha {status['alpha']}")
     fp = status["experiment_fingerprint"]
-    echo(f"experiment: {fp[:16] + '…' if fp else '(not built yet)'}")
-    for line in describe_experiment(recorded) if recorded else ():
+    echo(f"experiment: {str(fp)[:16] + '…' if fp else '(not built yet)'}")
+    for line in [*describe_experiment(recorded), *describe_imports(recorded)] if recorded else ():
         echo(f"  {line}")
     return 0
 
@@ -203,8 +203,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _eval_experiment(args: argparse.Namespace) -> Any:
     """The evaluation build's experiment: --experiment, else the one the evaluation store records
     (resumed as it is), else the one the attributions record; fresh masks (mask seed + 1) by default."""
-    from coar_dask.core.experiment import Experiment, load_experiment
+    from coar_dask.core.experiment import load_experiment
     from coar_dask.core.store import _is_store_dir
+    from coar_dask.core.trust import experiment_from_record
     from coar_dask.fit.attributions import Attributions
 
     if args.experiment:
@@ -218,7 +219,7 @@ def _eval_experiment(args: argparse.Namespace) -> Any:
         if not data:
             raise ConfigError(f"attributions {args.attributions!r} do not record their experiment (their store "
                               f"recorded none); give it: --experiment EXP.yaml.")
-        exp = Experiment.from_dict(data, source=f"the experiment recorded in {args.attributions!r}")
+        exp = experiment_from_record(data, f"the experiment recorded in {args.attributions!r}")
     return exp.replace(mask_seed=exp.mask_seed + 1 if args.mask_seed is None else args.mask_seed,
                        alpha=exp.alpha if args.alpha is None else args.alpha)
 
@@ -228,8 +229,10 @@ def _finish_eval_store(store: str, args: argparse.Namespace) -> None:
     from coar_dask.core.store import open_store
 
     opened = open_store(store)
+    if not opened.pending_blocks():  # nothing to build: the record's code is not needed
+        return
     experiment = recorded_experiment(opened)
-    if experiment is None or not opened.pending_blocks():
+    if experiment is None:
         return
     with client_for(args) as client:
         build_with_progress(opened, experiment, client, "evaluation build")
@@ -382,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    import_from_current_folder()
-    return run_command(lambda a: a.func(resolve_store(a)), args, f"coar-dask {args.command}", INTERRUPTED)
+    with command_context(args):  # the current folder importable, recorded code agreed to: only when asked
+        return run_command(lambda a: a.func(resolve_store(a)), args, f"coar-dask {args.command}", INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover

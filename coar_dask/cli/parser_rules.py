@@ -8,6 +8,9 @@ them:
   first free positional argument: ``coar-dask status S`` is ``coar-dask
   status --store S`` (:func:`resolve_store` merges the two after parsing);
 - ``-v``/``--verbose`` works after the subcommand too;
+- a command that may run the experiment a store or attributions file records
+  (:data:`TRUST_COMMANDS`) takes ``--trust-recorded``, the user's consent to
+  import the code that record names (:mod:`coar_dask.core.trust`);
 - help and descriptions are plain text: the docstrings' reStructuredText
   (````code````, ``:func:`name```) is rewritten as it reads.
 """
@@ -20,7 +23,10 @@ from typing import Iterator
 
 from coar_dask.errors import ConfigError
 
-__all__ = ["apply_parser_rules", "resolve_store", "plain_text", "subcommand_parsers"]
+__all__ = ["apply_parser_rules", "resolve_store", "plain_text", "subcommand_parsers", "TRUST_COMMANDS"]
+
+#: The commands that may run a recorded experiment: they take ``--trust-recorded``.
+TRUST_COMMANDS = ("build", "fit", "evaluate", "compare", "edit", "plan")
 
 _POSITIONAL = "_store_positional"
 _RULE = "_store_rule"
@@ -69,6 +75,15 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
                             help="more logging (-vv for debug); also accepted before the command")
 
 
+def _trust_flag(name: str, parser: argparse.ArgumentParser) -> None:
+    if name in TRUST_COMMANDS and "--trust-recorded" not in parser._option_string_actions:
+        parser.add_argument(
+            "--trust-recorded", action="store_true",
+            help="import and run the code (factories, output) that the store's or attributions' recorded "
+                 "experiment names; without it only coar_dask's built-ins run, since a file may come from "
+                 "someone else (`coar-dask status STORE` lists what would be imported)")
+
+
 def _store_both_ways(name: str, parser: argparse.ArgumentParser) -> None:
     option = parser._option_string_actions.get("--store")
     positional = any(not a.option_strings and a.dest == "store" for a in parser._actions)
@@ -85,6 +100,7 @@ def apply_parser_rules(parser: argparse.ArgumentParser) -> None:
     _plain_help(parser)
     for name, sub in subcommand_parsers(parser):
         _store_both_ways(name, sub)
+        _trust_flag(name, sub)
         _verbose_flag(sub)
         _plain_help(sub)
 

@@ -22,6 +22,7 @@ import numpy as np
 from coar_dask.core.experiment import Experiment, load_experiment
 from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store, open_store
+from coar_dask.core.trust import experiment_from_record
 from coar_dask.errors import ConfigError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.baselines import BASELINES, gradient_x_parameter, leave_one_out
@@ -100,7 +101,7 @@ def _experiment_of(store: Store, experiment: Any) -> Experiment:
     if not recorded:
         raise ConfigError(f"store {str(store.path)!r} records no experiment; give it: experiment=EXP.yaml "
                           f"(--experiment).")
-    return Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
+    return experiment_from_record(recorded, f"the experiment recorded in store {str(store.path)!r}")
 
 
 def _alpha_key(store: Store, taken: set[str]) -> str:

@@ -33,6 +33,7 @@ from coar_dask.ablation.engine import compute_outputs
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.store import Block, Store, open_store
+from coar_dask.core.trust import experiment_from_record, remember_given
 from coar_dask.runtime.executor import TaskSet, run_tasks
 from coar_dask.runtime.gpu import check_gpu_workers, client_experiment, is_cuda
 from coar_dask.runtime.worker import apply_malloc_env
@@ -164,6 +165,7 @@ def init_experiment_store(
     from coar_dask.core.store import init_store
 
     exp = load_experiment(experiment)
+    remember_given(exp.to_dict())  # the user's own code: the store's record of it may run here later
     changes = {k: v for k, v in (("mask_seed", mask_seed), ("alpha", alpha)) if v is not None}
     exp = exp.replace(**changes) if changes else exp
     state = load_state(client_experiment(exp))  # counts only: on the CPU, whatever the experiment's device
@@ -175,13 +177,14 @@ def init_experiment_store(
 
 def recorded_experiment(store: Store | str | os.PathLike) -> Experiment | None:
     """The experiment ``store`` records (written by :func:`init_experiment_store` or a first build), or
-    ``None`` when it records none."""
+    ``None`` when it records none. Its code must be built-in or agreed to (:mod:`coar_dask.core.trust`):
+    the record may come from someone else."""
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
     data = store.meta.get("experiment")
     if not data:
         return None
-    return Experiment.from_dict(data, source=f"the experiment recorded in store {str(store.path)!r}")
+    return experiment_from_record(data, f"the experiment recorded in store {str(store.path)!r}")
 
 
 def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -> BuildPlan:
