@@ -5,5 +5,8 @@ __version__ = "0.1.0"
 #: file. Format-1 stores still open, verify and fit (without digests).
 #: Codecs are not part of the format: each array's zarr metadata names its
 #: chain, and stores record theirs under ``codecs`` (issue 16: bit-shuffled
-#: masks); a format-2 reader decodes either chain, so no bump.
-FORMAT_VERSION = 2
+#: masks); a format-2 reader decodes either chain, so no bump. 3: the claim
+#: gives the store its id, and block digests written after it are bound to
+#: that id and the claimed experiment (a format-2 reader would take every such
+#: block for a corrupt one); format-2 stores open, verify and fit unchanged.
+FORMAT_VERSION = 3

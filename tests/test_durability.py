@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from coar_dask.core import store as store_mod
+from coar_dask.core import durability
 from coar_dask.core.spec import Spec
 from coar_dask.core.store import init_store, open_store
 from coar_dask.core.verify import verify_store
@@ -59,7 +59,7 @@ def test_a_rewrite_cut_short_leaves_the_block_pending(tmp_path, monkeypatch):
             arr[selection] = values
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_mod, "_write_concurrently", dies_after_the_data)
+    monkeypatch.setattr(durability, "write_concurrently", dies_after_the_data)
     with pytest.raises(KeyboardInterrupt):
         store.write_block(0, block(1))
     reopened = open_store(store.path)

@@ -9,7 +9,8 @@ tasks never need a lock.
 
 The group's ``coar_dask`` attribute keeps the spec, its sha256, the chunking,
 the mask seed and alpha (when given), the experiment fingerprint once a build
-has started, the package and format versions, and a random ``store_id``.
+has started, the package and format versions, and a random ``store_id``
+(the id of a store written without a claim).
 
 Codecs: bool arrays (the masks) are bit-shuffled by blosc, compressed with
 zstd and followed by a crc32c checksum; every other array uses zstd with its
@@ -18,35 +19,36 @@ before used zstd for every array; zarr reads each array's chain from its own
 metadata, so they open, verify and fit unchanged (the layout -- arrays, shapes,
 chunk keys -- is the same, hence no new format version).
 
-Integrity (format 2):
+Integrity (formats 2 and 3):
 
 * ``_digests`` (uint8, ``(n_blocks, n_arrays, 32)``, one chunk per block) holds,
   for each block, the sha256 of every schema array's block as written, bound to
-  the block index and the ``store_id`` (:func:`block_digest`). A build task
-  writes it after the block's data and before its ``_completed`` chunk, so a
-  chunk swapped with another block's, copied from another store or changed in
-  place no longer matches, and a block flagged completed without a build has
-  no digest. :meth:`Store.read_verified` (used by :meth:`Store.iter_completed`,
-  hence by fit and evaluate, and by the .beton export) refuses such blocks.
-  Format-1 stores have no digests and still open; their readers check only
-  that chunk files exist and are regular files.
+  the block index, the store and the claimed experiment (:mod:`coar_dask.core.digests`).
+  A build task writes it with the block's data and before its ``_completed`` chunk
+  (:mod:`coar_dask.core.durability`), so a chunk swapped with another block's,
+  copied from another store or changed in place no longer matches, and a block
+  flagged completed without a build has no digest. :meth:`Store.read_verified`
+  (used by :meth:`Store.iter_completed`, hence by fit and evaluate, and by the
+  .beton export) refuses such blocks. Format-1 stores have no digests and still
+  open; their readers check only that chunk files exist and are regular files.
 * ``coar_dask.claim.json`` at the store's root records the experiment that
-  owns the store. It is created atomically (written to a temporary file, then
-  hard-linked into place, which fails when the name exists -- atomic on local
-  filesystems and NFS alike), so of two builds that start together with
-  different experiments exactly one wins and the other is refused before it
-  computes anything (:meth:`Store.claim`).
+  owns the store, and gives the store its id (format 3; a format-2 store's id
+  was given at init, so copies of an unbuilt store shared it). It is created
+  atomically (written to a temporary file, then hard-linked into place, which
+  fails when the name exists -- atomic on local filesystems and NFS alike), so
+  of two builds that start together with different experiments exactly one
+  wins and the other is refused before it computes anything (:meth:`Store.claim`).
+* ``coar_dask.content.json`` records digests of what the experiment's
+  factories returned (model state, examples, labels); see
+  :mod:`coar_dask.core.identity`.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
-import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ import numpy as np
 
 from coar_dask._version import FORMAT_VERSION, __version__
 from coar_dask.errors import CoarError, CorruptBlockError, StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.core import durability
+from coar_dask.core.digests import CHUNK_KINDS, DIGEST_ALGORITHM, DIGEST_SIZE, binding, block_digest, chunk_kind
 from coar_dask.core.output_paths import os_error_message
 from coar_dask.core.spec import Spec, load_spec
 
@@ -84,16 +88,6 @@ SPAN_BYTES = 64 * 2**20
 #: The file naming the experiment a store belongs to (first build wins).
 CLAIM_FILE = "coar_dask.claim.json"
 _ATTR = "coar_dask"
-_DIGEST_ALGORITHM = "sha256"
-_DIGEST_SIZE = 32
-_DIGEST_TAG = b"coar_dask block digest v1"
-#: How a chunk path that is not a regular file reads in messages.
-_CHUNK_KINDS = {
-    "missing": "missing (it would read as zeros)",
-    "folder": "a folder, not a chunk file",
-    "link": "a symbolic link (zarr never writes one; it may point at another block's or store's data)",
-    "other": "not a regular file",
-}
 #: Target for the uncompressed size of one chunk of the widest array.
 _CHUNK_BYTES_TARGET = 64 * 2**20
 _MAX_ROWS_PER_CHUNK = 100
@@ -129,37 +123,6 @@ class Block:
         return np.arange(self.start, self.stop)
 
 
-def block_digest(store_id: str, index: int, name: str, values: np.ndarray) -> bytes:
-    """sha256 of block ``index`` of array ``name`` as written, bound to the store and the block.
-
-    The same values give another digest in another store (``store_id``) or at
-    another block index, so a chunk moved between blocks or stores is detected.
-    """
-    values = np.ascontiguousarray(values)
-    values = values.astype(values.dtype.newbyteorder("<"), copy=False)
-    h = hashlib.sha256(b"\0".join([
-        _DIGEST_TAG, str(store_id).encode(), str(int(index)).encode(), name.encode(),
-        values.dtype.str.encode(), repr(tuple(values.shape)).encode(), b"",
-    ]))
-    h.update(values.reshape(-1).view(np.uint8))
-    return h.digest()
-
-
-def _chunk_kind(path: Path) -> str:
-    """``"file"``, ``"missing"``, ``"folder"``, ``"link"`` or ``"other"`` (without following links)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError:  # e.g. a parent folder replaced by a file
-        return "other"
-    if stat.S_ISLNK(mode):
-        return "link"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    return "file" if stat.S_ISREG(mode) else "other"
-
-
 def _open_group(path: Path, mode: str):
     import zarr
 
@@ -180,6 +143,7 @@ class Store:
         #: only benchmarks turn it off.
         self.verify_reads = True
         self._digest_array: Any = None
+        self._binding: tuple[str, ...] | None = None  # see _claim_binding
 
     # -- metadata ---------------------------------------------------------
     @property
@@ -205,13 +169,34 @@ class Store:
 
     @property
     def store_id(self) -> str | None:
-        """A random id given at init (format 2); block digests are bound to it."""
-        return self._meta.get("store_id")
+        """The store's id: given when a build claims it (format 3), else the random id its init recorded.
+
+        Copies of one unbuilt store (``cp -r``) get ids of their own when they are claimed."""
+        claim = self._claim_binding()
+        return claim[0] if claim else self._meta.get("store_id")
+
+    @property
+    def digest_binding(self) -> str | None:
+        """What block digests are bound to (:func:`coar_dask.core.digests.binding`): the id the claim
+        gave and the claimed experiment's fingerprint, or, for a store written without such a claim,
+        the id its init recorded."""
+        claim = self._claim_binding()
+        return binding(*claim) if claim else self._meta.get("store_id")
+
+    def _claim_binding(self) -> tuple[str, str] | None:
+        """``(store_id, experiment_fingerprint)`` of a claim that gave the store its id, else ``None``.
+        Kept once found: a claim is never changed."""
+        if self._binding is None:
+            claim = self.read_claim()
+            if claim is not None:
+                self._binding = (claim["store_id"], claim["experiment_fingerprint"]) \
+                    if isinstance(claim.get("store_id"), str) else ()
+        return self._binding or None
 
     @property
     def has_digests(self) -> bool:
-        """Whether builds record a digest per block (stores of format 2 made by a build's init)."""
-        return bool(self.store_id) and self._meta.get("block_digest") == _DIGEST_ALGORITHM
+        """Whether builds record a digest per block (stores of format 2 and later made by a build's init)."""
+        return bool(self._meta.get("store_id")) and self._meta.get("block_digest") == DIGEST_ALGORITHM
 
     def update_meta(self, **values: Any) -> None:
         """Set keys of the ``coar_dask`` attribute (reopening it first, so
@@ -364,7 +349,7 @@ class Store:
         if self.has_digests:
             digests = self._digests()
             writes.append((digests, slice(index, index + 1), np.stack([
-                np.frombuffer(block_digest(self.store_id, index, name, values), np.uint8)
+                np.frombuffer(block_digest(self.digest_binding, index, name, values), np.uint8)
                 for name, values in written.items()  # the codecs are lossless: readers decode these bytes
             ])[None]))
             chunk_files.append(self.chunk_path(DIGESTS, index, array=digests))
@@ -378,14 +363,14 @@ class Store:
             # A block rewritten after it was completed is marked pending first, durably: a write cut
             # short below leaves it pending (rebuilt), never flagged with new data and an old digest.
             done[block.start : block.stop] = False
-            _fsync(flags_file, self.path)
+            durability.fsync_paths(flags_file, self.path)
         # Data and digests in one trip through zarr's event loop (encoded concurrently), all durable
         # before the flags: a block cut short anywhere before the flags' fsync is still pending.
-        _write_concurrently(writes)
-        _fsync(chunk_files, self.path)
+        durability.write_concurrently(writes)
+        durability.fsync_paths(chunk_files, self.path)
         done[block.start : block.stop] = True if completed is None else np.asarray(completed, dtype=bool).reshape(
             len(block))
-        _fsync(flags_file, self.path)
+        durability.fsync_paths(flags_file, self.path)
 
     # -- integrity --------------------------------------------------------
     def _digests(self) -> Any:
@@ -403,7 +388,7 @@ class Store:
     def chunk_kind(self, name: str, index: int, *, array: Any = None) -> str:
         """What lies at block ``index``'s chunk path of ``name``: ``"file"``, ``"missing"``,
         ``"folder"``, ``"link"`` or ``"other"`` (symbolic links are not followed)."""
-        return _chunk_kind(self.chunk_path(name, index, array=array))
+        return chunk_kind(self.chunk_path(name, index, array=array))
 
     def stored_digests(self, index: int) -> dict[str, bytes] | None:
         """The digests recorded for block ``index`` (array name -> sha256), or ``None``
@@ -455,11 +440,11 @@ class Store:
                                        "(no build wrote this block)")
         for n, kind in kinds.items():
             if kind != "file" and not (kind == "missing" and digests is not None):
-                raise self._corrupt(index, f"the chunk of {n!r} is {_CHUNK_KINDS[kind]}")
+                raise self._corrupt(index, f"the chunk of {n!r} is {CHUNK_KINDS[kind]}")
 
     def _check_digest(self, index: int, name: str, values: np.ndarray, digests: Mapping[str, bytes] | None,
                       kind: str) -> None:
-        if digests is not None and block_digest(self.store_id, index, name, values) != digests[name]:
+        if digests is not None and block_digest(self.digest_binding, index, name, values) != digests[name]:
             found = "is missing" if kind == "missing" else "does not hold what was written for this block"
             raise self._corrupt(index, f"the chunk of {name!r} {found} (its digest differs: swapped with another "
                                        f"block, copied from another store, or changed)")
@@ -573,12 +558,24 @@ class Store:
         with the same fingerprint is a no-op. Raises :class:`StoreMismatchError`
         when the store is claimed by another experiment (then nothing was
         changed), so two builds of different experiments cannot both write.
+
+        The claim gives the store its id (:attr:`store_id`), to which with the
+        experiment's fingerprint every block digest written from then on is
+        bound: two copies of one unbuilt store get different ids. A store that
+        already holds completed blocks (an import) keeps its init's id, which
+        their digests are bound to.
         """
         wanted = str(record["experiment_fingerprint"])
         claim = self.read_claim()
         if claim is None:
-            _create_exclusive(self.path / CLAIM_FILE, json.dumps(dict(record), sort_keys=True, default=str))
+            record = dict(record)
+            if self.has_digests and not self.completed_rows().any():
+                record["store_id"] = uuid.uuid4().hex
+            durability.create_exclusive(self.path / CLAIM_FILE, json.dumps(record, sort_keys=True, default=str))
             claim = self.read_claim()
+            if claim is not None and claim.get("store_id") == record.get("store_id") and claim.get("store_id") \
+                    and int(self._meta.get("format_version", 0)) < FORMAT_VERSION:
+                self.update_meta(format_version=FORMAT_VERSION)  # earlier versions cannot check its digests
         have = claim["experiment_fingerprint"] if claim else None
         if have != wanted:
             raise StoreMismatchError(
@@ -621,99 +618,16 @@ def _verified_chunk(path: str, name: str, block_info: Any = None) -> np.ndarray:
     return np.asarray(store.array(name)[block.start:block.stop])
 
 
-def _write_concurrently(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
-    """``array[selection] = values`` for each write, in one call into zarr's event loop (the chunks
-    are encoded and written concurrently); one at a time where zarr's asynchronous interface is not there."""
-    try:
-        import asyncio
-
-        from zarr.core.sync import sync
-    except ImportError:  # pragma: no cover - another zarr 3 layout
-        for arr, selection, values in writes:
-            arr[selection] = values
-        return
-
-    async def write_all() -> None:
-        await asyncio.gather(*(arr.async_array.setitem(selection, values) for arr, selection, values in writes))
-
-    sync(write_all())
-
-
-def _fsync(paths: Sequence[Path], root: Path | None = None) -> None:
-    """Flush files and the directories holding them to disk.
-
-    zarr's local store writes each chunk to a temporary file and renames it
-    into place, which is atomic but not durable; the directory is synced too,
-    so that the rename itself survives a power loss, and so is every folder
-    between it and ``root`` (the store), which holds the entry of a chunk
-    folder zarr has just created (``masks/c/17/`` for block 17's ``masks/c/17/0``).
-    A chunk that is not there (zarr deletes one set to the fill value, e.g.
-    completion flags cleared) has its folder synced: the deletion is durable.
-    """
-    dirs = set()
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a chunk equal to the fill value is not stored (zarr deleted it):
-            fd = None              # its folder is synced, which makes the deletion durable
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        parent = path.parent
-        if not parent.is_dir():
-            continue
-        dirs.add(parent)
-        if root is not None and parent.is_relative_to(root):  # the chunk key's folders, up to the array's own
-            while len(parent.parts) > len(root.parts) + 1:
-                parent = parent.parent
-                dirs.add(parent)
-    for directory in dirs:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _create_exclusive(path: Path, text: str) -> None:
-    """Create ``path`` holding ``text`` unless it exists, atomically; no error when it exists.
-
-    The text goes to a unique temporary file first, which is hard-linked to
-    ``path``: ``link`` fails when ``path`` exists, on local filesystems and on
-    NFS (where ``O_EXCL`` was unreliable before NFSv3), and the claim appears
-    whole. An NFS client may report a failed ``link`` that did happen (a lost
-    reply to a retried call), so the link count of the temporary file decides.
-    Filesystems without hard links fall back to ``O_CREAT | O_EXCL``.
-    """
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-            _create_exclusive_open(path, text)
-        elif os.stat(tmp).st_nlink < 2:
-            raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _create_exclusive_open(path: Path, text: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _store_path(path: Any, where: str) -> Path:
+    """``path`` as an absolute Path; anything but a string or path-like is refused, naming what was found."""
+    if isinstance(path, Store):
+        return path.path
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path.strip()):
+        raise StoreError(
+            f"{where} takes the store's folder as a str or os.PathLike (e.g. 'runs/store'); found "
+            f"{type(path).__name__} {path!r}."
+        )
+    return Path(os.path.abspath(path))
 
 
 def _is_store_dir(path: Path) -> bool:
@@ -759,8 +673,8 @@ def _check_layout(store: "Store") -> None:
     wanted = {a.name: ((n, *a.shape), (rpc, *a.shape), a.np_dtype) for a in store.spec.schema}
     wanted[COMPLETED] = ((n,), (rpc,), np.dtype(bool))
     if store.has_digests:
-        wanted[DIGESTS] = ((store.n_blocks, len(store.spec.schema), _DIGEST_SIZE),
-                           (1, len(store.spec.schema), _DIGEST_SIZE), np.dtype(np.uint8))
+        wanted[DIGESTS] = ((store.n_blocks, len(store.spec.schema), DIGEST_SIZE),
+                           (1, len(store.spec.schema), DIGEST_SIZE), np.dtype(np.uint8))
     for name, layout in wanted.items():
         try:
             arr = store._group[name]
@@ -789,7 +703,7 @@ def open_store(path: str | os.PathLike, *, read_only: bool = False, check_arrays
     StoreError
         When its metadata is damaged, or it is another tool's zarr group.
     """
-    path = Path(os.path.abspath(path))
+    path = _store_path(path, "open_store")
     if path.is_file():
         raise StoreError(f"{str(path)!r} is a file, not a store directory; pass a store directory.")
     if not _is_store_dir(path):
@@ -861,7 +775,7 @@ def init_store(
     >>> s.n_blocks, s.rows_per_chunk
     (2000, 100)
     """
-    path = Path(os.path.abspath(path))
+    path = _store_path(path, "init_store")
     spec = load_spec(spec)  # refuses the store's own names (core.spec.RESERVED_NAMES)
     if rows_per_chunk is not None:
         if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk <= 0:
@@ -914,7 +828,7 @@ def _new_meta(spec: Spec, rpc: int, mask_seed: int | None, alpha: float | None, 
         "alpha": None if alpha is None else float(alpha),
         "experiment_fingerprint": None,
         "store_id": uuid.uuid4().hex,
-        "block_digest": _DIGEST_ALGORITHM if digests else None,
+        "block_digest": DIGEST_ALGORITHM if digests else None,
         "codecs": dict(CODECS),
         **dict(extra_meta or {}),
     }
@@ -987,6 +901,6 @@ def _add_arrays(group: Any, spec: Spec, rpc: int, digests: bool) -> None:
     if digests:
         n_blocks = -(-n // rpc)
         # One chunk per block, like every other array: written only by that block's task.
-        group.create_array(DIGESTS, shape=(n_blocks, len(spec.schema), _DIGEST_SIZE),
-                           chunks=(1, len(spec.schema), _DIGEST_SIZE), dtype=np.uint8, fill_value=0,
+        group.create_array(DIGESTS, shape=(n_blocks, len(spec.schema), DIGEST_SIZE),
+                           chunks=(1, len(spec.schema), DIGEST_SIZE), dtype=np.uint8, fill_value=0,
                            compressors=compressors)

@@ -440,7 +440,7 @@ class _BlockScan:
                     block=b, array=name,
                 ))
                 continue
-            if digests is not None and block_digest(self.store.store_id, b, name, values) != digests.get(name):
+            if digests is not None and block_digest(self.store.digest_binding, b, name, values) != digests.get(name):
                 self.problems.append(self._missing(b, block, name, path) if kind == "missing" else Problem(
                     "digest_mismatch", f"{name!r} chunk {path} does not hold what the build wrote for block {b} of "
                                        f"this store (swapped with another block, copied from another store, or "
