@@ -24,13 +24,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from coar_dask.errors import BuildError, ExperimentError, StoreMismatchError, StoreNotFoundError
+from coar_dask.errors import BuildError, ExperimentError, StoreError, StoreMismatchError, StoreNotFoundError
 from coar_dask.ablation.engine import compute_outputs
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.core.identity import check_content
 from coar_dask.core.masks import sample_masks
 from coar_dask.core.store import Block, Store, open_store
 from coar_dask.core.trust import experiment_from_record, remember_given
@@ -187,6 +188,19 @@ def recorded_experiment(store: Store | str | os.PathLike) -> Experiment | None:
     return experiment_from_record(data, f"the experiment recorded in store {str(store.path)!r}")
 
 
+def _check_arguments(store: Any, experiment: Any, where: str) -> None:
+    """Refuse a store or experiment argument of the wrong type, saying what is expected."""
+    if not isinstance(store, (Store, str, os.PathLike)):
+        raise StoreError(f"{where} takes the store as a coar_dask.Store or its folder (str or os.PathLike); "
+                         f"found {type(store).__name__} {store!r}.")
+    if experiment is not None and not isinstance(experiment, (Experiment, Mapping, str, os.PathLike)):
+        raise ExperimentError(
+            f"{where} takes the experiment as a coar_dask.Experiment, a mapping (the YAML form), the path of an "
+            f"experiment YAML file, or None (the one the store records); found {type(experiment).__name__} "
+            f"{experiment!r}."
+        )
+
+
 def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -> BuildPlan:
     """Check the experiment against the store and list the pending blocks.
 
@@ -196,6 +210,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
     the store on first use. ``experiment=None`` takes the one the store
     records (:func:`recorded_experiment`).
     """
+    _check_arguments(store, experiment, "plan_build")
     if not isinstance(store, Store):
         store = open_store(store)
     if experiment is None:
@@ -215,6 +230,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
         "pid": os.getpid(),
         "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    check_content(store, state)  # what the factories returned here: recorded first, else checked
     if store.experiment_fingerprint is None:
         store.update_meta(
             experiment_fingerprint=experiment.fingerprint,
@@ -285,6 +301,7 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
     store = _open_on_worker(store_path, experiment)
     block = store.block(block_index)
     state = load_state(experiment)
+    check_content(store, state)  # once per worker process: its model and examples are the recorded ones
     masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
     dtype = store.spec[experiment.y_name].np_dtype  # float64 stores get float64 outputs (issue 22 item 4)
     outputs = _stored_outputs(store, experiment, block, compute_outputs(state, masks, dtype=dtype))
@@ -377,6 +394,7 @@ def run_build(
     >>> with cluster_client("local", n_workers=2) as client:   # doctest: +SKIP
     ...     report = run_build("store", "configs/digits.yaml", client=client)
     """
+    _check_arguments(store, experiment, "run_build")
     plan = plan_build(store, experiment)
     logger.info("%r", plan)
     if progress is not True:

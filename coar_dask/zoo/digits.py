@@ -103,13 +103,23 @@ def fit_classifier(model: Any, x: np.ndarray, y: np.ndarray, *, seed: int, epoch
 
 
 def train_model(seed: int = 0, width: int = 16, blocks: int = 2, epochs: int = 30) -> Any:
-    """Train the digits model (seeded; a few seconds on a CPU)."""
+    """Train the digits model (seeded; a few seconds on a CPU).
+
+    Trained on one thread: the same weights, bitwise, in every process whatever
+    its thread count (workers that find no cached model each train one, and a
+    store refuses a worker whose model state differs; see
+    :mod:`coar_dask.core.identity`)."""
     import torch
 
     x_tr, y_tr, x_te, y_te = load_data(seed)
-    torch.manual_seed(seed)
-    model = fit_classifier(DigitsResNet(width=width, blocks=blocks), x_tr, y_tr, seed=seed, epochs=epochs,
-                           batch=64, lr=3e-3, max_lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # sums split across threads round differently
+    try:
+        torch.manual_seed(seed)
+        model = fit_classifier(DigitsResNet(width=width, blocks=blocks), x_tr, y_tr, seed=seed, epochs=epochs,
+                               batch=64, lr=3e-3, max_lr=1e-2)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         acc = (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()
     logger.info("trained digits model: held-out accuracy %.4f", acc)
