@@ -157,7 +157,7 @@ def test_plain_flags_keep_the_seeded_shuffle(small_store, tmp_path):
 
 
 def test_fit_settings_are_frozen_and_checked():
-    from coar_dask.fit.core import FitSettings
+    from coar_dask.fit.plan import FitSettings
 
     s = FitSettings.create(num_train=5, solver="saga", lr=0.1)
     assert s.options == {"lr": 0.1}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coar_dask.fit import distributed as distributed_fit
+from coar_dask.fit import plan as fit_plan
 from coar_dask.errors import RegressionError
 from coar_dask.cli.solver_flags import add_fit_solver_arguments, solver_options_from_args
 from coar_dask.fit.fit import (
@@ -154,11 +154,11 @@ def test_slices_as_dask_tasks_on_a_local_cluster_equal_a_single_fit(synthetic):
 
 def test_fit_plan_is_small_readable_and_gpu_annotated(synthetic):
     store, _, _ = synthetic
-    plan = distributed_fit.plan_fit(store, slices=4, solver="saga", device="cuda", lr=1e-3)
+    plan = fit_plan.plan_fit(store, fit_plan.FitSettings.create(solver="saga", device="cuda", lr=1e-3), slices=4)
     assert plan.gpu and plan.slices == ((0, 3), (3, 6), (6, 9), (9, 12))
     assert "4 slice(s)" in repr(plan) and "lr=0.001" in repr(plan)
     assert plan.task_key(0) != plan.task_key(1)
-    assert not distributed_fit.plan_fit(store, slices=2).gpu
+    assert not fit_plan.plan_fit(store, fit_plan.FitSettings(), slices=2).gpu
     import pickle
 
     assert pickle.loads(pickle.dumps(plan)) == plan
@@ -168,7 +168,7 @@ def test_fit_plan_is_small_readable_and_gpu_annotated(synthetic):
 @given(start=st.integers(0, 50), size=st.integers(1, 300), slices=st.integers(1, 40),
        max_targets=st.one_of(st.none(), st.integers(1, 100)))
 def test_plan_slices_tile_the_targets(start, size, slices, max_targets):
-    out = distributed_fit.plan_slices((start, start + size), slices, max_targets=max_targets)
+    out = fit_plan.plan_slices((start, start + size), slices, max_targets=max_targets)
     assert out[0][0] == start and out[-1][1] == start + size
     assert all(a < b for a, b in out) and all(out[i][1] == out[i + 1][0] for i in range(len(out) - 1))
     sizes = [b - a for a, b in out]
@@ -179,10 +179,10 @@ def test_plan_slices_tile_the_targets(start, size, slices, max_targets):
 
 
 def test_plan_slices_rejects_bad_explicit_slices():
-    assert distributed_fit.plan_slices((0, 5), [(0, 2), (2, 5)]) == [(0, 2), (2, 5)]
+    assert fit_plan.plan_slices((0, 5), [(0, 2), (2, 5)]) == [(0, 2), (2, 5)]
     for bad in ([(0, 2), (3, 5)], [(0, 2), (2, 4)], [(1, 5)]):
         with pytest.raises(RegressionError, match="slices"):
-            distributed_fit.plan_slices((0, 5), bad)
+            fit_plan.plan_slices((0, 5), bad)
 
 
 def test_attributions_roundtrip_with_saga_metadata(synthetic, tmp_path):

@@ -106,12 +106,14 @@ def test_row_parallel_fit_equals_the_in_process_fit(built, client, kwargs):
 
 
 def test_row_parallel_without_a_client_and_with_many_groups(built):
-    from coar_dask.core.store import open_store as _open
-    from coar_dask.fit.core import FitSettings, fit_store
-    from coar_dask.fit.moments import fit_rows_parallel
+    from coar_dask.fit.core import assemble
+    from coar_dask.fit.fit import fit
+    from coar_dask.fit.moments import execute_rows
+    from coar_dask.fit.plan import FitSettings, plan_fit
 
     s = FitSettings(num_val=30, split_seed=4)
-    _close(fit_rows_parallel(_open(built.path), s, None, groups=9), fit_store(built.path, s))
+    plan = plan_fit(built.path, s, execution="rows")
+    _close(assemble(plan, [execute_rows(plan, None, groups=9)]), fit(built.path, settings=s))
 
 
 def test_slices_stay_when_asked_for_or_when_x_t_x_is_too_large(built, client):

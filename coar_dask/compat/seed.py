@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 from coar_dask._yaml import read_yaml_file
 from coar_dask.errors import ConfigError
 from coar_dask.solvers.base import option_infos
-from coar_dask.solvers.registry import options_class
+from coar_dask.solvers.registry import REGISTRY, options_class
 
 __all__ = [
     "SeedRegressionConfig",
@@ -58,8 +58,9 @@ __all__ = [
     "SEED_SOLVERS",
 ]
 
-#: What ``--solver`` may say for the seed's settings (``auto``: :func:`choose_solver` decides).
-SEED_SOLVERS = ("auto", "lstsq", "saga", "fast_l1")
+#: What ``--solver`` may say for the seed's settings (``auto``: :func:`choose_solver` decides; the others:
+#: the registered solvers whose entry has the ``seed`` trait).
+SEED_SOLVERS = ("auto", *(name for name, entry in REGISTRY.items() if entry.seed))
 
 
 class SeedConfigWarning(UserWarning):

@@ -1,143 +1,121 @@
-"""One fit, without any distribution: settings, row sources in, :class:`Attributions` out.
+"""Solve one part of a planned fit, and assemble the parts into one :class:`Attributions`.
 
-:class:`FitSettings` holds what :func:`coar_dask.fit.fit.fit` and
-:func:`coar_dask.fit.distributed.plan_fit` both take (the rows, the solver
-and its options), so their signature lives once. :func:`fit_store` fits one
-target slice of a store in this process; :func:`fit_sources` fits any row
-sources (a ``.beton``, a store) with a registered solver. The distributed
-executor (:mod:`coar_dask.fit.distributed`) runs :func:`fit_store` once per
-slice; nothing here calls it back.
+:func:`solve` fits one target slice of a :class:`~coar_dask.fit.plan.FitPlan`
+on the plan's rows with its registered solver (every execution calls it:
+in process, after the row groups' moments are summed, or once per slice
+task); :func:`assemble` joins the parts in target order and writes the
+metadata once, the store's recorded experiment and components among it
+(:func:`experiment_metadata`: names come from the store's record, never by
+running its model). :func:`fit_sources` fits any row sources (a ``.beton``, a
+store) the way the seed's final refit does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from coar_dask._version import __version__
+from coar_dask.core.experiment import Experiment
 from coar_dask.core.store import Store, open_store
 from coar_dask.errors import RegressionError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
-from coar_dask.fit.rows import ROW_RULES, StoreRows, fitted_on, infer_names, select_rows
-from coar_dask.solvers.base import FitProgress, ProgressFn, RowSource
-from coar_dask.solvers.registry import check_solver_options, get_solver
+from coar_dask.fit.plan import FitPlan
+from coar_dask.fit.rows import StoreRows, fitted_on
+from coar_dask.solvers.base import FitProgress, ProgressFn, RowSource, SolverResult
+from coar_dask.solvers.registry import check_solver_options, get_entry
 from coar_dask.solvers.rows import ConcatRows
 
-__all__ = ["FitSettings", "fit_store", "fit_sources", "PATH_SOLVERS"]
+__all__ = ["FitPart", "solve", "assemble", "experiment_metadata", "fit_sources"]
 
 logger = logging.getLogger(__name__)
 
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+#: Metadata that is the same for every slice: kept once, not repeated under ``slices``.
+_SHARED = ("sign_convention", "store", "package_version", "spec_sha256", "experiment_fingerprint",
+           "target_fingerprint", "x_name", "y_name", "solver", "split_seed", "row_rule")
 
-#: Solvers that fit a lasso path: they take the validation rows apart (to choose each penalty).
-PATH_SOLVERS = ("saga", "fast_l1")
+
+@dataclass
+class FitPart:
+    """One solved target slice: the solver's result and the rows it was fitted on."""
+
+    target_slice: tuple[int, int]
+    result: SolverResult
+    n_train: int
+    n_val: int
 
 
-@dataclass(frozen=True)
-class FitSettings:
-    """What to fit: rows, solver and solver options (not where or how it runs).
+def _tagged(progress: ProgressFn | None, target_slice: tuple[int, int]) -> ProgressFn | None:
+    """``progress`` with every report naming ``target_slice`` (unless it names one itself)."""
+    if progress is None:
+        return None
 
-    Attributes
-    ----------
-    x_name, y_name
-        Mask and output arrays (inferred when the store has one of each).
-    num_train, num_val
-        Rows for training and validation; ``num_train=None`` uses every
-        non-validation row.
-    split_seed
-        Seed of the ``"shuffle"`` row rule.
-    solver
-        A registered solver (:mod:`coar_dask.solvers.registry`).
-    target_slice
-        ``(start, stop)``: fit only these output columns.
-    device
-        ``"cpu"`` (default) or ``"cuda"``.
-    row_rule
-        ``"shuffle"`` (seeded split, default) or ``"seed"`` (the research
-        code's first-rows rule); see :mod:`coar_dask.fit.rows`.
-    solver_options
-        The solver's options, as sorted ``(name, value)`` pairs.
+    def tag(p: FitProgress) -> None:
+        progress(dataclasses.replace(p, target_slice=p.target_slice or target_slice))
+
+    return tag
+
+
+def solve(plan: FitPlan, target_slice: tuple[int, int], progress: ProgressFn | None = None, *,
+          store: Store | None = None, prepare: Callable[[StoreRows], RowSource] | None = None) -> FitPart:
+    """Fit ``target_slice`` of ``plan`` on its train (and validation) rows with its solver.
+
+    ``store``: the plan's store, already open (else opened from ``plan.store_path``);
+    ``prepare(train)``: the training rows the solver gets instead (e.g. with their moments summed
+    on a cluster: :mod:`coar_dask.fit.moments`).
     """
-
-    x_name: str | None = None
-    y_name: str | None = None
-    num_train: int | None = None
-    num_val: int | None = 0
-    split_seed: int = 0
-    solver: str = "lstsq"
-    target_slice: tuple[int, int] | None = None
-    device: str | None = None
-    row_rule: str = "shuffle"
-    solver_options: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.row_rule not in ROW_RULES:
-            raise RegressionError(f"row_rule={self.row_rule!r}: choose one of {list(ROW_RULES)}.")
-        seed = self.split_seed
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise RegressionError(f"split_seed (--split-seed) must be an integer >= 0; found {seed!r}.")
-        if self.device is not None and not _DEVICE.fullmatch(str(self.device)):
-            raise RegressionError(f"device (--device) must be 'cpu', 'cuda' or 'cuda:N'; found {self.device!r}.")
-        check_solver_options(self.solver, dict(self.solver_options))
-
-    @classmethod
-    def create(cls, **kwargs: Any) -> "FitSettings":
-        """Settings from :func:`~coar_dask.fit.fit.fit`'s keywords: the fields above, and every other
-        keyword a solver option (checked against the solver's options)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"solver_options"}
-        fields = {k: v for k, v in kwargs.items() if k in names}
-        options = {k: v for k, v in kwargs.items() if k not in names}
-        if fields.get("device") is not None:
-            fields["device"] = str(fields["device"])
-        if fields.get("target_slice") is not None:
-            fields["target_slice"] = tuple(int(v) for v in fields["target_slice"])
-        return cls(**fields, solver_options=tuple(sorted(options.items())))
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The solver options as a dict."""
-        return dict(self.solver_options)
-
-    def resolve(self, store: Store) -> "FitSettings":
-        """These settings with the array names and the target slice of ``store`` filled in (and checked)."""
-        x_name, y_name = infer_names(store, self.x_name, self.y_name)
-        k = int(np.prod(store.spec[y_name].shape))
-        start, stop = self.target_slice or (0, k)
-        if not 0 <= start < stop <= k:
-            raise RegressionError(f"target slice [{start}, {stop}) is outside the {k} outputs of {y_name!r}.")
-        return dataclasses.replace(self, x_name=x_name, y_name=y_name, target_slice=(int(start), int(stop)))
-
-
-def fit_store(store: Store | str, settings: FitSettings, progress: ProgressFn | None = None, *,
-              prepare: Callable[[StoreRows, FitSettings], RowSource] | None = None) -> Attributions:
-    """Fit ``settings.target_slice`` of ``store`` in this process (no slicing, no cluster).
-
-    ``prepare(train, settings)``: the training rows the solver gets instead of
-    ``train`` (e.g. with their moments summed on a cluster: :mod:`coar_dask.fit.moments`).
-    """
-    if not isinstance(store, Store):
-        store = open_store(store, read_only=True)
-    s = settings.resolve(store)
-    completed = np.flatnonzero(store.completed_rows())
-    train_rows, val_rows = select_rows(completed, s.num_train, s.num_val, s.split_seed, s.row_rule)
-    train = StoreRows(store, train_rows, s.x_name, s.y_name, s.target_slice)
+    store = store if store is not None else open_store(plan.store_path, read_only=True)
+    s = plan.settings
+    train: RowSource = StoreRows(store, plan.train_rows, s.x_name, s.y_name, target_slice)
     if prepare is not None:
-        train = prepare(train, s)
-    val = StoreRows(store, val_rows, s.x_name, s.y_name, s.target_slice) if val_rows.size else None
-    logger.info("fitting %s on %d train / %d val rows, %d components x %d targets",
-                s.solver, train.n_rows, 0 if val is None else val.n_rows, train.n_features, train.n_targets)
-    if progress is not None:
-        outer, sl = progress, train.target_slice
+        train = prepare(train)
+    val = StoreRows(store, plan.val_rows, s.x_name, s.y_name, target_slice) if plan.val_rows.size else None
+    logger.info("fitting %s on %d train / %d val rows, %d components x %d targets", s.solver, train.n_rows,
+                0 if val is None else val.n_rows, train.n_features, train.n_targets)
+    fn = get_entry(s.solver).fn
+    result = fn(train, val, device=s.device, progress=_tagged(progress, target_slice), **s.options)
+    return FitPart(tuple(target_slice), result, int(train.n_rows), 0 if val is None else int(val.n_rows))
 
-        def progress(p: FitProgress) -> None:
-            outer(dataclasses.replace(p, target_slice=p.target_slice or sl))
 
-    result = get_solver(s.solver)(train, val, device=s.device, progress=progress, **s.options)
+def _plain(info: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, list, dict))}
+
+
+def _joined_info(plan: FitPlan, parts: Sequence[FitPart]) -> dict[str, Any]:
+    """The solvers' info of all parts: per-target lists concatenated in target order, the rest from the
+    first part; with several slices, each slice's own scalars under ``slices``."""
+    infos = [_plain(p.result.info) for p in parts]
+    widths = [p.target_slice[1] - p.target_slice[0] for p in parts]
+    per_target = {k for k, v in infos[0].items() if isinstance(v, list) and len(v) == widths[0]
+                  and all(isinstance(i.get(k), list) and len(i[k]) == w for i, w in zip(infos, widths))}
+    out = {k: v for k, v in infos[0].items() if k not in per_target}
+    out.update({k: [x for i in infos for x in i[k]] for k in sorted(per_target)})
+    if plan.execution == "slices":
+        out["slices"] = [{"target_slice": list(p.target_slice), "n_train": p.n_train, "n_val": p.n_val,
+                          **{k: v for k, v in i.items() if k not in per_target and k not in _SHARED
+                             and isinstance(v, (int, float, str, list))}}
+                         for p, i in zip(parts, infos)]
+        out["n_slices"] = len(parts)
+    return out
+
+
+def assemble(plan: FitPlan, parts: Sequence[FitPart], store: Store | None = None) -> Attributions:
+    """One :class:`Attributions` of ``plan``'s parts, in target order, with the fit's metadata.
+
+    Raises :class:`RegressionError` when a part is missing or covers other targets than its slice.
+    """
+    if len(parts) != len(plan.slices):
+        raise RegressionError(f"expected {len(plan.slices)} solved slice(s), got {len(parts)}.")
+    for part, sl in zip(parts, plan.slices):
+        width = part.result.weight.shape[1] if part.result.weight.ndim == 2 else -1
+        if tuple(part.target_slice) != tuple(sl) or width != sl[1] - sl[0]:
+            raise RegressionError(f"slice {sl} came back as {part.target_slice} with {width} targets; refit it.")
+    store = store if store is not None else open_store(plan.store_path, read_only=True)
+    s = plan.settings
     metadata = {
         "package_version": __version__,
         "store": str(store.path),
@@ -146,19 +124,59 @@ def fit_store(store: Store | str, settings: FitSettings, progress: ProgressFn | 
         "target_fingerprint": store.meta.get("target_fingerprint") or "",
         "x_name": s.x_name,
         "y_name": s.y_name,
-        "n_train": int(train.n_rows),
-        "n_val": 0 if val is None else int(val.n_rows),
+        "n_train": parts[0].n_train,
+        "n_val": parts[0].n_val,
         "split_seed": int(s.split_seed),
         "row_rule": s.row_rule,
         "solver": s.solver,
         "solver_options": {k: v for k, v in s.options.items() if isinstance(v, (int, float, str, list))},
-        "target_slice": list(train.target_slice),
         "sign_convention": SIGN_CONVENTION,
-        **{k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list, dict))},
+        **_joined_info(plan, parts),
+        "target_slice": list(plan.target_range),
         # the stores and rows fitted on: evaluate tells in-sample figures from held-out ones
-        "fitted_on": {"stores": [fitted_on(store, np.concatenate([train_rows, val_rows]), s.x_name)]},
+        "fitted_on": {"stores": [fitted_on(store, np.concatenate([plan.train_rows, plan.val_rows]), s.x_name)]},
+        **experiment_metadata(store),
     }
-    return Attributions(result.weight, result.bias, result.lam, metadata)
+    cat = lambda name: np.concatenate([getattr(p.result, name) for p in parts], axis=-1)  # noqa: E731
+    return Attributions(cat("weight"), cat("bias"), cat("lam"), metadata)
+
+
+def experiment_metadata(store: Store) -> dict[str, Any]:
+    """What attributions fitted on ``store`` record about its experiment (plain data), from the
+    store's record alone (nothing is imported or run).
+
+    ``experiment`` (the description the store was built with), ``example_count``
+    and ``components`` (layers and units, which name every component) when the
+    store records them; each is ``None`` otherwise (e.g. a store imported from
+    the seed's ``.npy`` files; a store built before builds recorded the
+    components: :func:`coar_dask.fit.fit.components_from_model` names them by
+    calling its model factory, when asked).
+    """
+    meta = store.meta
+    recorded = meta.get("experiment")
+    if not recorded:
+        return {"experiment": None, "example_count": None, "components": None}
+    experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
+    summary = dict(meta["components"]) if meta.get("components") else None
+    if summary is None:
+        logger.info("store %s records no components summary (built before builds recorded one): the "
+                    "attributions name no components; coar_dask.fit.fit.components_from_model names them "
+                    "by calling the model factory", store.path)
+    return {
+        "experiment": dict(recorded),
+        "example_count": int(np.prod(store.spec[experiment.y_name].shape)),
+        "components": check_components(summary, store, experiment.x_name),
+    }
+
+
+def check_components(summary: Mapping[str, Any] | None, store: Store, x_name: str) -> dict[str, Any] | None:
+    """``summary`` when its total matches the store's mask width; ``None`` (and a warning) otherwise."""
+    n_masks = int(np.prod(store.spec[x_name].shape))
+    if summary is not None and int(summary.get("total", -1)) != n_masks:
+        logger.warning("component names unknown: the model has %s components, the store %d",
+                       summary.get("total"), n_masks)
+        return None
+    return None if summary is None else dict(summary)
 
 
 def fit_sources(train: RowSource, val: RowSource | None = None, *, solver: str = "lstsq", device: str | None = None,
@@ -168,17 +186,18 @@ def fit_sources(train: RowSource, val: RowSource | None = None, *, solver: str =
 
     The exact solver (``lstsq``) gets them as one source (with the seed's
     ``k: 1, manual_max_lambda: 0`` the validation rows choose nothing); a path
-    solver (``saga``, ``fast_l1``) gets them apart, chooses each target's
-    penalty on the validation rows and refits on both.
+    solver (its registry entry's ``path`` trait: ``saga``, ``fast_l1``) gets
+    them apart, chooses each target's penalty on the validation rows and
+    refits on both.
     """
     check_solver_options(solver, options)
-    fn = get_solver(solver)
-    if solver in PATH_SOLVERS:
-        result = fn(train, val, device=device, **options)
+    entry = get_entry(solver)
+    if entry.path:
+        result = entry.fn(train, val, device=device, **options)
         n_fit = train.n_rows + (0 if val is None else val.n_rows)
     else:
         rows = train if val is None else ConcatRows(train, val)
-        result = fn(rows, None, device=device, **options)
+        result = entry.fn(rows, None, device=device, **options)
         n_fit = rows.n_rows
     meta = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, list))}
     meta.update({

@@ -6,31 +6,36 @@ example ``k`` for a mask ``m`` (1 = component kept, 0 = ablated) is
 ``m @ weight[:, k] + bias[k]``. A positive weight means keeping the
 component raises the output (ablating it lowers it).
 
-:func:`fit` builds a :class:`~coar_dask.fit.core.FitSettings` and either
-fits in this process (:func:`~coar_dask.fit.core.fit_store`) or, when target
-slices or a Dask client are asked for, plans and executes a sliced fit
-(:mod:`coar_dask.fit.distributed`).
+One way through: :func:`fit` makes a :class:`~coar_dask.fit.plan.FitSettings`,
+resolves it once into a :class:`~coar_dask.fit.plan.FitPlan`
+(:func:`~coar_dask.fit.plan.plan_fit`: rows, execution, slices), runs one of
+three executions -- in this process (:func:`~coar_dask.fit.core.solve`),
+row groups (:func:`~coar_dask.fit.moments.execute_rows`) or target slices
+(:func:`~coar_dask.fit.distributed.execute_slices`) -- and assembles the
+parts (:func:`~coar_dask.fit.core.assemble`), naming the components from the
+store's record. :func:`components_from_model` is the one place that names
+them by calling the recorded model factory, and only when asked.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 from coar_dask.core.components import select_components
 from coar_dask.core.experiment import Experiment, call_factory
 from coar_dask.core.store import Store, open_store
-from coar_dask.errors import CoarError
+from coar_dask.core.trust import TRUST_HINT, untrusted_imports
+from coar_dask.errors import CoarError, RegressionError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
-from coar_dask.fit.core import FitSettings, fit_store
-from coar_dask.fit.distributed import fit_distributed
+from coar_dask.fit.core import FitPart, assemble, check_components, solve
+from coar_dask.fit.distributed import execute_slices
+from coar_dask.fit.moments import execute_rows
+from coar_dask.fit.plan import FitPlan, FitSettings, plan_fit
 from coar_dask.fit.progress import fit_progress
 from coar_dask.fit.rows import StoreRows, infer_names, split_rows
-from coar_dask.solvers.base import FitProgress
+from coar_dask.solvers.base import FitProgress, ProgressFn
 from coar_dask.solvers.registry import check_solver_options
 
 __all__ = [
@@ -40,9 +45,10 @@ __all__ = [
     "StoreRows",
     "check_solver_options",
     "fit",
+    "execute",
     "infer_names",
     "split_rows",
-    "experiment_metadata",
+    "components_from_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,24 +113,57 @@ def fit(
     >>> attrs = fit("store", num_val=200, progress=True)   # doctest: +SKIP
     >>> attrs.save("attributions.pt")                      # doctest: +SKIP
     """
-    if settings is None:
-        settings = FitSettings.create(**options)
-    elif options:
-        raise TypeError(f"fit: pass settings or their fields as keywords, not both (got {sorted(options)}).")
+    settings = _settings(settings, options)
+    if not isinstance(store, (Store, str, os.PathLike)):
+        raise RegressionError(f"fit: store must be a Store or the path of one; found a {type(store).__name__}. "
+                              f"Pass the store's directory, e.g. fit('path/to/store').")
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    plan = plan_fit(store, settings, slices=slices, max_targets=max_targets, client=client)
     with fit_progress(progress) as report:
-        if slices is not None or client is not None or max_targets is not None:
-            attrs = fit_distributed(store, settings=settings, slices=slices, client=client, progress=report,
-                                    max_targets=max_targets)
-        else:
-            attrs = fit_store(store, settings, report)
-    extra = experiment_metadata(store if isinstance(store, Store) else open_store(store, read_only=True))
-    return dataclasses.replace(attrs, metadata={**attrs.metadata, **extra})
+        parts = execute(plan, client, report, store=store)
+    return assemble(plan, parts, store)
 
 
-def _components_summary(meta: Mapping[str, Any], experiment: Experiment) -> dict[str, Any] | None:
-    """The store's recorded components summary, or one made by calling the model factory (not the examples)."""
-    if meta.get("components"):
-        return dict(meta["components"])
+def _settings(settings: FitSettings | None, options: dict[str, Any]) -> FitSettings:
+    if settings is None:
+        return FitSettings.create(**options)
+    if options:
+        raise RegressionError(f"fit: pass settings or their fields as keywords, not both (got {sorted(options)}).")
+    return settings
+
+
+def execute(plan: FitPlan, client: Any | None = None, progress: ProgressFn | None = None, *,
+            store: Store | None = None) -> list[FitPart]:
+    """Run ``plan`` by its execution -> the solved parts, in target order, for
+    :func:`~coar_dask.fit.core.assemble`."""
+    if plan.execution == "rows":
+        return [execute_rows(plan, client, progress=progress, store=store)]
+    if plan.execution == "slices":
+        return execute_slices(plan, client, progress=progress)
+    logger.info("%r", plan)
+    return [solve(plan, plan.target_range, progress, store=store)]
+
+
+def components_from_model(store: Store | str | os.PathLike) -> dict[str, Any] | None:
+    """The components summary of ``store``'s recorded experiment, made by importing and calling its
+    recorded model factory (not the examples) -- for stores built before builds recorded the summary.
+
+    This runs code named in the store's record: the one function that does, called only on request
+    (:func:`fit` never calls it). Returns ``None`` (and logs why) when the model cannot be made.
+
+    Examples
+    --------
+    >>> attrs = fit("old-store")                                                      # doctest: +SKIP
+    >>> named = dataclasses.replace(attrs, metadata={**attrs.metadata,
+    ...                             "components": components_from_model("old-store")})  # doctest: +SKIP
+    """
+    if not isinstance(store, Store):
+        store = open_store(store, read_only=True)
+    recorded = store.meta.get("experiment")
+    if not recorded:
+        return None
+    experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
     try:
         model = call_factory("model", experiment.model, experiment.model_kwargs)
         comps = select_components(model, include=experiment.include, exclude=experiment.exclude,
@@ -132,30 +171,4 @@ def _components_summary(meta: Mapping[str, Any], experiment: Experiment) -> dict
     except (CoarError, ImportError, OSError, RuntimeError, TypeError, ValueError) as exc:
         logger.warning("component names unknown: the experiment's model could not be loaded here (%s)", exc)
         return None
-    return comps.summary()
-
-
-def experiment_metadata(store: Store) -> dict[str, Any]:
-    """What attributions fitted on ``store`` record about its experiment (plain data).
-
-    ``experiment`` (the description the store was built with), ``example_count``
-    and ``components`` (layers and units, which name every component) when the
-    store records its experiment; each is ``None`` otherwise (e.g. a store
-    imported from the seed's ``.npy`` files).
-    """
-    meta = store.meta
-    recorded = meta.get("experiment")
-    if not recorded:
-        return {"experiment": None, "example_count": None, "components": None}
-    experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
-    summary = _components_summary(meta, experiment)
-    n_masks = int(np.prod(store.spec[experiment.x_name].shape))
-    if summary is not None and int(summary.get("total", -1)) != n_masks:
-        logger.warning("component names unknown: the model has %s components, the store %d",
-                       summary.get("total"), n_masks)
-        summary = None
-    return {
-        "experiment": dict(recorded),
-        "example_count": int(np.prod(store.spec[experiment.y_name].shape)),
-        "components": summary,
-    }
+    return check_components(comps.summary(), store, experiment.x_name)

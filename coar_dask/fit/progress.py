@@ -14,19 +14,13 @@ import sys
 from typing import Any, Callable, Iterator
 
 from coar_dask.solvers.base import FitProgress
+from coar_dask.solvers.registry import stage_units
 
 __all__ = ["STAGE_UNITS", "FitProgressBar", "fit_progress", "stage_unit"]
 
-#: What one step of each stage counts (a stage's first word: ``"moments (validation)"`` counts rows too).
-STAGE_UNITS = {
-    "moments": "row",
-    "cg": "iteration",
-    "ridge": "penalty",
-    "saga": "epoch",
-    "saga-refit": "epoch",
-    "fast_l1": "step",
-    "slices": "slice",
-}
+#: What one step of each stage counts (a stage's first word: ``"moments (validation)"`` counts rows too):
+#: the fit's own stages (row groups summed, target slices finished) and each solver's (its registry entry).
+STAGE_UNITS = {"moments": "row", "slices": "slice", **stage_units()}
 
 
 def stage_unit(stage: str) -> str:

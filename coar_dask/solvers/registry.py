@@ -16,19 +16,35 @@ Every solver follows :class:`~coar_dask.solvers.base.Solver`. To add one,
 write a module with its function and its frozen options dataclass (fields
 made with :func:`~coar_dask.solvers.base.option`) and add a
 :class:`SolverEntry` to :data:`REGISTRY`: the ``coar-dask fit`` flags and the
-option checks follow from the options class.
+option checks follow from the options class, and everything else that differs
+between solvers is a trait of the entry, read where it matters:
+
+``path``
+    It fits a lasso path and takes the validation rows apart to choose each
+    penalty (:func:`coar_dask.fit.core.fit_sources`); otherwise a final refit
+    hands it train and validation rows as one source.
+``stages``
+    The progress stages it reports and the unit each counts
+    (:mod:`coar_dask.fit.progress`).
+``seed``
+    ``run-regression --solver`` offers it for the seed's settings
+    (:data:`coar_dask.compat.seed.SEED_SOLVERS`).
+``row_parallel``
+    ``(options, n_features, device) -> bool``: whether a fit with these options
+    can sum the training rows' moments in row groups on Dask workers and solve
+    once (:mod:`coar_dask.fit.moments`); ``None``: never.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from coar_dask.errors import RegressionError
 from coar_dask.solvers.base import OptionInfo, Solver, option_infos
 from coar_dask.solvers.fast_l1 import FastL1Options, fast_l1
-from coar_dask.solvers.lstsq import LstsqOptions, lstsq
+from coar_dask.solvers.lstsq import LstsqOptions, lstsq, sums_rows_apart
 from coar_dask.solvers.saga import SagaOptions, saga
 
 __all__ = [
@@ -40,17 +56,27 @@ __all__ = [
     "solver_options",
     "check_solver_options",
     "options_class",
+    "stage_units",
 ]
 
 
 @dataclass(frozen=True)
 class SolverEntry:
-    """A registered solver: its name, function, options class and one line of description."""
+    """A registered solver: its name, function, options class, one line of description and its traits
+    (see the module's docstring)."""
 
     name: str
     fn: Solver
     options: type
     description: str
+    path: bool = False
+    stages: Mapping[str, str] = field(default_factory=dict)
+    seed: bool = True
+    row_parallel: Callable[[Mapping[str, Any], int, str | None], bool] | None = None
+
+    def sums_rows_apart(self, options: Mapping[str, Any], n_features: int, device: str | None) -> bool:
+        """Whether a fit with ``options`` on ``device`` can sum its rows' moments apart (row groups)."""
+        return self.row_parallel is not None and bool(self.row_parallel(options, n_features, device))
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -63,9 +89,12 @@ class SolverEntry:
 #: Every solver, in the order the command line lists them.
 REGISTRY: dict[str, SolverEntry] = {
     e.name: e for e in (
-        SolverEntry("lstsq", lstsq, LstsqOptions, "exact least squares/ridge, default"),
-        SolverEntry("saga", saga, SagaOptions, "fast_l1's lasso path in torch, CPU or GPU"),
-        SolverEntry("fast_l1", fast_l1, FastL1Options, "the fast_l1 package, CUDA only"),
+        SolverEntry("lstsq", lstsq, LstsqOptions, "exact least squares/ridge, default",
+                    stages={"moments": "row", "cg": "iteration", "ridge": "penalty"}, row_parallel=sums_rows_apart),
+        SolverEntry("saga", saga, SagaOptions, "fast_l1's lasso path in torch, CPU or GPU", path=True,
+                    stages={"saga": "epoch", "saga-refit": "epoch"}),
+        SolverEntry("fast_l1", fast_l1, FastL1Options, "the fast_l1 package, CUDA only", path=True,
+                    stages={"fast_l1": "step"}),
     )
 }
 
@@ -105,3 +134,11 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
             f"solver {solver!r} has no option(s) {unknown}; its options are {list(allowed)}. "
             f"(CLI: the flags of another solver were given; check --solver.)"
         )
+
+
+def stage_units() -> dict[str, str]:
+    """Every registered solver's progress stages -> the unit each counts (``"moments"`` -> ``"row"``)."""
+    out: dict[str, str] = {}
+    for entry in REGISTRY.values():
+        out.update(entry.stages)
+    return out
