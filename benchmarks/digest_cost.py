@@ -27,6 +27,12 @@ Usage::
     python benchmarks/digest_cost.py            # 5,000 rows, 3 repeats (~2 min on 2 busy cores)
     python benchmarks/digest_cost.py --quick    # small sizes (what the test runs)
     python benchmarks/digest_cost.py --json
+    python benchmarks/digest_cost.py --content  # content digests: 25M params, 1,000 224x224 examples
+
+``--content`` times :func:`coar_dask.core.identity.content_digests` (the
+once-per-session, once-per-worker digest of model state, examples and labels)
+on a 25M-parameter state (ResNet-50's size) and ``--content-examples``
+float32 3x224x224 examples, and scales it to 10,000 examples.
 """
 
 from __future__ import annotations
@@ -132,6 +138,32 @@ def bench_build(work: Path, rows: int, repeat: int) -> dict[str, Any]:
             "build_sizes": {"rows": rows, "P": state.n_components, "K": state.n_examples}}
 
 
+def bench_content(n_examples: int, repeat: int) -> dict[str, Any]:
+    """Seconds to digest a ResNet-50-sized state (25M float32 parameters) and ``n_examples`` 224x224 images."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from coar_dask.core import identity
+
+    model = torch.nn.Linear(5000, 5000, bias=False)  # 25M parameters, 100 MB
+    x = torch.rand(n_examples, 3, 224, 224)
+    y = torch.randint(0, 1000, (n_examples,))
+    class State(SimpleNamespace):  # weak-referenceable, as ExperimentState is
+        pass
+
+    runs = []
+    for _ in range(repeat):
+        state = State(model=model, inputs=x, labels=y, n_examples=n_examples,
+                      experiment=SimpleNamespace(fingerprint="bench"))  # a new state: not cached
+        runs.append(_timed(lambda: identity.content_digests(state)))
+    gb = (sum(t.numel() * t.element_size() for t in model.state_dict().values()) + x.numel() * 4 + y.numel() * 8) / 1e9
+    wall = min(r[0] for r in runs)
+    return {"content": {"examples": n_examples, "gigabytes": gb, "wall_s": wall, "cpu_s": min(r[1] for r in runs),
+                        "GB_per_s": gb / wall, "threads": min(identity._HASH_THREADS, os.cpu_count() or 1),
+                        "wall_s_for_10000_examples": wall * (0.1 + 10_000 * 3 * 224 * 224 * 4 / 1e9) / gb}}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import zarr
@@ -167,7 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine-note", default="2 cores shared with other work (other sessions' tests and "
                                              "builds ran alongside): compare the CPU-time ratios")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--content", action="store_true", help="time the content digests only")
+    p.add_argument("--content-examples", type=int, default=1000)
     args = p.parse_args(argv)
+    if args.content:
+        c = bench_content(args.content_examples, args.repeat)["content"]
+        print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.2f})")
+        print(f"content digests of 25M float32 parameters and {c['examples']} 3x224x224 float32 examples "
+              f"({c['gigabytes']:.2f} GB, {c['threads']} threads): {c['wall_s']:.2f} s wall, {c['cpu_s']:.2f} s CPU, "
+              f"{c['GB_per_s']:.2f} GB/s; 10,000 examples: ~{c['wall_s_for_10000_examples']:.1f} s, once per "
+              f"session and per worker")
+        return 0
     logging.getLogger("coar_dask").setLevel(logging.ERROR)  # e.g. lstsq's note on few rows in --quick
     if args.quick:
         args.rows, args.build_rows, args.repeat = 400, 100, 1
