@@ -35,7 +35,8 @@ import numpy as np
 
 from coar_dask.ablation.batched import BatchedAblation, fold_batchnorm, model_version
 from coar_dask.ablation.zeroing import ablated
-from coar_dask.errors import ExperimentError, NotBatchableError, OutputError
+from coar_dask.core.experiment import free_device_memory, is_out_of_memory
+from coar_dask.errors import BuildError, ExperimentError, NotBatchableError, OutputError
 
 __all__ = [
     "compute_outputs",
@@ -153,6 +154,8 @@ class _Runner:
         self.amp = getattr(experiment, "amp", "off")
         self.channels_last = bool(getattr(experiment, "channels_last", False))
         self._rep_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
+        #: (masks, examples) per pass that memory allowed, once a pass ran out of CUDA memory.
+        self.pass_limit: tuple[int, int] | None = None
         self.folded = False
         self.prepare(state)
         try:
@@ -179,6 +182,21 @@ class _Runner:
         if self.folded and self.batched is not None and model_version(state.model) != self._source_version:
             logger.debug("model changed since BatchNorm folding; folding again")
             self._fold(state)
+
+    def shrink(self, state: Any, m_count: int, examples: int, failure: str) -> tuple[int, int]:
+        """Halve a pass that ran out of CUDA memory (masks first, then examples); kept for later blocks."""
+        if m_count == 1 and examples == 1:
+            raise BuildError(
+                f"CUDA out of memory even at one mask and one example per pass on {state.device} ({failure}); "
+                f"the block is left pending. Free the GPU (another process may hold its memory) or use one "
+                f"with more memory."
+            )
+        smaller = (m_count // 2, examples) if m_count > 1 else (1, max(1, examples // 2))
+        logger.warning("CUDA out of memory at %d masks x %d examples per pass; retrying the block with the pass "
+                       "halved to %d x %d (%s)", m_count, examples, *smaller, failure)
+        self.pass_limit = smaller
+        self._rep_cache.clear()
+        return smaller
 
     def prepare(self, state: Any) -> None:
         import torch
@@ -264,10 +282,9 @@ def _values(state: Any, out: Any, batch: Any, error: type = OutputError) -> Any:
     return values if values.dtype.itemsize == 8 and values.is_floating_point() else values.float()
 
 
-def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner) -> None:
+def _inplace_outputs(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, bs: int) -> None:
     import torch
 
-    bs = state.experiment.batch_size
     n = state.n_examples
     unchanged = runner.folded and model_version(state.model) == runner._source_version
     with torch.inference_mode(), runner.autocast(state):
@@ -327,10 +344,10 @@ def _tf32_active(device: Any) -> bool:
     return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
-def _verify(state: Any, masks: np.ndarray, batched_out: np.ndarray, runner: _Runner) -> None:
+def _verify(state: Any, masks: np.ndarray, batched_out: np.ndarray, runner: _Runner, bs: int) -> None:
     """Check the first batched mask of this process against in-place zeroing (once)."""
     ref = np.empty((1, state.n_examples), dtype=batched_out.dtype)
-    _inplace_outputs(state, masks[:1], ref, runner)
+    _inplace_outputs(state, masks[:1], ref, runner, bs)
     scale = max(1.0, float(np.abs(ref).max()))
     tol = verify_tolerance(runner.amp, _tf32_active(state.device)) * scale
     err = float(np.abs(batched_out[:1] - ref).max())
@@ -390,25 +407,57 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         return out
     runner = _runner(state)
     with runner.lock:  # hooks and in-place zeroing both change the shared model
-        m_per_pass = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
-        examples_per_pass = min(state.experiment.batch_size, state.n_examples)
-        if m_per_pass is None and runner.batched is not None:
-            target = AUTO_TARGET_ELEMENTS.get(_device_type(state), AUTO_TARGET_ELEMENTS["cpu"])
-            m_per_pass, examples_per_pass = auto_pass_shape(examples_per_pass, runner.probe(state), masks.shape[0],
-                                                            target_elements=target, min_rows=AUTO_MIN_ROWS)
-        m_per_pass = 1 if m_per_pass is None else int(m_per_pass)
-        if m_per_pass < 1:
-            raise ExperimentError(f"masks_per_pass must be a positive integer; found {m_per_pass}.")
-        m_per_pass = min(m_per_pass, masks.shape[0])
-        if m_per_pass > 1 and runner.batched is not None:
-            runner.refresh(state)
+        failure = None
+        try:
+            m_per_pass, examples_per_pass = _pass_shape(state, runner, masks, masks_per_pass)
+        except Exception as exc:  # noqa: BLE001 - the probe runs one example: out of memory there is final
+            if not is_out_of_memory(exc):
+                raise
+            failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        if failure is not None:
+            runner.shrink(state, 1, 1, failure)
+        while True:
             try:
-                _batched_outputs(state, masks, out, runner, m_per_pass, examples_per_pass)
-                if not runner.verified:
-                    _verify(state, masks, out, runner)
+                _compute(state, masks, out, runner, m_per_pass, examples_per_pass)
                 return out
-            except NotBatchableError as exc:
-                logger.warning("%s", exc)
-                runner.batched, runner.reason = None, str(exc)
-        _inplace_outputs(state, masks, out, runner)
-    return out
+            except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled; the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            # Outside the except block: the traceback's frames (and their device tensors) are released.
+            m_per_pass, examples_per_pass = runner.shrink(state, m_per_pass, examples_per_pass, failure)
+            free_device_memory(state.device)
+
+
+def _pass_shape(state: Any, runner: _Runner, masks: np.ndarray, masks_per_pass: int | None) -> tuple[int, int]:
+    """Masks and examples per pass: given, the experiment's, or automatic; within what memory allowed."""
+    m_per_pass = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
+    examples_per_pass = min(state.experiment.batch_size, state.n_examples)
+    if m_per_pass is None and runner.batched is not None:
+        target = AUTO_TARGET_ELEMENTS.get(_device_type(state), AUTO_TARGET_ELEMENTS["cpu"])
+        m_per_pass, examples_per_pass = auto_pass_shape(examples_per_pass, runner.probe(state), masks.shape[0],
+                                                        target_elements=target, min_rows=AUTO_MIN_ROWS)
+    m_per_pass = 1 if m_per_pass is None else int(m_per_pass)
+    if m_per_pass < 1:
+        raise ExperimentError(f"masks_per_pass must be a positive integer; found {m_per_pass}.")
+    m_per_pass = min(m_per_pass, masks.shape[0])
+    if runner.pass_limit is not None:
+        m_per_pass, examples_per_pass = min(m_per_pass, runner.pass_limit[0]), min(examples_per_pass,
+                                                                                   runner.pass_limit[1])
+    return m_per_pass, examples_per_pass
+
+
+def _compute(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_per_pass: int,
+             examples_per_pass: int) -> None:
+    """Every mask's outputs into ``out``: masks per pass where possible, else in-place zeroing."""
+    if m_per_pass > 1 and runner.batched is not None:
+        runner.refresh(state)
+        try:
+            _batched_outputs(state, masks, out, runner, m_per_pass, examples_per_pass)
+            if not runner.verified:
+                _verify(state, masks, out, runner, examples_per_pass)
+            return
+        except NotBatchableError as exc:
+            logger.warning("%s", exc)
+            runner.batched, runner.reason = None, str(exc)
+    _inplace_outputs(state, masks, out, runner, examples_per_pass)

@@ -35,6 +35,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from coar_dask.core.masks import check_alpha
 from coar_dask.core.outputs import OUTPUTS, Batch, check_values, find_logits, get_output
 
 __all__ = ["Experiment", "ExperimentState", "call_factory", "load_experiment", "load_state", "warm_up",
-           "import_object"]
+           "import_object", "is_out_of_memory", "free_device_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -667,28 +668,106 @@ def _describe(inputs: Any) -> str:
     return f"inputs of shape {tuple(inputs.shape)}"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA out-of-memory error (``torch.cuda.OutOfMemoryError``, or the
+    ``RuntimeError`` older PyTorch and cuDNN/cuBLAS raise for it)."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    oom = getattr(getattr(sys.modules.get("torch"), "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return "out of memory" in text and ("CUDA" in text or "CUBLAS" in text or "CUDNN" in text)
+
+
+def free_device_memory(device: Any) -> None:
+    """Return the CUDA caching allocator's free blocks after an out-of-memory error (no-op elsewhere)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+#: Relative difference between two runs of the same batch above which a model is not deterministic.
+#: Nondeterministic GPU kernels (atomics) differ by float rounding (~1e-6); dropout or noise by far more.
+NONDETERMINISM_TOLERANCE = 1e-3
+
+
+def _first_outputs(state: ExperimentState, n: int) -> tuple[Any, Any, int]:
+    """``(model output, batch, n)`` on the first ``n`` examples, halving ``n`` on CUDA out-of-memory."""
+    while True:
+        batch = state.batch(0, n)
+        failure = None
+        try:
+            return state.forward(batch.inputs), batch, n
+        except Exception as exc:  # noqa: BLE001 - any failure here means mismatched inputs (or memory)
+            failure, oom = _one_line(exc), is_out_of_memory(exc)
+        if not oom:
+            raise ExperimentError(
+                f"the model cannot run on the examples ({_describe(state.inputs)}): {failure}. Check that "
+                f"the examples factory returns inputs the model expects."
+            )
+        if n == 1:
+            raise ExperimentError(f"the model runs out of memory on one example on {state.device} ({failure}); "
+                                  f"use a device with more memory, or a smaller model or smaller examples.")
+        logger.warning("out of memory on the first %d examples; retrying with %d (%s)", n, n // 2, failure)
+        del batch
+        free_device_memory(state.device)
+        n //= 2
+
+
+def _check_deterministic(state: ExperimentState, batch: Batch, values: Any) -> None:
+    """The same batch twice must give the same outputs (issue 22: dropout or noise went unnamed)."""
+    again = state.output_fn(state.forward(batch.inputs), batch)
+    a, b = values.detach().double().cpu(), again.detach().double().cpu()
+    scale = max(1.0, float(a.abs().max()))
+    diff = float((a - b).abs().max())
+    if not diff <= NONDETERMINISM_TOLERANCE * scale:
+        raise ExperimentError(
+            f"the model is not deterministic: the same {len(batch)} examples gave outputs differing by "
+            f"{diff:.3g} in two runs (scale {scale:.3g}); COAR needs the same outputs for the same mask. Look "
+            f"for dropout kept on (F.dropout(..., training=True), or a module put back in training mode) or "
+            f"random noise in the model's forward."
+        )
+
+
+def _check_one_example(state: ExperimentState) -> None:
+    """Passes may hold a single example (the last batch, out-of-memory retries): the model must run one."""
+    batch = state.batch(0, 1)
+    try:
+        state.output_fn(state.forward(batch.inputs), batch)
+    except CoarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model: report it in one line
+        if is_out_of_memory(exc):
+            raise ExperimentError(f"the model runs out of memory on one example on {state.device} "
+                                  f"({_one_line(exc)}); use a device with more memory.") from None
+        raise ExperimentError(
+            f"the model cannot run a batch of one example ({_one_line(exc)}); a build runs passes of 1 to "
+            f"batch_size examples (the last batch, out-of-memory retries), so make the model accept a batch of "
+            f"one (e.g. do not .squeeze() the batch dimension)."
+        ) from None
+
+
 def _check_first_batch(state: ExperimentState) -> None:
-    """Run the model and the output on the first batch, so bad input fails before any block is written."""
+    """Run the model and the output on the first batch, so bad input fails before any block is written.
+
+    Also checks that the model is deterministic (the first batch twice) and runs a batch of one example.
+    """
     import torch
 
     name = state.experiment.output
-    n = min(state.experiment.batch_size, state.n_examples, FIRST_BATCH)
-    batch = state.batch(0, n)
     with torch.no_grad():
-        try:
-            out = state.forward(batch.inputs)
-        except Exception as exc:  # noqa: BLE001 - any failure here means mismatched inputs
-            raise ExperimentError(
-                f"the model cannot run on the examples ({_describe(state.inputs)}): {_one_line(exc)}. Check that "
-                f"the examples factory returns inputs the model expects."
-            ) from None
+        out, batch, n = _first_outputs(state, min(state.experiment.batch_size, state.n_examples, FIRST_BATCH))
         try:
             values = state.output_fn(out, batch)
         except CoarError:
             raise
         except Exception as exc:  # noqa: BLE001 - a user function: report it in one line
             raise OutputError(f"output {name!r} failed on the first batch: {_one_line(exc)}.") from None
-    check_values(values, n, name)
+        check_values(values, n, name)
+        _check_deterministic(state, batch, values)
+        if n > 1:
+            _check_one_example(state)
     if state.labels is not None and state.output_fn in (OUTPUTS.get("margin"), OUTPUTS.get("correct_logit")):
         classes = find_logits(out, name).shape[1]
         if int(state.labels.max()) >= classes or int(state.labels.min()) < 0:
