@@ -149,14 +149,21 @@ def run_demo(
 
 
 def _compare(out: Path, store: Any, eval_store: Any, experiment: Any, echo: Echo) -> dict[str, Any]:
-    """COAR, leave-one-out and gradient x parameter on the held-out store: ``out/compare.json`` and a plot."""
-    from coar_dask.fit.compare import compare, plot_comparison
+    """COAR and the baselines (LOO, GP, and NC and II with Captum) on the held-out store:
+    ``out/compare.json`` and a plot. The LOO rows go where ``coar-dask compare`` looks for them
+    (:func:`~coar_dask.fit.compare.default_loo_store`: ``out/store-loo``)."""
+    from coar_dask.fit.compare import compare, default_methods, plot_comparison
 
-    echo("[+] baselines: leave-one-out and gradient x parameter on the same held-out masks")
-    comparison = compare(store, [eval_store], experiment=experiment, loo_store=out / "loo_store")
+    names = {"loo": "leave-one-out", "gp": "gradient x parameter", "nc": "neuron conductance",
+             "ii": "internal influence"}
+    methods = default_methods()
+    echo(f"[+] baselines: {', '.join(names[m] for m in methods if m in names)} on the same held-out masks"
+         + ("" if "nc" in methods else " (pip install 'coar_dask[baselines]' adds neuron conductance and "
+                                      "internal influence)"))
+    comparison = compare(store, [eval_store], experiment=experiment, methods=methods)
     result = comparison.to_dict()
     (out / "compare.json").write_text(json.dumps(result, indent=2))
-    plot = plot_comparison(comparison, out / "compare.png", title="COAR vs baselines on digits")
+    plot = plot_comparison(comparison, out / "compare.png", title="COAR vs baselines on digits", overwrite=True)
     echo(comparison.table())
     echo(f"compare: {out / 'compare.json'}, plot: {plot}")
     return result
@@ -166,30 +173,50 @@ def _compare(out: Path, store: Any, eval_store: Any, experiment: Any, echo: Echo
 EDIT_KS = (1, *range(5, 151, 5))
 
 
-def _edit_cases(experiment: Any, n_targets: int, n_reference: int) -> list[Any]:
-    """``n_targets`` correctly classified held-out examples (seeded), each with its own random references."""
+#: The class-level edit of the editing example: forget this class, scoring on half of its members and
+#: judging on the other half (never used for scoring).
+EDIT_CLASS = 3
+
+
+def _edit_cases(experiment: Any, n_targets: int, n_reference: int, client: Any) -> tuple[list[Any], Any]:
+    """``n_targets`` correctly classified examples (seeded), each with its own random references and,
+    held out, every other example; and the class-level case of :data:`EDIT_CLASS`."""
     import numpy as np
 
-    from coar_dask.fit.edit import EditCase, base_predictions, parse_reference
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.edit import EditCase, base_predictions, parse_held_out, parse_reference, split_targets
+    from coar_dask.runtime.gpu import client_experiment
 
-    correct, _ = base_predictions(experiment)
+    correct, _ = base_predictions(experiment, client=client)
+    K = correct.size
     targets = np.random.default_rng(0).choice(np.flatnonzero(correct), size=n_targets, replace=False)
-    return [EditCase([int(t)], parse_reference(f"random:{n_reference}", correct.size, [int(t)], seed=int(t)))
-            for t in targets]
+    cases = []
+    for t in (int(t) for t in targets):
+        reference = parse_reference(f"random:{n_reference}", K, [t], seed=t)
+        cases.append(EditCase([t], reference, parse_held_out("rest", K, [t, *reference])))
+    labels = load_state(client_experiment(experiment)).labels.cpu().numpy()  # labels only, on the CPU
+    members = [int(i) for i in np.flatnonzero(labels == EDIT_CLASS)]
+    scored, unseen = split_targets(members, 0.5, seed=0)
+    reference = parse_reference(f"random:{n_reference}", K, members, seed=EDIT_CLASS)
+    held = parse_held_out("rest", K, [*members, *reference])
+    return cases, EditCase(scored, reference, held, unseen)
 
 
 def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2, n_targets: int = 20,
                   n_reference: int = 50, cache_dir: str | os.PathLike | None = None,
                   echo: Echo = print) -> dict[str, Any]:
     """The editing example on the wide model: train/load, build, fit, COAR-Edit each of ``n_targets``
-    held-out examples (lowering it until it flips) against the random and target-only controls;
-    writes ``out/edit.json`` (:meth:`~coar_dask.fit.edit.EditSweep.summary`) and ``out/edit.png``."""
+    examples (lowering it until it flips) against the random and target-only controls, judged on the
+    examples never used for scoring; then forget class :data:`EDIT_CLASS` (half its members scored, the
+    other half held out). Writes ``out/edit.json`` (:meth:`~coar_dask.fit.edit.EditSweep.summary`, with
+    ``median_held_out_accuracy_at_flip``; the class edit under ``class_edit``) and ``out/edit.png``."""
     from coar_dask.cli.edit import format_sweep
     from coar_dask.core.experiment import load_state
     from coar_dask.fit.edit import plot_edit, sweep_edit
     from coar_dask.fit.evaluate import eval_store_for
     from coar_dask.fit.fit import fit
     from coar_dask.runtime.clusters import cluster_client
+    from coar_dask.runtime.gpu import client_experiment
     from coar_dask.zoo import wide
 
     out = Path(out)
@@ -200,9 +227,8 @@ def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2,
     echo(f"[1/4] wide digits model (cache: {wide.default_cache_dir()})")
     echo(f"      held-out accuracy {wide.heldout_accuracy(wide.load_model()):.4f}")
     experiment = wide.experiment()
-    state = load_state(experiment)
+    state = load_state(client_experiment(experiment))
     store = eval_store_for(out / "edit_store", experiment, rows, state.n_components, state.n_examples)
-    cases = _edit_cases(experiment, n_targets, n_reference)
     with cluster_client("local", n_workers=workers) as client:
         echo(f"[2/4] building {rows} ablated models of {state.n_components} components; dashboard "
              f"{client.dashboard_link}")
@@ -210,12 +236,18 @@ def run_edit_demo(out: str | os.PathLike, *, rows: int = 3000, workers: int = 2,
         echo("[3/4] fitting attributions (exact least squares)")
         attributions = fit(store)
         attributions.save(out / "edit_attributions.pt", overwrite=True)
-        echo(f"[4/4] COAR-Edit of {len(cases)} targets, k in {EDIT_KS[0]}..{EDIT_KS[-1]} (each k a Dask task)")
+        cases, class_case = _edit_cases(experiment, n_targets, n_reference, client)
+        echo(f"[4/4] COAR-Edit of {len(cases)} targets, k in {EDIT_KS[0]}..{EDIT_KS[-1]} (each k a Dask task); "
+             f"then class {EDIT_CLASS} ({len(class_case.target)} members scored, "
+             f"{len(class_case.held_out_target)} held out)")
         sweep = sweep_edit(experiment, attributions, cases, EDIT_KS, direction="lower", client=client)
-    summary = sweep.summary()
+        class_sweep = sweep_edit(experiment, attributions, [class_case], EDIT_KS, direction="lower",
+                                 client=client, random_draws=2)
+    summary = {**sweep.summary(), "class_edit": {"class": EDIT_CLASS, **class_sweep.summary()}}
     (out / "edit.json").write_text(json.dumps(summary, indent=2))
-    plot = plot_edit(sweep, out / "edit.png", title="COAR-Edit on the wide digits model")
+    plot = plot_edit(sweep, out / "edit.png", title="COAR-Edit on the wide digits model", overwrite=True)
     echo(format_sweep(sweep))
+    echo(f"class {EDIT_CLASS}:\n" + format_sweep(class_sweep))
     echo(f"edit: {out / 'edit.json'}, plot: {plot} ({time.perf_counter() - t0:.1f} s)")
     return summary
 
@@ -235,8 +267,9 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description="Train (or load from the cache) a small ResNet on scikit-learn's "
                                           "digits, build ablated models on a LocalCluster, fit attributions, "
                                           "evaluate them on fresh masks; writes a table, a plot and "
-                                          "summary.json to --out, and compare.json (COAR against leave-one-out and "
-                                          "gradient x parameter on the same held-out masks). With --edit: the "
+                                          "summary.json to --out, and compare.json (COAR against leave-one-out, "
+                                          "gradient x parameter, and with Captum neuron conductance and internal "
+                                          "influence, on the same held-out masks). With --edit: the "
                                           "editing example (edit.json).")
     p.add_argument("--out", required=True, help="output directory (stores, attributions, plot, summary.json)")
     p.add_argument("--rows", type=int, default=2000, help="ablated models to build (default 2000)")
@@ -247,6 +280,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                      "(default $COAR_DASK_CACHE or ~/.cache/coar_dask)")
     p.add_argument("--edit", action="store_true",
                    help="run the editing example instead: COAR-Edit on a 1,568-component wide CNN (20 targets, "
-                        "random and target-only controls); writes edit.json and edit.png to --out")
+                        "random and target-only controls, judged on examples never used for scoring) and "
+                        "forgetting class 3; writes edit.json and edit.png to --out")
     p.set_defaults(func=cmd_demo)
     return p

@@ -1,8 +1,9 @@
 """COAR against the baselines: fit/compute each method, evaluate all on the same held-out rows.
 
 :func:`compare` fits COAR on a store (:func:`~coar_dask.fit.fit.fit`),
-computes leave-one-out and gradient x parameter
-(:mod:`~coar_dask.fit.baselines`) for the store's experiment, and evaluates
+computes leave-one-out, gradient x parameter, neuron conductance and
+internal influence (:mod:`~coar_dask.fit.baselines`; the last two need
+Captum) for the store's experiment, and evaluates
 every method on each held-out store (:func:`~coar_dask.fit.evaluate.evaluate`):
 the paper's Figure 1, per method and per held-out alpha.
 :func:`plot_comparison` draws it.
@@ -23,18 +24,33 @@ from coar_dask.core.experiment import Experiment, load_experiment
 from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store, open_store
 from coar_dask.core.trust import experiment_from_record
+from coar_dask.core.experiment import load_state
 from coar_dask.errors import ConfigError
 from coar_dask.fit.attributions import Attributions
-from coar_dask.fit.baselines import BASELINES, gradient_x_parameter, leave_one_out
+from coar_dask.fit.baselines import (BASELINES, HOOK_METHODS, captum_available, check_hook_kinds,
+                                     gradient_x_parameter, internal_influence, leave_one_out, neuron_conductance)
 from coar_dask.fit.evaluate import EvaluationResult, evaluate, plot_path
 from coar_dask.fit.fit import fit
+from coar_dask.runtime.gpu import client_experiment
 
-__all__ = ["METHODS", "MethodScore", "Comparison", "compare", "plot_comparison", "default_loo_store"]
+__all__ = ["METHODS", "MethodScore", "Comparison", "compare", "plot_comparison", "default_loo_store",
+           "default_methods"]
 
 logger = logging.getLogger(__name__)
 
 #: Methods compared, in table order, with their names.
 METHODS = {"coar": "COAR", **BASELINES}
+#: The methods that need Captum.
+CAPTUM_METHODS = ("nc", "ii")
+
+
+def default_methods() -> tuple[str, ...]:
+    """Every method of :data:`METHODS`, less neuron conductance and internal influence when Captum is
+    not installed (naming them explicitly then raises, with the install command)."""
+    if captum_available():
+        return tuple(METHODS)
+    logger.info("Captum is not installed: comparing without nc and ii (pip install 'coar_dask[baselines]')")
+    return tuple(m for m in METHODS if m not in CAPTUM_METHODS)
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,10 @@ def _compute(method: str, store: Store, experiment: Experiment, client: Any, loo
         return fit(store, **dict(fit_options))
     if method == "loo":
         return leave_one_out(experiment, loo_store or default_loo_store(store), client=client)
+    if method == "nc":
+        return neuron_conductance(experiment, client=client)
+    if method == "ii":
+        return internal_influence(experiment, client=client)
     return gradient_x_parameter(experiment, client=client)
 
 
@@ -125,7 +145,7 @@ def compare(
     experiment: Experiment | Mapping[str, Any] | str | os.PathLike | None = None,
     client: Any | None = None,
     loo_store: str | os.PathLike | None = None,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     fit_options: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Fit COAR on ``store``, compute the baselines, evaluate all on each of ``eval_stores``.
@@ -145,7 +165,9 @@ def compare(
         Where the leave-one-out rows are kept (default :func:`default_loo_store`);
         reused, and resumed, by later calls.
     methods
-        Any of ``"coar"``, ``"loo"``, ``"gp"``.
+        Any of ``"coar"``, ``"loo"``, ``"gp"``, ``"nc"``, ``"ii"`` (default :func:`default_methods`).
+        The hook-based ones (``gp``, ``nc``, ``ii``) are refused up front for component kinds without a
+        forward-hook form (attention in-projections): give ``["coar", "loo"]`` there.
     fit_options
         Keywords of :func:`~coar_dask.fit.fit.fit` for COAR (default: exact least squares).
 
@@ -154,6 +176,7 @@ def compare(
     >>> result = compare("store", ["eval_store"])    # doctest: +SKIP
     >>> print(result.table())                        # doctest: +SKIP
     """
+    methods = default_methods() if methods is None else tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}.")
@@ -162,6 +185,11 @@ def compare(
     store = store if isinstance(store, Store) else open_store(store, read_only=True)
     held = [s if isinstance(s, Store) else open_store(s, read_only=True) for s in eval_stores]
     exp = _experiment_of(store, experiment)
+    hooked = [m for m in methods if m in HOOK_METHODS]
+    if hooked:  # before any method runs; counts only, on the CPU
+        components = load_state(client_experiment(exp)).components
+        for method in hooked:
+            check_hook_kinds(components, method)
     comparison = Comparison(scores=[], seconds={})
     for method in methods:
         t0 = time.perf_counter()
@@ -181,7 +209,7 @@ def compare(
 
 
 def plot_comparison(comparison: Comparison, path: str | os.PathLike,
-                    title: str = "Held-out correlation by method", *, overwrite: bool = True) -> Path:
+                    title: str = "Held-out correlation by method", *, overwrite: bool = False) -> Path:
     """Write a PNG in the style of the paper's Figure 1: per held-out alpha, one bar per method
     (mean correlation over examples), whiskers from the 25th to the 75th percentile.
 
@@ -192,7 +220,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike,
 
     keys = comparison.alpha_keys
     methods = list(dict.fromkeys(s.method for s in comparison.scores))
-    colors = {"coar": "#4477aa", "loo": "#ee6677", "gp": "#228833"}
+    colors = {"coar": "#4477aa", "loo": "#ee6677", "gp": "#228833", "nc": "#ccbb44", "ii": "#aa3377"}
     fig = Figure(figsize=(1.6 + 1.4 * len(keys) * max(1, len(methods)) / 2, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()

@@ -21,7 +21,23 @@ reference set (``target_only``), so that the table shows what the t-test buys.
 A target *flips* when its correctness changes (``lower``: a correctly
 classified target becomes wrong; ``raise``: a wrong one becomes right); a
 set of targets flips when more than half of them do. The model must return
-class logits ``(B, C)`` and the examples must have labels.
+class logits ``(B, C)`` (a tensor, a tuple starting with one, ``.logits``
+or a mapping's ``"logits"``) and the examples must have labels.
+
+Judged on examples never used for scoring: a case's ``reference`` examples
+choose the components, and its ``held_out`` examples (by default every
+other example) measure what the edit costs elsewhere
+(``median_held_out_accuracy_at_flip`` in :meth:`EditSweep.summary`); for a
+class-level edit, ``held_out_target`` members of the class, also unused for
+scoring, show whether the edit generalises to unseen members. Each sweep
+also records the change of the targets' output that the attributions predict
+for ablating the top ``k`` (``-sum`` of their weights) next to the actual
+change (:func:`plot_edit`'s third panel).
+
+The model work (the unedited predictions and every ``k``) runs as tasks: on
+the workers when a client is given, GPU-annotated for a CUDA experiment after
+checking that the cluster has GPU workers; this process never loads the model
+on a GPU.
 """
 
 from __future__ import annotations
@@ -38,16 +54,18 @@ import numpy as np
 from coar_dask.ablation.zeroing import ablated, reference_model
 from coar_dask.core.components import Components
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
+from coar_dask.core.outputs import find_logits
 from coar_dask.core.output_paths import write_atomically
 from coar_dask.errors import ConfigError, ExperimentError
 from coar_dask.fit.attributions import Attributions
-from coar_dask.fit.baselines import forward_outputs
+from coar_dask.fit.baselines import forward_outputs, task_resources
 from coar_dask.fit.evaluate import plot_path
 from coar_dask.runtime.executor import TaskSet, run_tasks
 
 __all__ = ["DIRECTIONS", "EDIT_METHODS", "EditCase", "EditSweep", "edit_scores", "target_only_scores",
            "choose_components", "edit_mask", "edited", "edit_model", "sweep_edit", "edit_k_task",
-           "parse_targets", "parse_reference", "parse_ks", "base_predictions", "plot_edit"]
+           "parse_targets", "parse_reference", "parse_held_out", "split_targets", "parse_ks", "base_predictions",
+           "plot_edit"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +78,13 @@ EDIT_METHODS = ("coar", "random", "target_only")
 
 
 def _columns(attributions: Attributions, examples: Sequence[int], what: str) -> np.ndarray:
+    if not isinstance(attributions, Attributions):
+        raise ConfigError(
+            f"editing needs Attributions (from fit, or Attributions.load(path)); found "
+            f"{type(attributions).__name__}{tuple(getattr(attributions, 'shape', ())) or ''}; wrap a weight array "
+            f"(components x examples) as Attributions(weight, bias, lam), e.g. Attributions(w, np.zeros(K), "
+            f"np.zeros(K))."
+        )
     idx = np.asarray(examples, dtype=np.int64).reshape(-1) - attributions.first_example
     if idx.size == 0:
         raise ConfigError(f"the {what} set is empty; give at least one example.")
@@ -80,7 +105,10 @@ def edit_scores(attributions: Attributions, target: Sequence[int], reference: Se
     --------
     >>> a = Attributions(np.array([[1.0, 0.0, 0.2], [0.0, 0.5, 0.5]]), np.zeros(3), np.zeros(3))
     >>> edit_scores(a, [0], [1, 2]).round(3).tolist()
-    [9.0, -inf]
+    [12.728, -inf]
+
+    Component 0: ``(1 - 0.1) / sqrt(0 / 1 + 0.01 / 2)`` (the references' population variance of
+    ``[0, 0.2]`` is 0.01); component 1: both variances 0 and the targets lower, so ``-inf``.
     """
     wt, wr = _columns(attributions, target, "target"), _columns(attributions, reference, "reference")
     diff = wt.mean(axis=1) - wr.mean(axis=1)
@@ -136,10 +164,7 @@ def edit_model(model: Any, components: Components, indices: Sequence[int]) -> An
 
 
 def _logits(out: Any) -> Any:
-    if hasattr(out, "logits"):
-        out = out.logits
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
+    out = find_logits(out, "editing")  # a tensor, a tuple's first tensor, .logits or a mapping's "logits"
     if out.ndim != 2:
         raise ExperimentError(f"editing needs class logits (batch, classes); the model returned {tuple(out.shape)}.")
     return out
@@ -173,9 +198,17 @@ def edit_k_task(experiment: Experiment, k: int, orders: np.ndarray) -> tuple[np.
     return correct, values
 
 
-def base_predictions(experiment: Experiment | Mapping[str, Any] | str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(correct (K,) bool, outputs (K,))`` of the unedited model on every example."""
-    correct, values = edit_k_task(load_experiment(experiment), 0, np.zeros((1, 0), dtype=np.int64))
+def base_predictions(experiment: Experiment | Mapping[str, Any] | str | os.PathLike, *,
+                     client: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct (K,) bool, outputs (K,))`` of the unedited model on every example, as one task
+    (on ``client``'s workers, or in this process when ``client`` is None)."""
+    experiment = load_experiment(experiment)
+    resources = task_resources(experiment, client, "edit task")
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    tasks = TaskSet(fn=edit_k_task, tasks=[(0, (experiment, 0, np.zeros((1, 0), dtype=np.int64)))],
+                    key=lambda i: f"edit-base-{experiment.target_fingerprint[:8]}", resources=resources, retries=2)
+    run_tasks(tasks, client, on_result=lambda i, r: found.__setitem__(i, r))
+    correct, values = found[0]
     return correct[0], values[0]
 
 
@@ -184,30 +217,48 @@ def base_predictions(experiment: Experiment | Mapping[str, Any] | str | os.PathL
 
 @dataclass(frozen=True)
 class EditCase:
-    """One edit: the targets to change and the references to keep."""
+    """One edit: the targets to change and the references to keep (both used to choose the
+    components), and examples never used for choosing them, to judge the edit on.
+
+    ``held_out``: examples whose accuracy shows the edit's cost elsewhere (e.g. every example that is
+    neither a target nor a reference); ``held_out_target``: further examples of the targets' group
+    (unseen members of a class) whose accuracy shows whether the edit generalises. The four sets are
+    disjoint.
+    """
 
     target: tuple[int, ...]
     reference: tuple[int, ...]
+    held_out: tuple[int, ...] = ()
+    held_out_target: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target", tuple(int(i) for i in self.target))
-        object.__setattr__(self, "reference", tuple(int(i) for i in self.reference))
+        names = ("target", "reference", "held_out", "held_out_target")
+        for name in names:
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if not self.target or not self.reference:
             raise ConfigError("an edit needs at least one target and one reference example.")
-        if set(self.target) & set(self.reference):
-            raise ConfigError(f"examples {sorted(set(self.target) & set(self.reference))[:10]} are both targets "
-                              f"and references; the two sets must be disjoint.")
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                both = set(getattr(self, a)) & set(getattr(self, b))
+                if both:
+                    raise ConfigError(f"examples {sorted(both)[:10]} are in both the {a} and the {b} sets of an "
+                                      f"edit; the sets must be disjoint.")
 
 
 @dataclass
 class EditSweep:
     """What :func:`sweep_edit` measured, per case, method, draw and ``k``.
 
-    ``flipped[m]``, ``reference_accuracy[m]`` and ``target_output[m]`` have
-    shape ``(cases, draws, len(ks))`` (one draw for ``coar`` and
-    ``target_only``): the fraction of the case's targets whose correctness
-    changed, the accuracy on its references, and its targets' mean output.
-    ``chosen[m]`` holds the component order of each case and draw.
+    ``flipped[m]``, ``reference_accuracy[m]``, ``held_out_accuracy[m]``,
+    ``held_out_target_accuracy[m]``, ``target_output[m]`` and
+    ``predicted_change[m]`` have shape ``(cases, draws, len(ks))`` (one draw
+    for ``coar`` and ``target_only``): the fraction of the case's targets
+    whose correctness changed, the accuracy on its references, on its
+    held-out examples and on its held-out targets (NaN for a case without
+    them), its targets' mean output, and the change of that output the
+    attributions predict for the ablation (``-`` the sum of the ablated
+    components' weights). ``chosen[m]`` holds the component order of each
+    case and draw.
     """
 
     ks: np.ndarray
@@ -220,6 +271,11 @@ class EditSweep:
     base_reference_accuracy: np.ndarray
     base_target_output: np.ndarray
     chosen: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    held_out_accuracy: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    held_out_target_accuracy: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    predicted_change: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    base_held_out_accuracy: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    base_held_out_target_accuracy: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     def _first_flip(self, method: str) -> np.ndarray:
         """``(cases, draws)``: index into ``ks`` of the first flip, or -1."""
@@ -232,26 +288,46 @@ class EditSweep:
         k = np.where(first >= 0, self.ks[np.maximum(first, 0)], np.inf).astype(np.float64)
         return np.median(k, axis=1)
 
-    def reference_accuracy_at_flip(self, method: str) -> np.ndarray:
-        """``(cases,)``: the references' accuracy at each draw's flip, averaged over the draws that flip
-        (NaN where none does)."""
+    def _at_flip(self, values: np.ndarray, method: str) -> np.ndarray:
         first = self._first_flip(method)
-        acc = np.take_along_axis(self.reference_accuracy[method], np.maximum(first, 0)[..., None], axis=2)[..., 0]
+        acc = np.take_along_axis(values, np.maximum(first, 0)[..., None], axis=2)[..., 0]
         acc = np.where(first >= 0, acc, np.nan)
         with np.errstate(invalid="ignore"), _quiet():
             return np.nanmean(acc, axis=1)
 
+    def reference_accuracy_at_flip(self, method: str) -> np.ndarray:
+        """``(cases,)``: the references' accuracy at each draw's flip, averaged over the draws that flip
+        (NaN where none does)."""
+        return self._at_flip(self.reference_accuracy[method], method)
+
+    def held_out_accuracy_at_flip(self, method: str) -> np.ndarray:
+        """``(cases,)``: like :meth:`reference_accuracy_at_flip`, on the held-out examples (never used to
+        choose the components)."""
+        return self._at_flip(self.held_out_accuracy[method], method)
+
+    def held_out_target_accuracy_at_flip(self, method: str) -> np.ndarray:
+        """``(cases,)``: the held-out targets' accuracy at the flip (NaN for cases without them)."""
+        return self._at_flip(self.held_out_target_accuracy[method], method)
+
     def summary(self) -> dict[str, Any]:
-        """The ``edit.json`` form: per case ``k_flip`` (None: no flip within the sweep) and reference
-        accuracy at the flip for each method, and their medians over cases (a case that never flips
-        counts as k = infinity, reported as None)."""
+        """The ``edit.json`` form: per case ``k_flip`` (None: no flip within the sweep) and the accuracy
+        of the references, of the held-out examples and of the held-out targets (None where the case has
+        none) at the flip, for each method; their medians over cases (a case that never flips counts as
+        k = infinity, reported as None); the unedited accuracies; and per ``k`` the mean over cases of
+        COAR-Edit's flips, held-out accuracies and predicted and actual change of the targets' output."""
         k = {m: self.k_flip(m) for m in EDIT_METHODS}
         acc = {m: self.reference_accuracy_at_flip(m) for m in EDIT_METHODS}
+        held = {m: self.held_out_accuracy_at_flip(m) for m in EDIT_METHODS}
+        held_t = {m: self.held_out_target_accuracy_at_flip(m) for m in EDIT_METHODS}
         targets = []
         for c, case in enumerate(self.cases):
-            entry: dict[str, Any] = {"index": case.target[0] if len(case.target) == 1 else list(case.target)}
+            entry: dict[str, Any] = {"index": case.target[0] if len(case.target) == 1 else list(case.target),
+                                     "n_held_out": len(case.held_out),
+                                     "n_held_out_target": len(case.held_out_target)}
             for m in EDIT_METHODS:
-                entry[m] = {"k_flip": _plain(k[m][c]), "reference_accuracy": _plain(acc[m][c])}
+                entry[m] = {"k_flip": _plain(k[m][c]), "reference_accuracy": _plain(acc[m][c]),
+                            "held_out_accuracy": _plain(held[m][c]),
+                            "held_out_target_accuracy": _plain(held_t[m][c])}
             targets.append(entry)
         return {
             "n_components": self.n_components,
@@ -260,7 +336,25 @@ class EditSweep:
             "targets": targets,
             "median_k_flip": {m: _plain(np.median(k[m])) for m in EDIT_METHODS},
             "median_reference_accuracy_at_flip": {m: _plain(_nanmedian(acc[m])) for m in EDIT_METHODS},
+            "median_held_out_accuracy_at_flip": {m: _plain(_nanmedian(held[m])) for m in EDIT_METHODS},
+            "median_held_out_target_accuracy_at_flip": {m: _plain(_nanmedian(held_t[m])) for m in EDIT_METHODS},
+            "unedited": {"reference_accuracy": _plain(_nanmedian(self.base_reference_accuracy)),
+                         "held_out_accuracy": _plain(_nanmedian(self.base_held_out_accuracy)),
+                         "held_out_target_accuracy": _plain(_nanmedian(self.base_held_out_target_accuracy))},
+            "coar_by_k": self.by_k("coar"),
         }
+
+    def by_k(self, method: str) -> dict[str, list[float | int | None]]:
+        """Per ``k``, the mean over cases and draws of ``method``'s measures (None where undefined)."""
+        def mean(values: np.ndarray) -> list[float | int | None]:
+            with _quiet():
+                return [_plain(v) for v in np.nanmean(values, axis=(0, 1))]
+
+        actual = self.target_output[method] - self.base_target_output[:, None, None]
+        return {"flipped": mean((self.flipped[method] > 0.5).astype(float)),
+                "held_out_accuracy": mean(self.held_out_accuracy[method]),
+                "held_out_target_accuracy": mean(self.held_out_target_accuracy[method]),
+                "predicted_change": mean(self.predicted_change[method]), "actual_change": mean(actual)}
 
 
 @contextlib.contextmanager
@@ -273,6 +367,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _nanmedian(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     return float(np.median(values)) if values.size else float("nan")
 
@@ -295,6 +390,20 @@ def _orders(attributions: Attributions, cases: Sequence[EditCase], direction: st
     rand = [[rng.permutation(P)[:kmax] for _ in range(draws)] for _ in cases]
     return {"coar": np.array(coar)[:, None], "random": np.array(rand).reshape(len(cases), draws, kmax),
             "target_only": np.array(own)[:, None]}
+
+
+def _predicted_change(attributions: Attributions, cases: Sequence[EditCase], orders: dict[str, np.ndarray],
+                      ks: np.ndarray) -> dict[str, np.ndarray]:
+    """``(cases, draws, len(ks))`` per method: the targets' mean output change the attributions predict
+    for ablating each order's first ``k`` (mask units: ``-`` the sum of their weights)."""
+    out = {}
+    for method, o in orders.items():
+        change = np.zeros(o.shape[:2] + (len(ks),))
+        for c, case in enumerate(cases):
+            w = _columns(attributions, case.target, "target").mean(axis=1)
+            change[c] = -np.cumsum(w[o[c]], axis=-1)[:, ks - 1]
+        out[method] = change
+    return out
 
 
 def sweep_edit(
@@ -323,7 +432,8 @@ def sweep_edit(
     direction
         ``"lower"`` the targets' outputs, or ``"raise"`` them.
     client
-        A Dask client, or ``None`` to run the tasks in this process.
+        A Dask client (the tasks run on its workers, GPU workers for a CUDA experiment), or ``None``
+        to run them in this process.
     random_draws, seed
         Draws of the random control, and their seed.
     """
@@ -338,15 +448,24 @@ def sweep_edit(
         raise ConfigError(f"random_draws must be a positive integer; found {random_draws!r}.")
     orders = _orders(attributions, cases, direction, random_draws, int(ks[-1]), seed)
     flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in orders.values()])
-    base_correct, base_values = base_predictions(experiment)
+    resources = task_resources(experiment, client, "edit task")  # refused here, before any task, without GPUs
+    base_correct, base_values = base_predictions(experiment, client=client)
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     token = experiment.target_fingerprint[:8]
     tasks = TaskSet(fn=edit_k_task, tasks=[(i, (experiment, int(k), flat)) for i, k in enumerate(ks)],
-                    key=lambda i: f"edit-k-{int(ks[i]):05d}-{token}-{seed}",
-                    resources={"GPU": 1} if str(experiment.device).startswith("cuda") else None, retries=2)
+                    key=lambda i: f"edit-k-{int(ks[i]):05d}-{token}-{seed}", resources=resources, retries=2)
     run_tasks(tasks, client, on_result=lambda i, r: results.__setitem__(i, r))
-    return _assemble(ks, list(cases), direction, attributions.n_components, orders, results, base_correct,
-                     base_values)
+    sweep = _assemble(ks, list(cases), direction, attributions.n_components, orders, results, base_correct,
+                      base_values)
+    sweep.predicted_change.update(_predicted_change(attributions, cases, orders, ks))
+    return sweep
+
+
+def _mean_over(values: np.ndarray, rows: list[int]) -> np.ndarray:
+    """Mean over ``rows`` of ``values`` (first axis), NaN when ``rows`` is empty."""
+    if not rows:
+        return np.full(values.shape[1:], np.nan)
+    return values[rows].mean(axis=0)
 
 
 def _assemble(ks: np.ndarray, cases: list[EditCase], direction: str, n_components: int,
@@ -354,22 +473,32 @@ def _assemble(ks: np.ndarray, cases: list[EditCase], direction: str, n_component
               base_correct: np.ndarray, base_values: np.ndarray) -> EditSweep:
     correct = np.stack([results[i][0] for i in range(len(ks))], axis=-1)   # (rows, K, nk)
     values = np.stack([results[i][1] for i in range(len(ks))], axis=-1)
-    flipped, ref_acc, out, row = {}, {}, {}, 0
+    names = ("flipped", "reference", "held_out", "held_out_target", "output")
+    measured: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+    row = 0
     for method, o in orders.items():
         n_cases, draws = o.shape[:2]
-        f = np.zeros((n_cases, draws, len(ks)))
-        a, v = np.zeros_like(f), np.zeros_like(f)
+        m = {n: np.zeros((n_cases, draws, len(ks))) for n in names}
         for c, case in enumerate(cases):
-            t, r = list(case.target), list(case.reference)
+            t = list(case.target)
             for d in range(draws):
-                f[c, d] = (correct[row][t] != base_correct[t][:, None]).mean(axis=0)
-                a[c, d] = correct[row][r].mean(axis=0)
-                v[c, d] = values[row][t].mean(axis=0)
+                m["flipped"][c, d] = (correct[row][t] != base_correct[t][:, None]).mean(axis=0)
+                m["reference"][c, d] = _mean_over(correct[row], list(case.reference))
+                m["held_out"][c, d] = _mean_over(correct[row], list(case.held_out))
+                m["held_out_target"][c, d] = _mean_over(correct[row], list(case.held_out_target))
+                m["output"][c, d] = values[row][t].mean(axis=0)
                 row += 1
-        flipped[method], ref_acc[method], out[method] = f, a, v
-    base_ref = np.array([base_correct[list(c.reference)].mean() for c in cases])
+        for n in names:
+            measured[n][method] = m[n]
+
+    def base(which: str) -> np.ndarray:
+        return np.array([_mean_over(base_correct.astype(float), list(getattr(c, which))) for c in cases])
+
     base_out = np.array([base_values[list(c.target)].mean() for c in cases])
-    return EditSweep(ks, cases, direction, n_components, flipped, ref_acc, out, base_ref, base_out, dict(orders))
+    return EditSweep(ks, cases, direction, n_components, measured["flipped"], measured["reference"],
+                     measured["output"], base("reference"), base_out, dict(orders),
+                     held_out_accuracy=measured["held_out"], held_out_target_accuracy=measured["held_out_target"],
+                     base_held_out_accuracy=base("held_out"), base_held_out_target_accuracy=base("held_out_target"))
 
 
 # -- targets and references from text ----------------------------------------------------
@@ -437,33 +566,77 @@ def parse_reference(text: str, n_examples: int, targets: Sequence[int], seed: in
     return [int(i) for i in chosen]
 
 
+def parse_held_out(text: str, n_examples: int, used: Sequence[int], seed: int = 0) -> list[int]:
+    """Held-out examples (never used to choose components) from ``"rest"`` (every example not in
+    ``used``), ``"none"``, ``"random:N"`` (N of those, seeded) or ``"1,2,3"``."""
+    text = text.strip()
+    if text == "none":
+        return []
+    chosen = parse_reference(text, n_examples, used, seed=seed)
+    if set(chosen) & set(int(i) for i in used):
+        raise ConfigError(f"--held-out {text!r} names examples used for scoring (targets or references); "
+                          f"held-out examples must be others.")
+    return chosen
+
+
+def split_targets(targets: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(scored, held out)``: ``fraction`` of ``targets`` (seeded; at least one left to score) held out
+    from scoring, to judge whether the edit generalises to unseen members of the group.
+
+    Examples
+    --------
+    >>> split_targets([4, 5, 6, 7], 0.5)[0].__len__(), split_targets([4, 5, 6, 7], 0.0)
+    (2, ([4, 5, 6, 7], []))
+    """
+    if isinstance(fraction, bool) or not 0 <= float(fraction) < 1:
+        raise ConfigError(f"the held-out fraction of the targets must lie in [0, 1); found {fraction!r}.")
+    targets = [int(t) for t in targets]
+    n_held = min(int(round(len(targets) * float(fraction))), len(targets) - 1)
+    if n_held <= 0:
+        return targets, []
+    held = set(np.random.default_rng(seed).choice(targets, size=n_held, replace=False).tolist())
+    return [t for t in targets if t not in held], [t for t in targets if t in held]
+
+
 def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit", *,
-              overwrite: bool = True) -> "os.PathLike":
-    """Write a PNG: against ``k``, the fraction of cases flipped and the references' accuracy, for
-    COAR-Edit and both controls (averaged over cases and draws).
+              overwrite: bool = False) -> "os.PathLike":
+    """Write a PNG of three panels against ``k``: the fraction of cases flipped; the accuracy of the
+    references and of the held-out examples (never used to choose components; dotted: held-out
+    targets); and, for the top ``k``, the change of the targets' output the attributions predict
+    (dashed) next to the actual change. COAR-Edit and both controls, averaged over cases and draws.
 
     Draws on its own :class:`matplotlib.figure.Figure` with an Agg canvas.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.6))
+    fig = Figure(figsize=(13, 3.8))
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    left, middle, right = fig.subplots(1, 3)
     colors = {"coar": "#4477aa", "random": "#bbbbbb", "target_only": "#ee6677"}
     names = {"coar": "COAR-Edit", "random": "random k", "target_only": "target only"}
+    by_k = {m: sweep.by_k(m) for m in EDIT_METHODS}
+
+    def line(values: list[Any]) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in values], dtype=float)
+
     for m in EDIT_METHODS:
-        left.plot(sweep.ks, (sweep.flipped[m] > 0.5).mean(axis=(0, 1)), marker="o", ms=3, color=colors[m],
-                  label=names[m])
-        right.plot(sweep.ks, sweep.reference_accuracy[m].mean(axis=(0, 1)), marker="o", ms=3, color=colors[m],
-                   label=names[m])
-    right.axhline(float(sweep.base_reference_accuracy.mean()), color="k", lw=0.6, ls="--", label="unedited")
-    left.set_xlabel("components ablated (k)")
+        style = dict(marker="o", ms=3, color=colors[m])
+        left.plot(sweep.ks, line(by_k[m]["flipped"]), label=names[m], **style)
+        middle.plot(sweep.ks, line(by_k[m]["held_out_accuracy"]), label=f"{names[m]}, held-out", **style)
+        held_t = line(by_k[m]["held_out_target_accuracy"])
+        if np.isfinite(held_t).any():
+            middle.plot(sweep.ks, held_t, ls=":", label=f"{names[m]}, held-out targets", **style)
+        right.plot(sweep.ks, line(by_k[m]["actual_change"]), label=f"{names[m]}, actual", **style)
+        right.plot(sweep.ks, line(by_k[m]["predicted_change"]), ls="--", color=colors[m], label=f"{names[m]}, predicted")
+    middle.axhline(_nanmedian(sweep.base_held_out_accuracy), color="k", lw=0.6, ls="--", label="unedited")
+    right.axhline(0, color="k", lw=0.6)
     left.set_ylabel("fraction of edits that flip the target")
-    right.set_xlabel("components ablated (k)")
-    right.set_ylabel("reference accuracy")
-    left.legend(loc="upper left", fontsize="small")
-    right.legend(loc="lower left", fontsize="small")
+    middle.set_ylabel("accuracy on examples not used for scoring")
+    right.set_ylabel("change of the targets' output")
+    for ax, where in ((left, "upper left"), (middle, "lower left"), (right, "lower left")):
+        ax.set_xlabel("components ablated (top k)")
+        ax.legend(loc=where, fontsize="x-small")
     fig.suptitle(f"{title}: {len(sweep.cases)} edit(s), {sweep.direction}, {sweep.n_components} components")
     fig.tight_layout()
     path = plot_path(path)
