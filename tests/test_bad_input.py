@@ -470,3 +470,112 @@ def test_every_user_error_is_a_coar_error_and_a_standard_one():
     for cls, std in [(SpecError, ValueError), (StoreError, ValueError), (StoreMismatchError, ValueError),
                      (ExperimentError, ValueError), (ConfigError, ValueError), (RegressionError, ValueError)]:
         assert issubclass(cls, CoarError) and issubclass(cls, std)
+
+
+# ------------------------------------------- issue 22: hostile attributions files, records and pipes
+import base64  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+from coar_dask.core.masks import sample_masks  # noqa: E402
+
+_P, _K, _N = 8, 5, 40
+
+
+def _rows_store(path: Path, extra_meta=None):
+    """A store of 40 rows (8 masks, 5 outputs linear in them), written directly: no model."""
+    spec = {"num_models": _N, "schema": {"masks": {"dtype": "bool_", "shape": [_P]},
+                                         "margins": {"dtype": "float32", "shape": [_K]}}}
+    store = init_store(path, spec, rows_per_chunk=20, mask_seed=0, alpha=0.2, extra_meta=extra_meta)
+    weights = np.random.default_rng(3).normal(size=(_P, _K))
+    for block in store.blocks():
+        masks = sample_masks(0, block.rows, _P, 0.2)
+        store.write_block(block.index, {"masks": masks, "margins": masks @ weights})
+    return store
+
+
+def _tampered(tmp_path: Path, store, change) -> Path:
+    """Attributions fitted on ``store``, saved after ``change(data)`` edited their saved dict."""
+    good = fit(store, ridge=1e-6).save(tmp_path / "good.pt")
+    data = torch.load(good, weights_only=True)
+    change(data)
+    path = tmp_path / "bad.pt"
+    torch.save(data, path)
+    good.unlink()
+    return path
+
+
+def _bomb(data):
+    record = data["metadata"]["fitted_on"]["stores"][0]
+    record["rows"] = base64.b64encode(zlib.compress(b"\0" * 200_000_000, 9)).decode()  # 200 MB from ~200 KB
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (_bomb, "not a compressed bitmap"),
+    (lambda d: d["metadata"]["fitted_on"]["stores"][0].update(num_rows=10**13), "num_rows"),
+    (lambda d: d["metadata"]["fitted_on"]["stores"][0].update(num_rows=1e13), "num_rows"),
+    (lambda d: d["metadata"].update(fitted_on="abc"), "fitted_on"),
+], ids=["zlib-bomb", "num-rows-1e13", "num-rows-float", "fitted-on-string"])
+def test_a_tampered_fitted_rows_record_is_one_line(tmp_path, capsys, change, fragment):
+    store = _rows_store(tmp_path / "s")
+    path = _tampered(tmp_path, store, change)
+    t0 = time.perf_counter()
+    with pytest.raises(RegressionError, match=fragment):
+        Attributions.load(path)
+    cli_error(["evaluate", "--attributions", path, "--store", store.path], capsys, tmp_path, fragment)
+    assert time.perf_counter() - t0 < 20
+
+
+def test_a_target_slice_past_the_stores_outputs_is_one_line(tmp_path, capsys):
+    store = _rows_store(tmp_path / "s")
+    path = _tampered(tmp_path, store, lambda d: d["metadata"].update(target_slice=[3, 3 + _K]))
+    cli_error(["evaluate", "--attributions", path, "--store", store.path], capsys, tmp_path,
+              "outputs 3 to 7", "another experiment")
+
+
+@pytest.mark.parametrize("layers", [
+    [{"module": "conv", "units": 3e7}],
+    [{"module": "conv", "units": 30_000_000}],
+    [{"module": "conv"}],
+    "abc",
+    [{"module": "conv", "units": -3}, {"module": "fc", "units": 11}],
+])
+def test_top_with_a_malformed_components_record_lists_indices(tmp_path, capsys, layers):
+    store = _rows_store(tmp_path / "s")
+    path = _tampered(tmp_path, store, lambda d: d["metadata"].update(components={"layers": layers, "total": _P}))
+    attrs = Attributions.load(path)
+    assert attrs.component_names is None
+    t0 = time.perf_counter()
+    capsys.readouterr()
+    assert main(["top", "--attributions", str(path), "--example", "0", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert time.perf_counter() - t0 < 5
+    assert "conv[" not in out and len(out.splitlines()) >= 2
+
+
+@pytest.mark.parametrize("model", ["os:system", ["a", "b"], None, 5])
+def test_status_shows_a_malformed_record_as_it_is(tmp_path, capsys, model):
+    record = {"examples": {"factory": "coar_dask.zoo.digits:heldout_examples"}, "output": "margin"}
+    if model is not None:
+        record["model"] = model
+    store = _rows_store(tmp_path / "s", extra_meta={"experiment": record})
+    capsys.readouterr()
+    assert main(["status", str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "model:" in out and ("malformed" in out or "missing" in out)
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path, coar_dask_cli):
+    store = _rows_store(tmp_path / "s")
+    cmd = " ".join([*coar_dask_cli, "status", str(store.path), "|", "head", "-1"])
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("store:") and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == "", proc.stderr
+
+
+def test_init_refuses_a_negative_mask_seed(tmp_path, capsys):
+    spec = {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [4]}}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cli_error(["init", "--store", tmp_path / "s", "--spec", tmp_path / "spec.json", "--mask-seed", "-1"],
+              capsys, tmp_path, "--mask-seed", "non-negative")

@@ -2,13 +2,17 @@
 
 :func:`run_command` is the only place where errors become exit codes: a
 :class:`~coar_dask.errors.CoarError` is one line ``PROG: error: MESSAGE`` on
-stderr and exit code 2; Ctrl-C is one line and exit code 130.
+stderr and exit code 2; Ctrl-C and SIGTERM are one line and exit code 130; a closed
+stdout (``| head``) ends the command quietly with exit code 141.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import unicodedata
 from typing import Any, Callable
 
@@ -52,14 +56,31 @@ def run_command(handler: Callable[[Any], int | None], args: Any, prog: str,
     interrupted
         What to say after ``PROG:`` on Ctrl-C.
     """
+    previous = _on_sigterm(_terminate)
     try:
         return int(handler(args) or 0)
     except CoarError as exc:
         print(printable(f"{prog}: error: {exc}"), file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's or a user's `kill`)
         print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `coar-dask status S | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    finally:
+        _on_sigterm(previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM (main thread only); return the one it replaces."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def setup_logging(verbose: int = 0) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,12 +52,57 @@ def plain_metadata(value: Any, where: str = "metadata") -> Any:
     )
 
 
-def component_names(summary: Mapping[str, Any] | None) -> list[str] | None:
+def component_names(summary: Mapping[str, Any] | None, total: int | None = None) -> list[str] | None:
     """``"<module>[<unit>]"`` for every component of a components summary
-    (:meth:`coar_dask.core.components.Components.summary`), in flat-index order; ``None`` without one."""
-    if not summary or not summary.get("layers"):
+    (:meth:`coar_dask.core.components.Components.summary`), in flat-index order; ``None`` without one,
+    or when the summary is malformed (a file from elsewhere) or does not add up to ``total`` components
+    (checked before any name is made: ``units: 3e7`` makes no 30 million names)."""
+    if not isinstance(summary, Mapping) or not isinstance(summary.get("layers"), (list, tuple)):
         return None
-    return [f"{layer['module']}[{u}]" for layer in summary["layers"] for u in range(int(layer["units"]))]
+    layers = summary["layers"]
+    units = [layer.get("units") if isinstance(layer, Mapping) else None for layer in layers]
+    if not layers or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in units):
+        return None
+    if total is not None and sum(units) != total:
+        return None
+    return [f"{layer.get('module')}[{u}]" for layer, n in zip(layers, units) for u in range(n)]
+
+
+#: The most rows a store recorded in ``fitted_on`` may have (the paper's largest store has 200,000).
+MAX_RECORDED_ROWS = 10**9
+
+
+def _check_fitted_on(record: Any, bad: Any) -> None:
+    """Refuse a ``fitted_on`` record whose row bitmaps are not what they say: a row count that is not an
+    integer up to :data:`MAX_RECORDED_ROWS`, or a compressed bitmap that does not inflate to exactly
+    that many bits (read in 1 MB pieces, so a zlib bomb costs no memory)."""
+    if record is None:
+        return
+    stores = record.get("stores") if isinstance(record, Mapping) else None
+    if not isinstance(stores, (list, tuple)):
+        raise bad("metadata 'fitted_on' has no list of 'stores'")
+    for i, entry in enumerate(stores):
+        num_rows = entry.get("num_rows") if isinstance(entry, Mapping) else None
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or not 0 <= num_rows <= MAX_RECORDED_ROWS:
+            raise bad(f"metadata 'fitted_on' store {i} has num_rows {num_rows!r}, not a row count "
+                      f"(an integer from 0 to {MAX_RECORDED_ROWS:.0e})")
+        if _inflated_size(entry.get("rows"), math.ceil(num_rows / 8)) != math.ceil(num_rows / 8):
+            raise bad(f"metadata 'fitted_on' store {i}: its 'rows' is not a compressed bitmap of {num_rows} rows")
+
+
+def _inflated_size(text: Any, limit: int) -> int:
+    """Bytes that base64 + zlib ``text`` inflates to, counting no further than ``limit + 1``; -1 if unreadable."""
+    try:
+        data = base64.b64decode(str(text), validate=True)
+        inflate, size = zlib.decompressobj(), 0
+        while data and size <= limit:
+            size += len(inflate.decompress(data, 1 << 20))
+            data = inflate.unconsumed_tail
+        if size <= limit and not inflate.eof:
+            size += len(inflate.flush())  # at most a window's worth still held
+        return size if inflate.eof or size > limit else -1
+    except (ValueError, zlib.error):
+        return -1
 
 
 @dataclass(frozen=True)
@@ -116,8 +164,7 @@ class Attributions:
     @property
     def component_names(self) -> list[str] | None:
         """``"<module>[<unit>]"`` of each component (row of ``weight``), when known (else ``None``)."""
-        names = component_names(self.metadata.get("components"))
-        return names if names is not None and len(names) == self.n_components else None
+        return component_names(self.metadata.get("components"), self.n_components)
 
     def top_components(self, example: int, k: int = 10) -> TopComponents:
         """The ``k`` components with the most positive and the ``k`` with the most negative weight for
@@ -251,6 +298,7 @@ class Attributions:
                   and all(isinstance(v, int) and not isinstance(v, bool) for v in target_slice))
             if not ok or not 0 <= target_slice[0] or target_slice[1] - target_slice[0] != k:
                 raise bad(f"metadata 'target_slice' is {target_slice!r}, but 'weight' has {k} columns")
+        _check_fitted_on(metadata.get("fitted_on"), bad)
         return cls(
             weight=arrays["weight"],
             bias=arrays["bias"],
@@ -263,10 +311,10 @@ class Attributions:
         p = int(np.prod(store.spec[x_name].shape))
         k = int(np.prod(store.spec[y_name].shape))
         s0, s1 = self.metadata.get("target_slice", (0, k))
-        if p != self.n_components or (s1 - s0) != self.n_examples:
+        if p != self.n_components or (s1 - s0) != self.n_examples or s1 > k:
             raise StoreMismatchError(
                 f"these attributions are {self.n_components} components x {self.n_examples} "
-                f"examples, but store {str(store.path)!r} has {p} components x {k} outputs; "
+                f"examples (outputs {s0} to {s1 - 1}), but store {str(store.path)!r} has {p} components x {k} outputs; "
                 f"they come from another experiment."
             )
         fp, mine = store.meta.get("target_fingerprint"), self.metadata.get("target_fingerprint")
