@@ -9,9 +9,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # A CPU build of torch; the package itself only asks for torch>=2.2.
 TORCH ?= torch==2.13.0
-# hf (transformers) runs the Hugging Face tests; the ffcv extra compiles
-# against OpenCV, so take it only when the system has it.
-EXTRAS := test,slurm,hf$(shell pkg-config --exists opencv4 2>/dev/null && echo ,ffcv)
+# hf (transformers) runs the Hugging Face tests, baselines (captum) the neuron
+# conductance and internal influence ones; the ffcv extra compiles against OpenCV, so take it only when the system has it.
+EXTRAS := test,slurm,hf,baselines$(shell pkg-config --exists opencv4 2>/dev/null && echo ,ffcv)
 DEMO_OUT ?= demo-out
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
