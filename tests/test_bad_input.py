@@ -579,3 +579,30 @@ def test_init_refuses_a_negative_mask_seed(tmp_path, capsys):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     cli_error(["init", "--store", tmp_path / "s", "--spec", tmp_path / "spec.json", "--mask-seed", "-1"],
               capsys, tmp_path, "--mask-seed", "non-negative")
+
+
+def test_sigterm_during_a_build_says_completed_blocks_are_kept(tmp_path, coar_dask_cli):
+    import signal
+
+    from coar_dask.core.store import open_store
+
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    store = tmp_path / "s"
+    init = subprocess.run([*coar_dask_cli, "init", "--experiment", str(config), "--store", str(store), "--rows",
+                           "2000", "--rows-per-chunk", "20"], capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr
+    proc = subprocess.Popen([*coar_dask_cli, "build", str(store), "--cluster", "none"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not open_store(store, read_only=True).completed_blocks().any():
+            assert proc.poll() is None and time.monotonic() < deadline, "no block completed"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "completed blocks are kept" in err and "Traceback" not in err, err
+    assert 0 < int(open_store(store, read_only=True).completed_blocks().sum()) < 100
