@@ -19,6 +19,7 @@ import time
 
 import dask
 import pytest
+import torch
 import yaml
 
 from coar_dask.config import factory_timeout
@@ -210,3 +211,58 @@ def test_listing_an_experiments_components_goes_through_the_same_factory_rules(t
     exp = {"model": {"factory": "exiting_model:make"}, "examples": {"factory": "exiting_model:make"}}
     with pytest.raises(FactoryError, match="exiting_model:make"):
         experiment_components(exp)
+
+
+# -- models that a build cannot use (issue 22): named in one line at load time, exit 2 -----------------
+
+
+class _Quirky(torch.nn.Module):
+    def __init__(self, quirk: str):
+        super().__init__()
+        from conftest import tiny_model
+
+        self.net, self.quirk = tiny_model(), quirk
+
+    def forward(self, x):
+        x = self.net(x)
+        if self.quirk == "dropout":  # training=True: model.eval() does not turn it off
+            return torch.nn.functional.dropout(x, 0.5, training=True)
+        if self.quirk == "noise":
+            return x + 0.1 * torch.randn_like(x)
+        return x.squeeze()  # a batch of one loses its batch dimension
+
+
+def dropout_model():
+    return _Quirky("dropout")
+
+
+def noisy_model():
+    return _Quirky("noise")
+
+
+def squeezing_model():
+    return _Quirky("squeeze")
+
+
+@pytest.mark.parametrize("model, message", [
+    ("dropout_model", "the model is not deterministic"),
+    ("noisy_model", "the model is not deterministic"),
+    ("squeezing_model", "the model cannot run a batch of one example"),
+])
+def test_a_model_a_build_cannot_use_is_one_line_exit_2(model, message, tmp_path, capsys):
+    """Before: dropout or noise built a store and exited 0 ("masks per pass disagree ..."), and a model that
+    fails on one example gave the engine probe's traceback (30 of them on a LocalCluster)."""
+    import yaml
+
+    from coar_dask.cli.main import main
+
+    exp = experiment(model=f"test_factories:{model}")
+    with pytest.raises(ExperimentError) as info:
+        load_state(exp)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()))
+    capsys.readouterr()
+    code = main(["init", str(tmp_path / "store"), "--experiment", str(path), "--rows", "10"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

@@ -734,10 +734,8 @@ def _check_one_example(state: ExperimentState) -> None:
     """Passes may hold a single example (the last batch, out-of-memory retries): the model must run one."""
     batch = state.batch(0, 1)
     try:
-        state.output_fn(state.forward(batch.inputs), batch)
-    except CoarError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model: report it in one line
+        check_values(state.output_fn(state.forward(batch.inputs), batch), 1, state.experiment.output)
+    except Exception as exc:  # noqa: BLE001 - the user's model (or its output on one row): one line
         if is_out_of_memory(exc):
             raise ExperimentError(f"the model runs out of memory on one example on {state.device} "
                                   f"({_one_line(exc)}); use a device with more memory.") from None
