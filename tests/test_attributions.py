@@ -105,3 +105,45 @@ def test_every_fit_variant_writes_a_file_that_loads_safely(store, tmp_path, vari
     loaded = Attributions.load(path)
     np.testing.assert_array_equal(loaded.weight, attrs.weight)
     assert _same(dict(attrs.metadata), loaded.metadata)
+
+
+# ------------------------------------------- issue 24 items 2-3: labelled views
+def _named(first: int = 10):
+    rng = np.random.default_rng(0)
+    summary = {"layers": [{"module": "conv1", "units": 2}, {"module": "fc", "units": 3}], "total": 5}
+    return Attributions(rng.normal(size=(5, 4)).astype(np.float32), np.zeros(4), np.zeros(4),
+                        metadata={"components": summary, "target_slice": [first, first + 4], "solver": "lstsq",
+                                  "n_train": 30})
+
+
+def test_to_xarray_labels_components_and_examples():
+    pytest.importorskip("xarray")
+    a = _named()
+    da = a.to_xarray()
+    assert da.dims == ("component", "example")
+    assert da["example"].values.tolist() == [10, 11, 12, 13]
+    assert da["layer"].values.tolist() == ["conv1", "conv1", "fc", "fc", "fc"]
+    assert da["unit"].values.tolist() == [0, 1, 0, 1, 2]
+    assert da["name"].values.tolist() == a.component_names
+    np.testing.assert_array_equal(da.sel(example=12).values, a.weight[:, 2])
+    fc = a.select(example=[11, 13], layer="fc")
+    assert fc.shape == (3, 2) and set(fc["layer"].values) == {"fc"}
+    np.testing.assert_array_equal(fc.values, a.weight[2:, [1, 3]])
+    with pytest.raises(RegressionError, match="examples \\[3\\]"):
+        a.select(example=3)
+    with pytest.raises(RegressionError, match="conv9"):
+        a.select(layer="conv9")
+
+
+def test_to_pandas_and_the_notebook_view():
+    pytest.importorskip("pandas")
+    a = _named(first=0)
+    df = a.to_pandas()
+    assert df.shape == (5, 4) and df.index.names == ["layer", "unit"]
+    assert df.loc[("fc", 2), 3] == pytest.approx(float(a.weight[4, 3]))
+    html = a._repr_html_()
+    assert "conv1 (2)" in html and "lstsq" in html and "<table>" in html
+    unnamed = Attributions(np.ones((3, 2)), np.zeros(2), np.zeros(2))
+    assert unnamed.to_pandas().index.get_level_values("unit").tolist() == [0, 1, 2]
+    assert "<script" not in Attributions(np.ones((1, 1)), np.zeros(1), np.zeros(1),
+                                         metadata={"solver": "<script>x</script>"})._repr_html_()

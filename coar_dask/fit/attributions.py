@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 import os
@@ -15,7 +16,7 @@ import numpy as np
 
 from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store
-from coar_dask.errors import RegressionError, StoreMismatchError
+from coar_dask.errors import RegressionError, StoreMismatchError, missing_dependency
 
 __all__ = ["Attributions", "TopComponents", "SIGN_CONVENTION", "plain_metadata", "component_names"]
 
@@ -206,6 +207,92 @@ class Attributions:
             examples += f" ({first}-{first + self.n_examples - 1} of {self.example_count or '?'})"
         names = "named" if self.component_names else "unnamed"
         return f"<Attributions: {self.n_components} {names} components x {examples}{how}>"
+
+    # -- labelled views (xarray and pandas: pip install 'coar_dask[labels]') ------------
+    def _component_coords(self) -> dict[str, np.ndarray]:
+        """``layer``, ``unit`` and ``name`` of each component ('' and the flat index when unnamed)."""
+        summary = self.metadata.get("components")
+        if self.component_names is None:
+            index = np.arange(self.n_components)
+            return {"layer": np.full(self.n_components, "", dtype=object), "unit": index,
+                    "name": index.astype(str).astype(object)}
+        layers = [(str(layer.get("module")), int(layer["units"])) for layer in summary["layers"]]
+        return {"layer": np.array([m for m, n in layers for _ in range(n)], dtype=object),
+                "unit": np.concatenate([np.arange(n) for _, n in layers]),
+                "name": np.array(self.component_names, dtype=object)}
+
+    def to_xarray(self) -> Any:
+        """The weights as an ``xarray.DataArray`` with dims ``component`` and ``example``.
+
+        Coordinates: ``example`` (the experiment's example indices), ``layer``,
+        ``unit`` and ``name`` along ``component``, and ``label`` along
+        ``example`` when the metadata records the examples' labels. Select with
+        xarray, e.g. ``da.sel(example=3)`` or ``da.where(da.layer == "conv1", drop=True)``.
+
+        Examples
+        --------
+        >>> a = Attributions(np.ones((3, 2)), np.zeros(2), np.zeros(2))
+        >>> a.to_xarray().sizes["component"]                       # doctest: +SKIP
+        3
+        """
+        try:
+            import xarray as xr
+        except ImportError:
+            raise missing_dependency("xarray", "labels", "Attributions.to_xarray()") from None
+        examples = np.arange(self.first_example, self.first_example + self.n_examples)
+        coords: dict[str, Any] = {"example": examples}
+        coords.update({k: ("component", v) for k, v in self._component_coords().items()})
+        labels = self.metadata.get("labels")
+        if isinstance(labels, (list, tuple)) and len(labels) == self.n_examples:
+            coords["label"] = ("example", np.asarray(labels))
+        return xr.DataArray(self.weight, dims=("component", "example"), coords=coords, name="weight",
+                            attrs={"sign_convention": SIGN_CONVENTION})
+
+    def to_pandas(self) -> Any:
+        """The weights as a ``pandas.DataFrame``: one row per component, indexed by (``layer``, ``unit``),
+        one column per example (the experiment's example index)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise missing_dependency("pandas", "labels", "Attributions.to_pandas()") from None
+        coords = self._component_coords()
+        index = pd.MultiIndex.from_arrays([coords["layer"], coords["unit"]], names=["layer", "unit"])
+        columns = pd.RangeIndex(self.first_example, self.first_example + self.n_examples, name="example")
+        return pd.DataFrame(self.weight, index=index, columns=columns)
+
+    def select(self, example: Any = None, layer: Any = None) -> Any:
+        """The weights of some examples (an index or a list of them) and/or layers (a module name or a
+        list), as an ``xarray.DataArray`` (:meth:`to_xarray`)."""
+        da = self.to_xarray()
+        if example is not None:
+            wanted = np.atleast_1d(example)
+            missing = sorted(set(wanted.tolist()) - set(da["example"].values.tolist()))
+            if missing:
+                raise RegressionError(f"examples {missing} are not in these attributions (examples "
+                                      f"{self.first_example} to {self.first_example + self.n_examples - 1}).")
+            da = da.sel(example=example)
+        if layer is not None:
+            layers = [layer] if isinstance(layer, str) else list(layer)
+            known = set(da["layer"].values.tolist())
+            if not set(layers) <= known:
+                raise RegressionError(f"layers {sorted(set(layers) - known)} are not in these attributions; "
+                                      f"they have {sorted(known) if known != {''} else 'no layer names'}.")
+            da = da.isel(component=np.isin(da["layer"].values, layers))
+        return da
+
+    def _repr_html_(self) -> str:
+        """A small table for notebooks: shape, how it was fitted, and the layers."""
+        meta = self.metadata
+        rows = [("components", self.n_components), ("examples", f"{self.n_examples} (from {self.first_example})"),
+                ("solver", meta.get("solver", "?")), ("train rows", meta.get("n_train", "?")),
+                ("sign", SIGN_CONVENTION)]
+        summary = meta.get("components") if self.component_names else None
+        if summary:
+            rows.append(("layers", ", ".join(f"{layer.get('module')} ({layer.get('units')})"
+                                             for layer in summary["layers"])))
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        return f"<div><strong>coar_dask.Attributions</strong><table>{body}</table></div>"
 
     def predict(self, masks: np.ndarray) -> np.ndarray:
         """Predicted outputs ``(n, K)`` for masks ``(n, P)``."""
