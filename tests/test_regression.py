@@ -290,3 +290,32 @@ def test_plot_evaluation_leaves_the_backend_alone(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize("how", [{}, {"slices": 2}])
+def test_a_partial_store_reports_its_pending_rows_and_unfitted_components(tmp_path, caplog, how):
+    """Issue 22 item 6: a partial store fitted silently; the rows built were those keeping component 0, whose
+    weight then came out 0 for every example. The fit names the pending rows and the component."""
+    rng = np.random.default_rng(0)
+    spec = {"num_models": 300, "schema": {"masks": {"dtype": "bool_", "shape": [8]},
+                                          "margins": {"dtype": "float32", "shape": [3]}}}
+    store = init_store(tmp_path / "s", spec, rows_per_chunk=50, mask_seed=0, alpha=0.2)
+    for block in list(store.blocks())[:4]:  # 200 of 300 rows built, each keeping component 0
+        m = rng.random((len(block), 8)) >= 0.2
+        m[:, 0] = True
+        store.write_block(block.index, {"masks": m, "margins": m @ rng.normal(size=(8, 3)).astype(np.float32)})
+    with caplog.at_level("WARNING"):
+        attrs = fit(store, **how)
+    assert attrs.metadata["n_pending_rows"] == 100
+    assert attrs.metadata["unfitted_components"] == [0]
+    text = caplog.text
+    assert "100 of 300 rows are pending" in text and "never (or always) ablated" in text
+
+
+def test_coar_dask_fit_says_in_one_line_that_rows_are_pending(tmp_path, capsys):
+    from coar_dask.cli.main import main
+
+    store, _, _ = write_synthetic_store(tmp_path / "s", n=200, incomplete_blocks=(3,))
+    assert main(["fit", "--store", str(store.path), "--out", str(tmp_path / "a.pt")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pending" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 50 row(s) of the store pending")

@@ -689,3 +689,47 @@ def test_products_run_at_full_float32_precision_even_with_tf32_enabled(monkeypat
         torch.backends.cuda.matmul.allow_tf32 = before[1]
     assert seen and set(seen) == {("highest", False)}
     assert after == ("high", True)  # the user's settings are put back
+
+
+
+def test_fast_l1_install_hint_names_the_cupy_wheel_of_torchs_cuda(monkeypatch):
+    """Issue 23 item 10: the hint named cupy-cuda12x beside a CUDA 13 torch."""
+    import builtins
+
+    import torch
+
+    from coar_dask.errors import MissingDependencyError
+    from coar_dask.solvers import fast_l1 as fl
+
+    real_import = builtins.__import__
+
+    def no_fast_l1(name, *args, **kwargs):
+        if name.startswith("fast_l1"):
+            raise ImportError("No module named 'fast_l1'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fast_l1)
+    for cuda, wheel in (("13.0", "cupy-cuda13x"), ("12.4", "cupy-cuda12x"), ("11.8", "cupy-cuda11x")):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(MissingDependencyError, match=wheel):
+            fl._import_fast_l1()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(MissingDependencyError, match="CPU build"):
+        fl._import_fast_l1()
+
+
+def test_a_cuda_index_is_remapped_on_a_worker_that_sees_one_gpu(monkeypatch):
+    """Issue 23 item 8: a worker started with CUDA_VISIBLE_DEVICES=N sees its GPU as cuda:0, so a fit asking
+    for cuda:1 there resolves to cuda:0 (torch.cuda faked: the check a CPU machine cannot make; on a GPU,
+    tests/test_gpu.py runs a fit on a one-GPU worker)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert base.torch_device("cuda:1") == torch.device("cuda", 0)
+    assert base.torch_device("cuda") == torch.device("cuda")
+    assert base.torch_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert base.torch_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RegressionError, match="cuda:0 to cuda:1"):
+        base.torch_device("cuda:3")

@@ -167,6 +167,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     path = attrs.save(out, overwrite=args.overwrite)
     echo(f"Fitted {attrs.n_components} components x {attrs.n_examples} examples with {attrs.metadata['solver']} "
          f"on {attrs.metadata['n_train']} rows in {time.perf_counter() - t0:.2f} s -> {path}")
+    pending, unfitted = attrs.metadata.get("n_pending_rows"), attrs.metadata.get("unfitted_components")
+    if pending or unfitted:
+        echo(f"warning: {pending or 0} row(s) of the store pending (not built, not fitted on); "
+             f"{len(unfitted or [])} component(s) never or always ablated in the training rows (weights unfitted)")
     corr = attrs.metadata.get("val_correlation")
     if corr:
         s = correlation_summary(corr)

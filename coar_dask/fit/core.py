@@ -47,6 +47,38 @@ class FitPart:
     result: SolverResult
     n_train: int
     n_val: int
+    #: Components that did not vary over the training rows (never, or always, ablated there).
+    constant: list[int] = dataclasses.field(default_factory=list)
+
+
+class _Counted:
+    """A row source that counts, in its first pass, how many rows keep each component."""
+
+    def __init__(self, source: RowSource):
+        self.source = source
+        self.n_rows, self.n_features, self.n_targets = source.n_rows, source.n_features, source.n_targets
+        self.kept = np.zeros(int(source.n_features), dtype=np.int64)
+        self.seen = 0
+        self._passes = 0
+
+    def blocks(self):
+        self._passes += 1
+        count = self._passes == 1
+        for x, y in self.source.blocks():
+            if count:
+                self.kept += np.asarray(x).reshape(len(x), -1).sum(0).astype(np.int64)
+                self.seen += len(x)
+            yield x, y
+
+    def constant(self) -> list[int]:
+        if self.seen != self.n_rows:
+            return []
+        return np.flatnonzero((self.kept == 0) | (self.kept == self.seen)).tolist()
+
+    def __getattr__(self, name: str) -> Any:  # target_slice, rows, store of a StoreRows
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 def _tagged(progress: ProgressFn | None, target_slice: tuple[int, int]) -> ProgressFn | None:
@@ -70,15 +102,16 @@ def solve(plan: FitPlan, target_slice: tuple[int, int], progress: ProgressFn | N
     """
     store = store if store is not None else open_store(plan.store_path, read_only=True)
     s = plan.settings
-    train: RowSource = StoreRows(store, plan.train_rows, s.x_name, s.y_name, target_slice)
-    if prepare is not None:
-        train = prepare(train)
+    train: Any = StoreRows(store, plan.train_rows, s.x_name, s.y_name, target_slice)
+    train = prepare(train) if prepare is not None else _Counted(train)
     val = StoreRows(store, plan.val_rows, s.x_name, s.y_name, target_slice) if plan.val_rows.size else None
     logger.info("fitting %s on %d train / %d val rows, %d components x %d targets", s.solver, train.n_rows,
                 0 if val is None else val.n_rows, train.n_features, train.n_targets)
     fn = get_entry(s.solver).fn
     result = fn(train, val, device=s.device, progress=_tagged(progress, target_slice), **s.options)
-    return FitPart(tuple(target_slice), result, int(train.n_rows), 0 if val is None else int(val.n_rows))
+    constant = train.constant() if isinstance(train, _Counted) else getattr(train, "constant", [])
+    return FitPart(tuple(target_slice), result, int(train.n_rows), 0 if val is None else int(val.n_rows),
+                   list(constant))
 
 
 def _plain(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,9 +169,25 @@ def assemble(plan: FitPlan, parts: Sequence[FitPart], store: Store | None = None
         # the stores and rows fitted on: evaluate tells in-sample figures from held-out ones
         "fitted_on": {"stores": [fitted_on(store, np.concatenate([plan.train_rows, plan.val_rows]), s.x_name)]},
         **experiment_metadata(store),
+        **_gaps(plan, parts[0].constant),
     }
     cat = lambda name: np.concatenate([getattr(p.result, name) for p in parts], axis=-1)  # noqa: E731
     return Attributions(cat("weight"), cat("bias"), cat("lam"), metadata)
+
+
+def _gaps(plan: FitPlan, constant: list[int]) -> dict[str, Any]:
+    """What the fit could not see, reported (a warning) and recorded: rows of the store still pending
+    (a partial build: its completed rows may be a biased sample) and components that never varied over
+    the training rows (their weights say nothing; lstsq gives them 0)."""
+    if plan.n_pending:
+        logger.warning("store %s: %d of %d rows are pending (not built); fitted on the %d completed rows only. "
+                       "Finish the build (coar-dask build) to fit on every row.", plan.store_path, plan.n_pending,
+                       plan.n_rows, plan.n_completed)
+    if constant:
+        logger.warning("%d component(s) were never (or always) ablated in the %d training rows, so their weights "
+                       "are not fitted (e.g. %s); metadata 'unfitted_components' lists them. Build more rows, or "
+                       "finish a partial build.", len(constant), plan.train_rows.size, constant[:5])
+    return {"n_pending_rows": int(plan.n_pending), "unfitted_components": [int(c) for c in constant]}
 
 
 def experiment_metadata(store: Store) -> dict[str, Any]:

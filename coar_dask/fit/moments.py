@@ -35,7 +35,8 @@ from coar_dask.fit.plan import FitPlan
 from coar_dask.fit.rows import StoreRows
 from coar_dask.runtime.executor import TaskSet, reduce_tasks
 from coar_dask.solvers.base import FitProgress
-from coar_dask.solvers.moments import Moments, PrecomputedRows, add_states, first_batch_shift, stream_moments
+from coar_dask.solvers.moments import (Moments, PrecomputedRows, add_states, constant_columns, first_batch_shift,
+                                      stream_moments)
 
 __all__ = ["plan_row_groups", "group_moments", "execute_rows", "GROUPS_PER_THREAD"]
 
@@ -104,7 +105,9 @@ def _summed(plan: FitPlan, train: StoreRows, client: Any, groups: int,
         raise RegressionError(f"summing the moments of {len(parts)} row groups failed on the cluster "
                               f"({type(exc).__name__}: {exc}); fit in target slices (slices=N) to "
                               f"see which rows, or without a client.") from exc
-    return PrecomputedRows(train, Moments.from_state(state, torch.device("cpu")))
+    summed = PrecomputedRows(train, Moments.from_state(state, torch.device("cpu")))
+    summed.constant = constant_columns(summed.moments)  # read by solve, before the solver centres the sums
+    return summed
 
 
 def execute_rows(plan: FitPlan, client: Any | None = None, *, progress: Callable[[Any], None] | None = None,

@@ -71,7 +71,8 @@ def infer_names(store: Store, x_name: str | None = None, y_name: str | None = No
 
 
 class StoreRows:
-    """A row source over chosen rows of a store: yields ``(X, Y)`` float32 blocks.
+    """A row source over chosen rows of a store: yields ``(X, Y)`` blocks, X float32 (0/1) and Y float32,
+    or float64 when the store's outputs are float64.
 
     Each block is read with :meth:`~coar_dask.core.store.Store.read_verified`:
     a block whose chunks are missing, damaged, or do not match the digest
@@ -115,9 +116,11 @@ class StoreRows:
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         s0, s1 = self.target_slice
+        # float64 outputs stay float64 (the solvers then compute in float64); others become float32
+        y_dtype = np.float64 if self.store.spec[self.y_name].np_dtype == np.float64 else np.float32
         for _, data in self.store.iter_completed([self.x_name, self.y_name], rows=self.rows):
             x = data[self.x_name].reshape(len(data[self.x_name]), -1).astype(np.float32)
-            y = data[self.y_name].reshape(len(data[self.y_name]), -1)[:, s0:s1].astype(np.float32)
+            y = data[self.y_name].reshape(len(data[self.y_name]), -1)[:, s0:s1].astype(y_dtype)
             yield x, y
 
 

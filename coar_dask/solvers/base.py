@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
 
 import numpy as np
 
 from coar_dask.errors import RegressionError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RowSource",
@@ -228,10 +231,24 @@ def threads_for(flops_per_step: float, dev: Any) -> Iterator[None]:
 
 
 def torch_device(device: Any):
-    """``torch.device(device or "cpu")``, refusing CUDA when torch sees no GPU."""
+    """``torch.device(device or "cpu")``, refusing CUDA when torch sees no GPU.
+
+    ``cuda:N`` on a process that sees one GPU (a Dask worker started with
+    ``CUDA_VISIBLE_DEVICES=N``, where that GPU is ``cuda:0``) is its one GPU;
+    an index beyond the GPUs of a process that sees several is refused.
+    """
     import torch
 
     dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise RegressionError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu.")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        if count == 1:
+            logger.info("device %s: this process sees one GPU (cuda:0), which is that GPU", device)
+            return torch.device("cuda", 0)
+        raise RegressionError(f"device {str(device)!r}: torch sees {count} GPUs here, cuda:0 to cuda:{count - 1}; "
+                              f"choose one of them (--device cuda:N).")
     return dev

@@ -13,14 +13,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from coar_dask.errors import MissingDependencyError, RegressionError
-from coar_dask.solvers.base import ProgressFn, RowSource, SolverResult, make_options, option, report
+from coar_dask.solvers.base import ProgressFn, RowSource, SolverResult, make_options, option, report, torch_device
 from coar_dask.solvers.saga import LassoPathOptions, check_path_rows, table_nbytes
 from coar_dask.solvers.metrics import validation_metrics
 from coar_dask.solvers.rows import ConcatRows, EpochRows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastL1Options", "fast_l1", "FAST_L1_INSTALL", "FAST_L1_PATCH", "check_fast_l1_patched"]
+__all__ = ["FastL1Options", "fast_l1", "FAST_L1_INSTALL", "fast_l1_install", "FAST_L1_PATCH", "check_fast_l1_patched"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,24 @@ class FastL1Options(LassoPathOptions):
             raise self._bad("max_epochs", "an integer >= 1")
 
 
-FAST_L1_INSTALL = "pip install git+https://github.com/MadryLab/fast_l1 cupy-cuda12x"
+FAST_L1_INSTALL = "pip install git+https://github.com/MadryLab/fast_l1 cupy-cuda{major}x"
+
+
+def fast_l1_install(cuda: str | None = None) -> str:
+    """The install command for fast_l1 and the cupy wheel matching ``cuda`` (default: the CUDA
+    torch was built for, ``torch.version.cuda``): CUDA 12.x -> ``cupy-cuda12x``, 13.x -> ``cupy-cuda13x``.
+
+    >>> fast_l1_install("13.0")
+    'pip install git+https://github.com/MadryLab/fast_l1 cupy-cuda13x'
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.version.cuda
+    if not cuda:
+        return (FAST_L1_INSTALL.format(major="<N>") + " (cupy for your CUDA major version N; this torch is a "
+                "CPU build, and fast_l1 needs a CUDA build of torch)")
+    return FAST_L1_INSTALL.format(major=str(cuda).split(".")[0])
 
 #: The line of fast_l1's ``train_saga`` (regressor.py, at its first early-stop check) that indexes a CPU
 #: tensor with a CUDA mask, which current PyTorch refuses, and its fix; and the table lookup that needs
@@ -93,7 +110,7 @@ def _import_fast_l1() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             f"solver 'fast_l1' needs the fast_l1 package (and cupy, an NVIDIA GPU), which cannot be imported "
-            f"({exc}). Install it with: {FAST_L1_INSTALL} -- or use --solver saga, the same algorithm in torch "
+            f"({exc}). Install it with: {fast_l1_install()} -- or use --solver saga, the same algorithm in torch "
             f"on CPU or GPU."
         ) from None
     return regressor
@@ -194,7 +211,9 @@ def fast_l1(
     check_fast_l1_patched(regressor)
     cfg = make_options(FastL1Options, "fast_l1", options, kwargs)
     has_val = check_path_rows(cfg.k, train, val)
-    dev = torch.device(device or "cuda")
+    dev = torch_device(device or "cuda")  # cuda:N remapped on a process that sees one GPU
+    if dev.index is not None:
+        torch.cuda.set_device(dev)  # fast_l1's cupy kernels and buffers use the current device: make it ours
     n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
     B = int(min(cfg.batch_size or 2500, n))
     loader = dict(seed=cfg.seed, cache_bytes=cfg.cache_bytes)

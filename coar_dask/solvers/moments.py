@@ -29,6 +29,7 @@ __all__ = [
     "pack_gram",
     "unpack_gram",
     "PrecomputedRows",
+    "constant_columns",
 ]
 
 
@@ -145,7 +146,7 @@ class Moments:
     def _update(self, x: np.ndarray, y: np.ndarray) -> None:
         import torch
 
-        dt = np.dtype(np.float64) if self.precise else compute_dtype(x)
+        dt = np.dtype(np.float64) if self.precise else np.promote_types(compute_dtype(x), compute_dtype(y))
         self.dtype = dt if self.dtype is None else np.promote_types(self.dtype, dt)
         x = np.ascontiguousarray(x, dtype=dt)
         y = self._shifted(y, dt)
@@ -434,3 +435,18 @@ class PrecomputedRows:
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+def constant_columns(m: Moments) -> list[int]:
+    """The features that do not vary over ``m``'s rows (a component never, or always, ablated in them):
+    the rows say nothing about their weights."""
+    import torch
+
+    if m.gram:
+        m._flush()
+        sq = torch.diagonal(m.xx)
+    else:
+        sq = m.dxx
+    mean = m.sx / max(m.n, 1)
+    var = sq / max(m.n, 1) - mean * mean
+    return torch.nonzero(var <= 1e-12 * torch.clamp(mean.abs(), min=1.0) ** 2).flatten().tolist()
