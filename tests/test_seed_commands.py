@@ -311,3 +311,19 @@ def test_seed_commands_from_a_shell_script_equal_the_python_api(tmp_path, digits
     assert cli.weight.shape == (80, 360)
     np.testing.assert_allclose(cli.weight, api.weight, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cli.bias, api.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_run_regression_refuses_when_every_target_is_constant(tmp_path, spec_file, seed_yaml, capsys):
+    """Issue 24 item 5: initialize_store then write_dataset --cfg.ignore_completed (no build between) gave a
+    .beton of all-zero outputs, and run_regression wrote all-zero attributions with exit 0."""
+    store = init_store(tmp_path / "store", spec_file, rows_per_chunk=30)
+    rng = np.random.default_rng(0)
+    for b in store.blocks():
+        store.write_block(b.index, {"masks": rng.random((len(b), P)) < 0.8, "val_margins": np.zeros((len(b), K))})
+    with pytest.warns(SeedConfigWarning):
+        code = run_regression.main(["--config", str(seed_yaml), "--data.data_path", str(tmp_path / "store"),
+                                    "--cfg.out_dir", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"all {K} targets are constant" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "datamodels.pt").exists()

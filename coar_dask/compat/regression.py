@@ -19,13 +19,14 @@ import numpy as np
 from coar_dask.compat.seed import SeedRegressionConfig, solver_for
 from coar_dask.core.output_paths import check_output_path
 from coar_dask.core.store import open_store
-from coar_dask.errors import ConfigError
+from coar_dask.errors import ConfigError, RegressionError
 from coar_dask.fit.attributions import Attributions
 from coar_dask.fit.core import fit_sources
 from coar_dask.fit.rows import StoreRows, infer_names, seed_split
 from coar_dask.formats.beton import BetonRows, inspect_beton
+from coar_dask.solvers.rows import ConcatRows, iter_batches
 
-__all__ = ["open_rows", "run_regression", "OUT_FILE"]
+__all__ = ["open_rows", "run_regression", "check_targets_vary", "OUT_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,22 @@ def open_rows(cfg: SeedRegressionConfig, *, x_name: str | None = None, y_name: s
     return make(train), (make(val) if val.size else None)
 
 
+def check_targets_vary(source: Any, where: str) -> None:
+    """Raise :class:`RegressionError` when every target of ``source`` is constant over its rows (e.g.
+    the all-zero outputs of a store initialized but never built); stops reading at the first batch
+    in which some target varies, so it costs a batch for any real dataset."""
+    first = None
+    for _, y in iter_batches(source, prefetch=False):
+        first = y[0].copy() if first is None else first
+        if (y != first).any():
+            return
+    raise RegressionError(
+        f"all {source.n_targets} targets are constant over the {source.n_rows} rows of {where} (e.g. all zero: "
+        f"outputs never computed, as when write_dataset --cfg.ignore_completed runs on a store nobody built); "
+        f"there is nothing to fit. Build the outputs first (python -m coar_dask.write_dataset without "
+        f"--cfg.ignore_completed, or coar-dask build), then run the regression.")
+
+
 def run_regression(
     cfg: SeedRegressionConfig,
     *,
@@ -122,6 +139,7 @@ def run_regression(
         "seed_config_unknown": list(cfg.unknown),
     }
     meta = {k: v for k, v in meta.items() if v is not None}
+    check_targets_vary(train if val is None else ConcatRows(train, val), repr(str(cfg.data_path)))
     attrs = fit_sources(train, val, solver=solver, device=device, metadata=meta, **options)
     out = attrs.save(out, overwrite=overwrite)
     return attrs, out
