@@ -147,3 +147,24 @@ def test_to_pandas_and_the_notebook_view():
     assert unnamed.to_pandas().index.get_level_values("unit").tolist() == [0, 1, 2]
     assert "<script" not in Attributions(np.ones((1, 1)), np.zeros(1), np.zeros(1),
                                          metadata={"solver": "<script>x</script>"})._repr_html_()
+
+
+def test_attribution_plots_return_a_figure_and_write_when_asked(tmp_path):
+    pytest.importorskip("matplotlib")
+    from coar_dask.fit.attribution_plots import layer_class_means, plot_layer_classes, plot_top_components
+
+    a = _named(first=0)
+    labels = [0, 1, 0, 1]
+    layers, classes, means = layer_class_means(a, labels)
+    assert layers == ["conv1", "fc"] and classes.tolist() == [0, 1]
+    assert means[1, 0] == pytest.approx(float(a.weight[2:, [0, 2]].mean()))
+    fig = plot_top_components(a, 2, k=2)
+    assert len(fig.axes[0].patches) == 4
+    assert plot_layer_classes(a, labels).axes
+    written = plot_top_components(a, 2, k=2, path=tmp_path / "top")
+    assert written == tmp_path / "top.png" and written.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(Exception, match="overwrite"):
+        plot_layer_classes(a, labels, path=written)
+    assert plot_layer_classes(a, labels, path=written, overwrite=True) == written
+    with pytest.raises(RegressionError, match="one label per example"):
+        layer_class_means(a)
