@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from coar_dask.core.experiment import Experiment
+from coar_dask.core.memory import GPU_MEMORY_FRACTION, human
 from coar_dask.errors import CoarError
 
-__all__ = ["client_experiment", "is_cuda", "check_gpu_workers", "GPU_WORKERS_HINT"]
+__all__ = ["client_experiment", "is_cuda", "check_gpu_workers", "gpu_memory_total", "GPU_WORKERS_HINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def client_experiment(experiment: Experiment) -> Experiment:
     Examples
     --------
     >>> from coar_dask.core.experiment import Experiment
+from coar_dask.core.memory import GPU_MEMORY_FRACTION, human
     >>> e = Experiment(model="m:f", examples="m:g", device="cuda")
     >>> client_experiment(e).device, client_experiment(e).fingerprint == e.fingerprint
     ('cpu', True)
@@ -52,7 +54,8 @@ def client_experiment(experiment: Experiment) -> Experiment:
     return experiment.replace(device="cpu") if is_cuda(experiment.device) else experiment
 
 
-def check_gpu_workers(client: Any, what: str, error: type[CoarError], cpu_fix: str) -> None:
+def check_gpu_workers(client: Any, what: str, error: type[CoarError], cpu_fix: str,
+                      need_bytes: float | None = None) -> None:
     """Refuse GPU tasks on a cluster whose workers advertise no ``GPU`` resource (they would wait forever).
 
     Parameters
@@ -65,6 +68,10 @@ def check_gpu_workers(client: Any, what: str, error: type[CoarError], cpu_fix: s
         The error class to raise (the caller's layer: ``BuildError``, ``RegressionError``).
     cpu_fix
         How to run on the CPU instead, e.g. ``"--device cpu"``.
+    need_bytes
+        Each task's peak GPU memory from :mod:`coar_dask.core.memory` (``None``: not checked). Refused
+        when the workers report their GPUs' memory (Dask's NVML metrics) and none has
+        :data:`~coar_dask.core.memory.GPU_MEMORY_FRACTION` of it at least that large.
 
     A cluster without workers yet (adaptive SLURM scaling up from 0) is let
     through: its jobs may bring GPU workers.
@@ -73,10 +80,34 @@ def check_gpu_workers(client: Any, what: str, error: type[CoarError], cpu_fix: s
     if not workers:
         logger.info("no workers yet: the GPU %ss wait for workers with a GPU resource", what)
         return
-    if any((w.get("resources") or {}).get("GPU") for w in workers.values()):
+    gpus = [w for w in workers.values() if (w.get("resources") or {}).get("GPU")]
+    if gpus:
+        _check_gpu_memory(gpus, what, error, cpu_fix, need_bytes)
         return
     raise error(
         f"device 'cuda' makes each {what} a GPU task (resources={{'GPU': 1}}), but none of the cluster's "
         f"{len(workers)} worker(s) advertises a GPU, so no GPU workers would ever run them; {GPU_WORKERS_HINT}; "
         f"or run on the CPU with {cpu_fix}."
+    )
+
+
+def gpu_memory_total(worker: dict[str, Any]) -> int | None:
+    """A worker's GPU memory in bytes as Dask reports it (``gpu: {memory-total}`` when NVML is
+    available to the worker), else ``None``."""
+    for info in (worker.get("gpu"), (worker.get("metrics") or {}).get("gpu")):
+        if isinstance(info, dict) and info.get("memory-total"):
+            return int(info["memory-total"])
+    return None
+
+
+def _check_gpu_memory(gpus: list[dict[str, Any]], what: str, error: type[CoarError], cpu_fix: str,
+                      need_bytes: float | None) -> None:
+    sizes = [s for s in map(gpu_memory_total, gpus) if s]
+    if need_bytes is None or not sizes or GPU_MEMORY_FRACTION * max(sizes) >= need_bytes:
+        return
+    raise error(
+        f"each {what} needs about {human(need_bytes)} of GPU memory (coar_dask.core.memory), but the largest "
+        f"GPU among the cluster's {len(gpus)} GPU worker(s) has {human(max(sizes))} ({GPU_MEMORY_FRACTION:.0%} "
+        f"usable); use GPUs with more memory, split the work (fit --slices N, or a smaller run.batch_size / "
+        f"masks_per_pass for a build), or run on the CPU with {cpu_fix}."
     )

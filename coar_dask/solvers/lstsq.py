@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from coar_dask.core.memory import (GPU_MEMORY_FRACTION, available_host_bytes, cg_batch_rows, choose_fit_method,
+                                   fit_bytes)
 from coar_dask.errors import RegressionError
 from coar_dask.solvers.base import (
     ProgressFn,
@@ -39,39 +41,48 @@ logger = logging.getLogger(__name__)
 #: above it, ``method="auto"`` uses conjugate gradients.
 MAX_GRAM_BYTES = 4 * 2**30
 
-#: ``P x P`` float64 matrices the Gram method holds at its peak on a GPU: the centred sums (centred in
-#: place, the float32 scratch freed), the Cholesky input and its factor; with a ridge grid or a refit,
-#: also the validation sums and the grid's products (``_grid_mse``). Measured by counting allocations
-#: in ``_lstsq_gram``; the fraction of the free memory used leaves room for CUDA's own workspace.
-GRAM_MATRICES, GRAM_MATRICES_GRID, GPU_MEMORY_FRACTION = 3, 6, 0.9
-
-
-def gram_fits_device(P: int, dev: Any, *, grid: bool) -> bool:
-    """Whether the Gram method's peak fits the device: always on the CPU (``max_gram_bytes`` decides),
-    on CUDA ``GRAM_MATRICES`` (6 with a ridge grid or refit) ``P x P`` float64 matrices within 90 % of
-    ``torch.cuda.mem_get_info()``'s free memory. Largest P taking the Gram path by free GPU memory (no
-    ridge grid / with a grid or refit): 8 GB 17,320 / 12,247; 12 GB 21,213 / 15,000; 16 GB 23,170 (the
-    4 GiB cap of ``max_gram_bytes``) / 17,320; 24 GB 23,170 / 21,213; 40 GB and more 23,170 / 23,170
-    (:func:`gram_max_features`); above, conjugate gradients."""
+def memory_budget(dev: Any) -> float:
+    """Bytes a fit on ``dev`` may use: on CUDA :data:`~coar_dask.core.memory.GPU_MEMORY_FRACTION` of
+    ``torch.cuda.mem_get_info()``'s free memory, on the CPU the memory the system has available."""
     import torch
 
-    if torch.device(dev).type != "cuda":
-        return True
-    free, _total = torch.cuda.mem_get_info(torch.device(dev))
-    return gram_max_features(free, grid=grid) >= P
+    if torch.device(dev).type == "cuda":
+        free, _total = torch.cuda.mem_get_info(torch.device(dev))
+        return GPU_MEMORY_FRACTION * float(free)
+    return float(available_host_bytes())
 
 
-def gram_max_features(free_bytes: float, *, grid: bool, max_gram_bytes: int = MAX_GRAM_BYTES) -> int:
-    """Largest P for which ``method="auto"`` takes the Gram path on a GPU with ``free_bytes`` free.
+def gram_fits_device(P: int, dev: Any, *, grid: bool, K: int = 1, rows: int | None = None) -> bool:
+    """Whether the Gram method's peak (:func:`coar_dask.core.memory.fit_bytes`: about 4.4 ``P x P``
+    float64 matrices on the CPU, 3.8 on CUDA, 7.0 with a ridge grid or refit, plus 3.7 ``P x K``)
+    fits :func:`memory_budget` of ``dev``. ImageNet ResNet-50 (P = 22,720, K = 50,000) needs about
+    61 GB: not on a GPU with 16 GB free."""
+    import torch
+
+    rows = rows or batch_rows_for(P, K)
+    need = fit_bytes("gram", P, K, rows=rows, grid=grid, device=torch.device(dev).type).total
+    return need <= memory_budget(dev)
+
+
+def gram_max_features(free_bytes: float, *, grid: bool, max_gram_bytes: int = MAX_GRAM_BYTES, K: int = 1,
+                      device: str = "cuda") -> int:
+    """Largest P for which ``method="auto"`` takes the Gram path with ``free_bytes`` free
+    (:data:`~coar_dask.core.memory.GPU_MEMORY_FRACTION` of it usable on CUDA) and ``K`` targets.
 
     Examples
     --------
     >>> gram_max_features(80e9, grid=False), gram_max_features(16e9, grid=True)
-    (23170, 17320)
+    (23170, 16007)
     """
-    matrices = GRAM_MATRICES_GRID if grid else GRAM_MATRICES
-    by_memory = int((GPU_MEMORY_FRACTION * free_bytes / (8 * matrices)) ** 0.5)
-    return min(by_memory, int((max_gram_bytes / 8) ** 0.5))
+    budget = (GPU_MEMORY_FRACTION if device == "cuda" else 1.0) * free_bytes
+    lo, hi = 0, int((max_gram_bytes / 8) ** 0.5)
+    while lo < hi:  # the peak grows with P
+        mid = (lo + hi + 1) // 2
+        if fit_bytes("gram", mid, K, rows=batch_rows_for(mid, K), grid=grid, device=device).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass(frozen=True)
@@ -249,7 +260,9 @@ def lstsq(
     method = opts.method
     if method == "auto":
         grid = ridge_grid is not None or opts.refit
-        method = "gram" if P * P * 8 <= opts.max_gram_bytes and gram_fits_device(P, dev, grid=grid) else "cg"
+        method = choose_fit_method(P, int(train.n_targets), memory_budget(dev), grid=grid, device=dev.type,
+                                   rows=opts.batch_rows or batch_rows_for(P, int(train.n_targets)),
+                                   max_gram_bytes=opts.max_gram_bytes)
     if method == "cg" and opts.refit and ridge_grid is None:
         ridge_grid = [float(opts.ridge)]  # one candidate: the grid path does the refit
     logger.info("lstsq (%s) on %d rows x %d features -> %d targets, device %s",
@@ -475,7 +488,8 @@ class _NormalOperator:
     """
 
     def __init__(self, source: RowSource, m: Moments, dev: Any, rows: int | None):
-        self.source, self.m, self.dev, self.rows = source, m, dev, rows
+        P, K = int(source.n_features), int(source.n_targets)  # batches that outweigh the P x K iterate
+        self.source, self.m, self.dev, self.rows = source, m, dev, rows or cg_batch_rows(P, K, batch_rows_for(P, K))
         self.mx = m.sx / m.n
         self.passes = 0
 
