@@ -117,3 +117,59 @@ def test_evaluate_samples_the_best_median_and_worst_and_names_the_output(tmp_pat
     fig = plot_evaluation(result)
     assert fig.axes[3].get_xlabel() == "predicted correct_logit"
     assert evaluate(attrs, eval_store, n_plot_examples=0).sample_examples.size == 0
+
+
+def _edit_sweep():
+    """A two-case sweep over ks 1, 5, 10 with known numbers (no model)."""
+    from coar_dask.fit.edit import EditCase, EditSweep
+
+    ks = np.array([1, 5, 10])
+    cases = [EditCase([0], [1, 2], held_out=[3, 4, 5]), EditCase([6], [7, 8], held_out=[9], held_out_target=[10])]
+    shape = {"coar": (2, 1, 3), "random": (2, 2, 3), "target_only": (2, 1, 3)}
+    flipped = {m: np.zeros(s) for m, s in shape.items()}
+    flipped["coar"][:, 0, 1:] = 1.0  # both flip at k = 5
+    acc = {m: np.full(s, 0.9) for m, s in shape.items()}
+    held = {m: np.full(s, 0.8) for m, s in shape.items()}
+    held["coar"][0, 0] = [0.8, 0.7, 0.6]
+    held["coar"][1, 0] = [0.8, 0.5, 0.4]
+    held_t = {m: np.full(s, np.nan) for m, s in shape.items()}
+    held_t["coar"][1, 0] = [1.0, 0.0, 0.0]
+    out = {m: np.zeros(s) for m, s in shape.items()}
+    out["coar"][:, 0] = [-0.5, -2.0, -4.0]
+    predicted = {m: np.zeros(s) for m, s in shape.items()}
+    predicted["coar"][:, 0] = [-1.0, -3.0, -5.0]
+    return EditSweep(ks, cases, "lower", 50, flipped, acc, out, np.array([0.9, 0.9]), np.array([1.0, 1.0]),
+                     held_out_accuracy=held, held_out_target_accuracy=held_t, predicted_change=predicted,
+                     base_held_out_accuracy=np.array([0.85, 0.75]), base_held_out_target_accuracy=np.array([np.nan, 1.0]))
+
+
+def test_edit_summary_reports_held_out_accuracy_at_the_flip():
+    s = _edit_sweep().summary()
+    assert s["median_k_flip"]["coar"] == 5 and s["median_k_flip"]["random"] is None
+    assert s["median_held_out_accuracy_at_flip"]["coar"] == pytest.approx(0.6)  # median of 0.7 and 0.5
+    assert s["median_held_out_accuracy_at_flip"]["random"] is None  # never flips
+    assert s["median_held_out_target_accuracy_at_flip"]["coar"] == 0.0  # the case without them is left out
+    assert s["unedited"]["held_out_accuracy"] == pytest.approx(0.8)
+    assert s["coar_by_k"]["actual_change"] == [-1.5, -3, -5] and s["coar_by_k"]["predicted_change"] == [-1, -3, -5]
+
+
+def test_the_edit_figure_has_flips_held_out_accuracy_and_predicted_vs_actual_change(tmp_path):
+    from coar_dask.errors import ConfigError
+    from coar_dask.fit.edit import edit_figure, plot_edit
+
+    fig = edit_figure(_edit_sweep())
+    flips, held, change = fig.axes
+    labels = [line.get_label() for line in change.get_lines()]
+    actual = change.get_lines()[labels.index("COAR-Edit, actual")].get_ydata()
+    predicted = change.get_lines()[labels.index("COAR-Edit, predicted")].get_ydata()
+    np.testing.assert_allclose(actual, [-1.5, -3.0, -5.0])
+    np.testing.assert_allclose(predicted, [-1.0, -3.0, -5.0])
+    held_lines = {line.get_label(): line.get_ydata() for line in held.get_lines()}
+    np.testing.assert_allclose(held_lines["COAR-Edit, held-out"], [0.8, 0.6, 0.5])
+    np.testing.assert_allclose(held_lines["COAR-Edit, held-out targets"], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(flips.get_lines()[0].get_ydata(), [0.0, 1.0, 1.0])
+    path = plot_edit(_edit_sweep(), tmp_path / "edit.png")
+    assert path.stat().st_size > 5000
+    with pytest.raises(ConfigError, match="--overwrite|overwrite"):
+        plot_edit(_edit_sweep(), tmp_path / "edit.png")  # the library refuses as the CLI does
+    plot_edit(_edit_sweep(), tmp_path / "edit.png", overwrite=True)

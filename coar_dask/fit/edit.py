@@ -65,7 +65,7 @@ from coar_dask.runtime.executor import TaskSet, run_tasks
 __all__ = ["DIRECTIONS", "EDIT_METHODS", "EditCase", "EditSweep", "edit_scores", "target_only_scores",
            "choose_components", "edit_mask", "edited", "edit_model", "sweep_edit", "edit_k_task",
            "parse_targets", "parse_reference", "parse_held_out", "split_targets", "parse_ks", "base_predictions",
-           "plot_edit"]
+           "plot_edit", "edit_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -600,7 +600,15 @@ def split_targets(targets: Sequence[int], fraction: float, seed: int = 0) -> tup
 
 def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit", *,
               overwrite: bool = False) -> "os.PathLike":
-    """Write a PNG of three panels against ``k``: the fraction of cases flipped; the accuracy of the
+    """Write :func:`edit_figure` as a PNG (or PDF, by the suffix); an existing file only with ``overwrite``."""
+    fig = edit_figure(sweep, title)
+    path = plot_path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
+                            overwrite=overwrite)
+
+
+def edit_figure(sweep: EditSweep, title: str = "COAR-Edit") -> Any:
+    """A figure of three panels against ``k``: the fraction of cases flipped; the accuracy of the
     references and of the held-out examples (never used to choose components; dotted: held-out
     targets); and, for the top ``k``, the change of the targets' output the attributions predict
     (dashed) next to the actual change. COAR-Edit and both controls, averaged over cases and draws.
@@ -639,6 +647,4 @@ def plot_edit(sweep: EditSweep, path: str | os.PathLike, title: str = "COAR-Edit
         ax.legend(loc=where, fontsize="x-small")
     fig.suptitle(f"{title}: {len(sweep.cases)} edit(s), {sweep.direction}, {sweep.n_components} components")
     fig.tight_layout()
-    path = plot_path(path)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix[1:].lower()),
-                            overwrite=overwrite)
+    return fig
