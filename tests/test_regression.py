@@ -319,3 +319,14 @@ def test_coar_dask_fit_says_in_one_line_that_rows_are_pending(tmp_path, capsys):
     assert main(["fit", "--store", str(store.path), "--out", str(tmp_path / "a.pt")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "pending" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: 50 row(s) of the store pending")
+
+
+def test_ridge_grid_auto_without_a_split_holds_out_a_default_validation_split(synthetic, caplog):
+    """Issue 24 item 8: `--ridge-grid auto` as README shows it failed asking for --num-val."""
+    store, _, _ = synthetic
+    with caplog.at_level("WARNING"):
+        attrs = fit(store, ridge_grid="auto")
+    completed = int(store.completed_rows().sum())
+    assert attrs.metadata["n_val"] == completed // 10 and attrs.metadata["n_train"] == completed - completed // 10
+    assert len(attrs.metadata["val_correlation"]) == K and "num-val" in caplog.text
+    assert fit(store, ridge_grid="auto", num_val=50).metadata["n_val"] == 50  # a split given is kept

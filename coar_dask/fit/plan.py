@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,9 +37,15 @@ from coar_dask.errors import RegressionError
 from coar_dask.fit.rows import ROW_RULES, infer_names, select_rows
 from coar_dask.solvers.registry import check_solver_options, get_entry
 
-__all__ = ["FitSettings", "FitPlan", "EXECUTIONS", "plan_fit", "plan_slices"]
+__all__ = ["FitSettings", "FitPlan", "EXECUTIONS", "DEFAULT_VAL_FRACTION", "plan_fit", "plan_slices"]
+
+logger = logging.getLogger(__name__)
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+#: Fraction of the completed rows held out for validation when the solver's options choose on validation
+#: rows (a ridge grid, a lasso path) and neither num_val nor num_train was given.
+DEFAULT_VAL_FRACTION = 0.1
 
 #: The ways a plan runs (see the module's docstring); ``"auto"`` lets :func:`plan_fit` choose.
 EXECUTIONS = ("process", "rows", "slices")
@@ -278,6 +285,18 @@ def _choose(execution: str, store: Store, s: FitSettings, client: Any, sliced: b
     return "rows" if rows_ok else "slices"
 
 
+def _default_split(s: FitSettings, n_completed: int) -> FitSettings:
+    """``s``, holding out :data:`DEFAULT_VAL_FRACTION` of the rows for validation when its solver options
+    choose something on validation rows (``ridge_grid="auto"``, a lasso path) and no split was given."""
+    if s.num_val or s.num_train is not None or not get_entry(s.solver).wants_validation(s.options):
+        return s
+    num_val = max(1, int(n_completed * DEFAULT_VAL_FRACTION))
+    logger.warning("%s with %s chooses on validation rows and none were given: holding out %d of the %d "
+                   "completed rows (%d%%; set num_val / --num-val to choose)", s.solver, s.options, num_val,
+                   n_completed, round(100 * DEFAULT_VAL_FRACTION))
+    return dataclasses.replace(s, num_val=num_val)
+
+
 def _no_rows(store: Store) -> RegressionError:
     return RegressionError(
         f"store {str(store.path)!r} has only 0 completed rows of {store.num_rows}: nothing to fit on. Build "
@@ -320,6 +339,7 @@ def plan_fit(
     completed = np.flatnonzero(store.completed_rows())
     if completed.size == 0:
         raise _no_rows(store)
+    s = _default_split(s, completed.size)
     train_rows, val_rows = select_rows(completed, s.num_train, s.num_val, s.split_seed, s.row_rule)
     how = _choose(execution, store, s, client, slices is not None or max_targets is not None)
     parts = plan_slices(s.target_slice, slices, max_targets=max_targets) if how == "slices" else [s.target_slice]

@@ -29,6 +29,10 @@ between solvers is a trait of the entry, read where it matters:
 ``seed``
     ``run-regression --solver`` offers it for the seed's settings
     (:data:`coar_dask.compat.seed.SEED_SOLVERS`).
+``needs_validation``
+    ``(options) -> bool``: whether a fit with these options chooses something
+    on validation rows (a ridge grid, a lasso path); a fit that gives it none
+    then holds out :data:`coar_dask.fit.plan.DEFAULT_VAL_FRACTION` of the rows.
 ``row_parallel``
     ``(options, n_features, device) -> bool``: whether a fit with these options
     can sum the training rows' moments in row groups on Dask workers and solve
@@ -73,6 +77,11 @@ class SolverEntry:
     stages: Mapping[str, str] = field(default_factory=dict)
     seed: bool = True
     row_parallel: Callable[[Mapping[str, Any], int, str | None], bool] | None = None
+    needs_validation: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def wants_validation(self, options: Mapping[str, Any]) -> bool:
+        """Whether a fit with ``options`` chooses something on validation rows."""
+        return self.needs_validation is not None and bool(self.needs_validation(options))
 
     def sums_rows_apart(self, options: Mapping[str, Any], n_features: int, device: str | None) -> bool:
         """Whether a fit with ``options`` on ``device`` can sum its rows' moments apart (row groups)."""
@@ -86,15 +95,24 @@ class SolverEntry:
         return option_infos(self.options)
 
 
+def _grid_or_refit(options: Mapping[str, Any]) -> bool:
+    return options.get("ridge_grid") is not None or bool(options.get("refit"))
+
+
+def _path(options: Mapping[str, Any]) -> bool:
+    return int(options.get("k", SagaOptions.k)) > 1
+
+
 #: Every solver, in the order the command line lists them.
 REGISTRY: dict[str, SolverEntry] = {
     e.name: e for e in (
         SolverEntry("lstsq", lstsq, LstsqOptions, "exact least squares/ridge, default",
-                    stages={"moments": "row", "cg": "iteration", "ridge": "penalty"}, row_parallel=sums_rows_apart),
+                    stages={"moments": "row", "cg": "iteration", "ridge": "penalty"}, row_parallel=sums_rows_apart,
+                    needs_validation=_grid_or_refit),
         SolverEntry("saga", saga, SagaOptions, "fast_l1's lasso path in torch, CPU or GPU", path=True,
-                    stages={"saga": "epoch", "saga-refit": "epoch"}),
+                    stages={"saga": "epoch", "saga-refit": "epoch"}, needs_validation=_path),
         SolverEntry("fast_l1", fast_l1, FastL1Options, "the fast_l1 package, CUDA only", path=True,
-                    stages={"fast_l1": "step"}),
+                    stages={"fast_l1": "step"}, needs_validation=_path),
     )
 }
 
