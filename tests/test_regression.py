@@ -330,3 +330,25 @@ def test_ridge_grid_auto_without_a_split_holds_out_a_default_validation_split(sy
     assert attrs.metadata["n_val"] == completed // 10 and attrs.metadata["n_train"] == completed - completed // 10
     assert len(attrs.metadata["val_correlation"]) == K and "num-val" in caplog.text
     assert fit(store, ridge_grid="auto", num_val=50).metadata["n_val"] == 50  # a split given is kept
+
+
+def test_fit_and_evaluate_refuse_wrong_arguments_with_a_coar_error(synthetic, tmp_path):
+    """Issue 22, bad input: fit(ndarray), fit(num_train='10') and evaluate(attrs, ndarray) raised raw
+    TypeError/ValueError; a store with no completed rows said 'asked for -200 train rows'."""
+    from coar_dask.errors import CoarError
+    from coar_dask.fit.evaluate import evaluate
+
+    store, _, _ = synthetic
+    with pytest.raises(CoarError, match="store"):
+        fit(np.zeros((3, 3)))
+    with pytest.raises(CoarError, match=r"num_train \(--num-train\) must be an integer >= 1.*'10'"):
+        fit(store, num_train="10")
+    with pytest.raises(CoarError, match="num_val"):
+        fit(store, num_val=2.5)
+    attrs = fit(store, num_val=20)
+    with pytest.raises(CoarError, match="store"):
+        evaluate(attrs, np.zeros((3, 3)))
+    empty = init_store(tmp_path / "empty", store.spec.to_dict(), rows_per_chunk=50)
+    with pytest.raises(RegressionError, match="only 0 completed rows") as err:
+        fit(empty, num_val=200)
+    assert "-200" not in str(err.value) and "\n" not in str(err.value)
