@@ -606,3 +606,14 @@ def test_sigterm_during_a_build_says_completed_blocks_are_kept(tmp_path, coar_da
     assert proc.returncode == 130, (out, err)
     assert "completed blocks are kept" in err and "Traceback" not in err, err
     assert 0 < int(open_store(store, read_only=True).completed_blocks().sum()) < 100
+
+
+@pytest.mark.parametrize("components", ["abc", {"layers": "abc", "total": "abc"}, ["x"],
+                                        {"layers": [{"module": "c", "units": 3e7}], "total": 3e7}])
+def test_fit_on_a_store_with_a_malformed_components_record_names_nothing(tmp_path, capsys, components):
+    record = load_experiment(Path(__file__).parents[1] / "configs" / "digits.yaml").to_dict()
+    store = _rows_store(tmp_path / "s", extra_meta={"experiment": record, "components": components})
+    capsys.readouterr()
+    assert main(["fit", str(store.path), "--out", str(tmp_path / "a.pt")]) == 0, capsys.readouterr()
+    assert Attributions.load(tmp_path / "a.pt").component_names is None
+    assert main(["top", "--attributions", str(tmp_path / "a.pt"), "--example", "0", "-k", "1"]) == 0

@@ -206,7 +206,8 @@ def experiment_metadata(store: Store) -> dict[str, Any]:
     if not recorded:
         return {"experiment": None, "example_count": None, "components": None}
     experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
-    summary = dict(meta["components"]) if meta.get("components") else None
+    components = meta.get("components")  # a record from elsewhere may hold anything: a mapping or nothing
+    summary = dict(components) if isinstance(components, Mapping) and components else None
     if summary is None:
         logger.info("store %s records no components summary (built before builds recorded one): the "
                     "attributions name no components; coar_dask.fit.fit.components_from_model names them "
@@ -221,7 +222,8 @@ def experiment_metadata(store: Store) -> dict[str, Any]:
 def check_components(summary: Mapping[str, Any] | None, store: Store, x_name: str) -> dict[str, Any] | None:
     """``summary`` when its total matches the store's mask width; ``None`` (and a warning) otherwise."""
     n_masks = int(np.prod(store.spec[x_name].shape))
-    if summary is not None and int(summary.get("total", -1)) != n_masks:
+    total = summary.get("total") if summary is not None else None
+    if summary is not None and (isinstance(total, bool) or not isinstance(total, int) or total != n_masks):
         logger.warning("component names unknown: the model has %s components, the store %d",
                        summary.get("total"), n_masks)
         return None
