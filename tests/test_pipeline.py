@@ -145,6 +145,22 @@ def test_cli_stages_demo_and_api_give_the_same_attributions(tmp_path, digits_exp
     result = json.loads(capsys.readouterr().out)
     assert result["mean_correlation"] == pytest.approx(summary["mean_correlation"], abs=1e-4)
 
+    # compare.json has every method; `coar-dask compare` finds the demo's LOO rows where the demo put them
+    # (STORE-loo: reused, not recomputed) and refuses to replace its plot without --overwrite.
+    scores = json.loads((demo_dir / "compare.json").read_text())["0.05"]
+    from coar_dask.fit.compare import default_methods
+
+    assert set(scores) == set(default_methods()) and {"coar", "loo", "gp"} <= set(scores)
+    assert (demo_dir / "store-loo").is_dir() and not (demo_dir / "loo_store").exists()
+    capsys.readouterr()
+    again = ["compare", "--store", str(demo_dir / "store"), "--eval-store", str(demo_dir / "eval_store"),
+             "--methods", "loo", "--cluster", "none", "--json", "--plot", str(demo_dir / "compare.png")]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"]["0.05"]["loo"]["mean"] == pytest.approx(scores["loo"]["mean"], abs=1e-6)
+    assert printed["seconds"]["loo"] < 5  # read back, not P + 1 ablated models again
+
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["status", "--store", str(tmp_path / "nothing")]) == 2
