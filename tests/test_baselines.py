@@ -116,7 +116,7 @@ def test_compare_on_digits_on_a_local_cluster(tmp_path, digits_experiment, coar_
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout)
-    assert set(printed["results"]["0.05"]) == {"coar", "loo", "gp"}
+    assert {"coar", "loo", "gp"} <= set(printed["results"]["0.05"])  # and nc, ii with Captum installed
     assert printed["results"]["0.05"]["loo"]["mean"] == pytest.approx(scores["loo"]["mean"], abs=1e-6)
     assert (tmp_path / "cli.png").stat().st_size > 1000
 
