@@ -30,6 +30,7 @@ from coar_dask.cli.edit import add_edit_parser
 from coar_dask.cli.initialize_store import add_initialize_store_parser
 from coar_dask.cli.npy import add_export_npy_parser, add_import_npy_parser
 from coar_dask.cli.parser_rules import apply_parser_rules, resolve_store
+from coar_dask.cli.plan import add_plan_parser
 from coar_dask.cli.recorded import (command_context, describe_experiment, describe_imports, experiment_for_store,
                                     recorded_experiment)
 from coar_dask.cli.run_regression import add_run_regression_parser
@@ -354,6 +355,7 @@ COMMANDS: tuple[Callable[[Any], Any], ...] = (
     add_compare_parser,
     add_edit_parser,
     add_components_parser,
+    add_plan_parser,
     add_top_parser,
     add_verify_parser,
     add_cluster_parser,
