@@ -253,9 +253,8 @@ class Experiment:
         items are one of those (collated in batches of ``batch_size``).
         ``inputs`` is a tensor (``model(inputs)``) or a mapping of tensors
         sharing their first dimension, e.g. a tokenizer's output
-        (``model(**inputs)``). Tensors are moved to ``device`` whole; a
-        Dataset stays in host memory (pinned on CUDA) and one batch at a time
-        is moved (see :func:`load_state`).
+        (``model(**inputs)``). Examples stay in host memory and one batch at
+        a time moves to ``device`` (see :func:`load_state`).
     model_kwargs, examples_kwargs
         Keyword arguments of the factories (JSON-able).
     include, exclude, kinds
@@ -444,9 +443,9 @@ class ExperimentState:
     """What a worker holds for an experiment: model, examples, components, output function.
 
     ``inputs`` is a tensor or a dict of tensors and ``labels`` a tensor or
-    ``None``. Both sit on ``device``; the examples of a Dataset sit in host
-    memory (pinned when the device is CUDA) and :meth:`batch` moves one batch
-    at a time.
+    ``None``. Both stay in host memory (a memory-mapped array stays mapped)
+    and :meth:`batch` moves one batch at a time to ``device`` (through a
+    pinned copy of that batch on CUDA).
     """
 
     experiment: Experiment
@@ -491,7 +490,11 @@ def _take(t: Any, start: int, stop: int, device: Any, repeat: int) -> Any:
     """Rows ``start:stop`` of ``t`` on ``device``, repeated mask-major (a 4-D channels_last input stays so)."""
     import torch
 
-    x = t[start:stop].to(device, non_blocking=True)
+    x = t[start:stop]
+    if x.device != device:
+        if x.device.type == "cpu" and getattr(device, "type", None) == "cuda":
+            x = x.pin_memory()  # one batch pinned, so the copy is asynchronous
+        x = x.to(device, non_blocking=True)
     if repeat > 1:
         x = x.repeat((repeat,) + (1,) * (x.ndim - 1))
         if x.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
@@ -508,16 +511,15 @@ def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
     The factory returns ``(inputs, labels)``, ``inputs`` alone (labels
     ``None``), or a map-style ``torch.utils.data.Dataset`` of such items,
     collated in batches of ``batch_size``. ``inputs`` is a tensor or a
-    mapping of tensors with one row per example. Tensors move to ``device``
-    whole; a Dataset's examples stay in host memory (pinned when ``device``
-    is CUDA) and move one batch at a time.
+    mapping of tensors with one row per example. The examples stay in host
+    memory (``device`` is not used; a memory-mapped array is not read into
+    memory) and move one batch at a time (:meth:`ExperimentState.batch`).
     """
     import torch
 
     where = f"examples factory {experiment.examples!r}"
     raw = call_factory("examples", experiment.examples, experiment.examples_kwargs)
-    on_host = isinstance(raw, torch.utils.data.Dataset)
-    if on_host:
+    if isinstance(raw, torch.utils.data.Dataset):
         raw = _collate(raw, experiment.batch_size, where)
     if isinstance(raw, (tuple, list)) and len(raw) == 2:
         inputs, labels = raw
@@ -532,13 +534,9 @@ def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
     if _rows(inputs) == 0:
         raise FactoryError(f"{where} returned 0 examples; return at least one (inputs with one row per example).")
     labels = _as_labels(labels, _rows(inputs), where)
-    if on_host and device.type == "cuda":
-        def place(t: Any) -> Any:
-            return t.pin_memory()
-    else:
-        def place(t: Any) -> Any:
-            return t.to(device)
-    return _map_tensors(inputs, place), None if labels is None else place(labels)
+    # Host tensors, never the whole set on the device (ImageNet's 10,000 examples are 30 GB) and never
+    # pinned whole (the pinned allocator rounds up): ExperimentState.batch moves one batch at a time.
+    return inputs, labels
 
 
 def _as_inputs(inputs: Any, where: str) -> Any:
