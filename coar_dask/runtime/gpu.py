@@ -46,7 +46,6 @@ def client_experiment(experiment: Experiment) -> Experiment:
     Examples
     --------
     >>> from coar_dask.core.experiment import Experiment
-from coar_dask.core.memory import GPU_MEMORY_FRACTION, human
     >>> e = Experiment(model="m:f", examples="m:g", device="cuda")
     >>> client_experiment(e).device, client_experiment(e).fingerprint == e.fingerprint
     ('cpu', True)
