@@ -137,6 +137,7 @@ def _resnet_shapes(factory: str, width: int) -> tuple[int, int]:
     import torch
 
     from coar_dask.core.experiment import import_object
+    from coar_dask.zoo.plan import largest_activation
 
     with torch.device("meta"):
         model = import_object(factory)(width=width).eval()
@@ -145,22 +146,6 @@ def _resnet_shapes(factory: str, width: int) -> tuple[int, int]:
 
 def _param_bytes(model: Any) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
-
-
-def largest_activation(model: Any, example: Any) -> int:
-    """Elements of the largest tensor any leaf module outputs for one example (a meta forward)."""
-    import torch
-
-    sizes: list[int] = []
-    hooks = [mod.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()) if torch.is_tensor(out) else None)
-             for mod in model.modules() if not list(mod.children())]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return max(sizes) // int(example.shape[0])
 
 
 def _client_case(case: dict[str, Any], device: str) -> tuple[Any, Any]:
