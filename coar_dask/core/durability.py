@@ -6,20 +6,23 @@
   them flushed to disk, so that a block's completion flags are written only
   once its data is durable;
 * :func:`create_exclusive`: a small file (a store's claim, its content
-  record) created atomically unless it exists -- on local filesystems and NFS.
+  record) created atomically unless it exists -- on local filesystems and NFS;
+  :func:`read_exclusive` reads one back (``None`` while it does not exist).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["write_concurrently", "fsync_paths", "create_exclusive"]
+__all__ = ["write_concurrently", "fsync_paths", "create_exclusive", "read_exclusive"]
 
 
 def write_concurrently(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
@@ -116,3 +119,25 @@ def _create_exclusive_open(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
 
+
+
+def read_exclusive(path: Path, valid: Callable[[dict[str, Any]], bool], tries: int = 50) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (made by :func:`create_exclusive`), or ``None`` when there is no file.
+
+    A file written without hard links (:func:`_create_exclusive_open`) is briefly empty, so an
+    object that ``valid`` rejects is read again, every 0.1 s, ``tries`` times; a file still not
+    valid after that raises :class:`ValueError`, which the caller words for its file.
+    """
+    for _ in range(tries):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and valid(record):
+            return record
+        time.sleep(0.1)
+    raise ValueError(f"{path} holds no valid record")

@@ -156,22 +156,13 @@ def content_digests(state: Any) -> dict[str, str | None]:
 def read_content(store: Any) -> dict[str, Any] | None:
     """The content record of ``store`` (:data:`CONTENT_FILE`), or ``None`` when none was written yet."""
     path = store.path / CONTENT_FILE
-    for _ in range(50):  # a record written without hard links is briefly empty
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        try:
-            record = json.loads(text)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("model_state"), str):
-            return record
-        time.sleep(0.1)
-    raise StoreError(
-        f"the content record {str(path)!r} of store {str(store.path)!r} is damaged (no model state digest); "
-        f"restore it from a backup, or build into a new store."
-    )
+    try:
+        return durability.read_exclusive(path, lambda r: isinstance(r.get("model_state"), str))
+    except ValueError:
+        raise StoreError(
+            f"the content record {str(path)!r} of store {str(store.path)!r} is damaged (no model state digest); "
+            f"restore it from a backup, or build into a new store."
+        ) from None
 
 
 _ADVICE = {

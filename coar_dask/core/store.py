@@ -534,22 +534,13 @@ class Store:
     def read_claim(self) -> dict[str, Any] | None:
         """The claim recorded in :data:`CLAIM_FILE`, or ``None`` when the store is unclaimed."""
         path = self.path / CLAIM_FILE
-        for attempt in range(50):  # a claim written without hard links is briefly empty
-            try:
-                text = path.read_text()
-            except FileNotFoundError:
-                return None
-            try:
-                claim = json.loads(text)
-            except ValueError:
-                claim = None
-            if isinstance(claim, dict) and isinstance(claim.get("experiment_fingerprint"), str):
-                return claim
-            time.sleep(0.1)
-        raise StoreError(
-            f"the claim file {str(path)!r} of store {str(self.path)!r} is damaged (no experiment fingerprint); "
-            f"restore it from a backup, or build into a new store."
-        )
+        try:
+            return durability.read_exclusive(path, lambda c: isinstance(c.get("experiment_fingerprint"), str))
+        except ValueError:
+            raise StoreError(
+                f"the claim file {str(path)!r} of store {str(self.path)!r} is damaged (no experiment fingerprint); "
+                f"restore it from a backup, or build into a new store."
+            ) from None
 
     def claim(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Claim the store for one experiment; the first claim wins, atomically.
