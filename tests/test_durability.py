@@ -100,3 +100,18 @@ def test_a_block_whose_flags_chunk_is_damaged_can_be_rewritten(tmp_path):
     assert open_store(store.path).completed_blocks()[0]
     report = verify_store(store.path)
     assert report.intact, report.format()
+
+
+def test_read_exclusive_reads_a_valid_record_and_refuses_a_damaged_one(tmp_path):
+    from coar_dask.core.durability import create_exclusive, read_exclusive
+
+    path = tmp_path / "record.json"
+    assert read_exclusive(path, lambda r: True) is None
+    create_exclusive(path, '{"id": "a"}')
+    assert read_exclusive(path, lambda r: isinstance(r.get("id"), str)) == {"id": "a"}
+    path.write_text('{"other": 1}')
+    with pytest.raises(ValueError):
+        read_exclusive(path, lambda r: isinstance(r.get("id"), str), tries=2)
+    path.write_text("not json")
+    with pytest.raises(ValueError):
+        read_exclusive(path, lambda r: True, tries=2)
