@@ -273,3 +273,22 @@ def test_api_misuse_says_what_was_expected(tmp_path):
         run_build(store, 5)
     with pytest.raises(CoarError, match="found list"):
         run_build([store], None)
+
+
+def test_an_evaluation_stores_content_record_names_its_own_experiment(user_folder):
+    """A train and an evaluation store (another mask seed) share one loaded state in a process; each
+    store's content record names the experiment that claimed it, not the first one loaded."""
+    import json
+
+    from coar_dask.core.experiment import load_experiment
+    from coar_dask.core.identity import CONTENT_FILE
+    from coar_dask.runtime.build import init_experiment_store, run_build
+
+    train = load_experiment(str(_experiment_yaml(user_folder)))
+    held = train.replace(mask_seed=1)
+    for name, exp in (("train", train), ("held", held)):
+        init_experiment_store(user_folder / name, exp, ROWS, rows_per_chunk=ROWS_PER_BLOCK)
+        run_build(user_folder / name, exp)
+    for name, exp in (("train", train), ("held", held)):
+        record = json.loads((user_folder / name / CONTENT_FILE).read_text())
+        assert record["experiment_fingerprint"] == exp.fingerprint == open_store(user_folder / name).experiment_fingerprint

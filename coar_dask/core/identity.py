@@ -173,9 +173,8 @@ _ADVICE = {
 }
 
 
-def _mismatch(store: Any, state: Any, changed: list[str], record: Mapping[str, Any]) -> StoreMismatchError:
+def _mismatch(store: Any, exp: Any, changed: list[str], record: Mapping[str, Any]) -> StoreMismatchError:
     what = " and ".join(CONTENT_KEYS[k] for k in changed)
-    exp = state.experiment
     factory = exp.model if changed == ["model_state"] else exp.examples
     by = record.get("recorded_by") or "the first build"
     return StoreMismatchError(
@@ -186,8 +185,11 @@ def _mismatch(store: Any, state: Any, changed: list[str], record: Mapping[str, A
     )
 
 
-def check_content(store: Any, state: Any) -> dict[str, Any]:
+def check_content(store: Any, state: Any, experiment: Any) -> dict[str, Any]:
     """Refuse ``state`` unless what its factories returned matches the record of ``store``.
+
+    ``experiment`` is the one building ``store``: a loaded state is shared by the stores of one model
+    and example set (train and evaluation), so ``state.experiment`` may be another store's.
 
     The first caller for a claimed store writes the record (atomically; of two
     concurrent first callers one wins and the other is checked against it).
@@ -208,7 +210,7 @@ def check_content(store: Any, state: Any) -> dict[str, Any]:
     if record is None:
         durability.create_exclusive(store.path / CONTENT_FILE, json.dumps({
             "algorithm": ALGORITHM, **digests,
-            "experiment_fingerprint": state.experiment.fingerprint,
+            "experiment_fingerprint": experiment.fingerprint,
             "recorded_by": f"{socket.gethostname()} pid {os.getpid()}",
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, sort_keys=True))
@@ -221,7 +223,7 @@ def check_content(store: Any, state: Any) -> dict[str, Any]:
     else:
         changed = [k for k in CONTENT_KEYS if record.get(k) != digests[k]]
         if changed:
-            raise _mismatch(store, state, changed, record)
+            raise _mismatch(store, experiment, changed, record)
     with _LOCK:
         _CHECKED[key] = dict(record)
     return record

@@ -230,7 +230,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
         "pid": os.getpid(),
         "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    check_content(store, state)  # what the factories returned here: recorded first, else checked
+    check_content(store, state, experiment)  # what the factories returned here: recorded first, else checked
     if store.experiment_fingerprint is None:
         store.update_meta(
             experiment_fingerprint=experiment.fingerprint,
@@ -301,7 +301,7 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
     store = _open_on_worker(store_path, experiment)
     block = store.block(block_index)
     state = load_state(experiment)
-    check_content(store, state)  # once per worker process: its model and examples are the recorded ones
+    check_content(store, state, experiment)  # once per worker process: its model and examples are the recorded ones
     masks = sample_masks(experiment.mask_seed, block.rows, state.n_components, experiment.alpha)
     dtype = store.spec[experiment.y_name].np_dtype  # float64 stores get float64 outputs (issue 22 item 4)
     outputs = _stored_outputs(store, experiment, block, compute_outputs(state, masks, dtype=dtype))
