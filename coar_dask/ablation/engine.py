@@ -35,7 +35,7 @@ import numpy as np
 
 from coar_dask.ablation.batched import BatchedAblation, fold_batchnorm, model_version
 from coar_dask.ablation.zeroing import ablated
-from coar_dask.core.experiment import free_device_memory, is_out_of_memory
+from coar_dask.core.experiment import free_device_memory, is_out_of_memory, one_line
 from coar_dask.errors import BuildError, ExperimentError, NotBatchableError, OutputError
 
 __all__ = [
@@ -413,7 +413,7 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         except Exception as exc:  # noqa: BLE001 - the probe runs one example: out of memory there is final
             if not is_out_of_memory(exc):
                 raise
-            failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            failure = one_line(exc, limit=200)
         if failure is not None:
             runner.shrink(state, 1, 1, failure)
         while True:
@@ -423,7 +423,7 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
             except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled; the rest re-raised
                 if not is_out_of_memory(exc):
                     raise
-                failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                failure = one_line(exc, limit=200)
             # Outside the except block: the traceback's frames (and their device tensors) are released.
             m_per_pass, examples_per_pass = runner.shrink(state, m_per_pass, examples_per_pass, failure)
             free_device_memory(state.device)

@@ -50,7 +50,7 @@ from coar_dask.core.masks import check_alpha
 from coar_dask.core.outputs import OUTPUTS, Batch, check_values, find_logits, get_output
 
 __all__ = ["Experiment", "ExperimentState", "call_factory", "load_experiment", "load_state", "warm_up",
-           "import_object", "is_out_of_memory", "free_device_memory"]
+           "import_object", "is_out_of_memory", "free_device_memory", "one_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _run_factory(path: str, kwargs: Mapping[str, Any], where: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
         module, _, attr = path.partition(":")
         raise FactoryError(
-            f"{where} raised {_one_line(exc)}; run it alone to see the traceback: python -c "
+            f"{where} raised {one_line(exc)}; run it alone to see the traceback: python -c "
             f"\"import {module}; {module}.{attr}()\"."
         ) from None
 
@@ -589,7 +589,7 @@ def _collate(dataset: Any, batch_size: int, where: str) -> Any:
         parts = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     except Exception as exc:  # noqa: BLE001 - the user's items: say what to change
         raise ExperimentError(
-            f"{where}: the Dataset's items cannot be collated into batches ({_one_line(exc)}); give every item "
+            f"{where}: the Dataset's items cannot be collated into batches ({one_line(exc)}); give every item "
             f"the same structure and shapes (pad sequences to one length)."
         ) from None
     return _concat(parts, where)
@@ -655,7 +655,8 @@ def _make_state(experiment: Experiment) -> ExperimentState:
     return state
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one line, ``Type: message``, white space folded and cut at ``limit`` characters."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -698,7 +699,7 @@ def _first_outputs(state: ExperimentState, n: int) -> tuple[Any, Any, int]:
         try:
             return state.forward(batch.inputs), batch, n
         except Exception as exc:  # noqa: BLE001 - any failure here means mismatched inputs (or memory)
-            failure, oom = _one_line(exc), is_out_of_memory(exc)
+            failure, oom = one_line(exc), is_out_of_memory(exc)
         if not oom:
             raise ExperimentError(
                 f"the model cannot run on the examples ({_describe(state.inputs)}): {failure}. Check that "
@@ -736,9 +737,9 @@ def _check_one_example(state: ExperimentState) -> None:
     except Exception as exc:  # noqa: BLE001 - the user's model (or its output on one row): one line
         if is_out_of_memory(exc):
             raise ExperimentError(f"the model runs out of memory on one example on {state.device} "
-                                  f"({_one_line(exc)}); use a device with more memory.") from None
+                                  f"({one_line(exc)}); use a device with more memory.") from None
         raise ExperimentError(
-            f"the model cannot run a batch of one example ({_one_line(exc)}); a build runs passes of 1 to "
+            f"the model cannot run a batch of one example ({one_line(exc)}); a build runs passes of 1 to "
             f"batch_size examples (the last batch, out-of-memory retries), so make the model accept a batch of "
             f"one (e.g. do not .squeeze() the batch dimension)."
         ) from None
@@ -759,7 +760,7 @@ def _check_first_batch(state: ExperimentState) -> None:
         except CoarError:
             raise
         except Exception as exc:  # noqa: BLE001 - a user function: report it in one line
-            raise OutputError(f"output {name!r} failed on the first batch: {_one_line(exc)}.") from None
+            raise OutputError(f"output {name!r} failed on the first batch: {one_line(exc)}.") from None
         check_values(values, n, name)
         _check_deterministic(state, batch, values)
         if n > 1:
