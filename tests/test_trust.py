@@ -115,6 +115,19 @@ def test_fit_names_no_components_rather_than_running_the_recorded_factory(tmp_pa
     assert attrs.component_names is None and attrs.n_components == P
 
 
+def test_components_from_model_refuses_the_recorded_factory_without_consent(tmp_path, marker):
+    from coar_dask.errors import UntrustedCodeError
+    from coar_dask.fit.fit import components_from_model
+
+    store = evil_store(tmp_path / "s", marker)
+    with pytest.raises(UntrustedCodeError, match="os:system"):
+        components_from_model(store)
+    assert not marker.exists()
+    with coar_dask.trust_recorded(["os:system"]), pytest.raises(AttributeError):
+        components_from_model(store)  # agreed: imported and run (it returns 0, not a model)
+    assert marker.exists()
+
+
 def test_what_a_record_would_import():
     from coar_dask.core.trust import check_recorded, recorded_imports, untrusted_imports
     from coar_dask.errors import UntrustedCodeError

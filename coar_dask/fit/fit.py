@@ -24,9 +24,9 @@ import os
 from typing import Any, Callable, Sequence
 
 from coar_dask.core.components import select_components
-from coar_dask.core.experiment import Experiment, call_factory
+from coar_dask.core.experiment import call_factory
 from coar_dask.core.store import Store, open_store
-from coar_dask.core.trust import TRUST_HINT, untrusted_imports
+from coar_dask.core.trust import TRUST_HINT, experiment_from_record, untrusted_imports
 from coar_dask.errors import CoarError, RegressionError
 from coar_dask.fit.attributions import SIGN_CONVENTION, Attributions
 from coar_dask.fit.core import FitPart, assemble, check_components, solve
@@ -150,7 +150,7 @@ def components_from_model(store: Store | str | os.PathLike) -> dict[str, Any] | 
     recorded model factory (not the examples) -- for stores built before builds recorded the summary.
 
     This runs code named in the store's record: the one function that does, called only on request
-    (:func:`fit` never calls it). Returns ``None`` (and logs why) when the model cannot be made.
+    (:func:`fit` never calls it), and only when it is built-in or agreed to (:mod:`coar_dask.core.trust`). Returns ``None`` (and logs why) when the model cannot be made.
 
     Examples
     --------
@@ -163,7 +163,8 @@ def components_from_model(store: Store | str | os.PathLike) -> dict[str, Any] | 
     recorded = store.meta.get("experiment")
     if not recorded:
         return None
-    experiment = Experiment.from_dict(recorded, source=f"the experiment recorded in store {str(store.path)!r}")
+    # code the user has not agreed to is refused, not imported
+    experiment = experiment_from_record(recorded, f"the experiment recorded in store {str(store.path)!r}")
     try:
         model = call_factory("model", experiment.model, experiment.model_kwargs)
         comps = select_components(model, include=experiment.include, exclude=experiment.exclude,
