@@ -30,6 +30,7 @@ from coar_dask.solvers.base import (
 )
 from coar_dask.solvers.metrics import no_variance, pearson_centred, validation_metrics
 from coar_dask.solvers.moments import Moments, compute_dtype, full_precision, stream_moments
+from coar_dask.solvers.prior import Prior, as_prior, prior_scale, toward
 from coar_dask.solvers.rows import ConcatRows, batch_rows_for, iter_batches
 
 __all__ = ["LstsqOptions", "lstsq", "sums_rows_apart", "ridge_grid_values", "moment_metrics", "MAX_GRAM_BYTES", "gram_fits_device",
@@ -124,6 +125,13 @@ class LstsqOptions:
         rows, 1e-6 for float32), or after ``cg_max_iter`` iterations.
     batch_rows
         Rows per BLAS batch (default: about 16 MiB of rows).
+    prior
+        Shrink toward this attribution instead of toward zero: ``lam ||w - w0||^2``
+        (:mod:`coar_dask.solvers.prior`; a :class:`~coar_dask.solvers.prior.Prior` or a (P, K)
+        array). Gram method only, no ``refit``. ``fit(store, prior="gp"|"loo"|FILE)`` makes one.
+    prior_scale
+        Shrink toward ``c w0`` with ``c`` per target fitted on the training rows
+        (:func:`~coar_dask.solvers.prior.prior_scale`) rather than toward ``w0`` itself.
     """
 
     ridge: float = option(0.0, "lstsq: ridge penalty (default 0: plain least squares)", flag="--ridge", type=float)
@@ -139,8 +147,14 @@ class LstsqOptions:
     cg_max_iter: int = option(500, "conjugate gradients' iteration limit")
     max_gram_bytes: int = option(MAX_GRAM_BYTES, "largest P x P matrix method='auto' forms")
     batch_rows: int | None = option(None, "rows per BLAS batch")
+    prior: Prior | None = option(None, "lstsq: shrink toward this prior attribution (fit(prior=...))")
+    prior_scale: bool = option(True, "lstsq: scale the prior per target on the training rows")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "prior", as_prior(self.prior))
+        if self.prior is not None and (self.refit or self.method == "cg"):
+            raise RegressionError("a prior needs method 'gram' (or 'auto') and no refit: its penalty is chosen "
+                                  "on the validation rows; drop --refit / --method cg.")
         if not (self.ridge >= 0 and np.isfinite(self.ridge)):
             raise RegressionError(f"ridge must be a finite number >= 0; found {self.ridge}.")
         if self.method not in ("auto", "gram", "cg"):
@@ -263,18 +277,35 @@ def lstsq(
         method = choose_fit_method(P, int(train.n_targets), memory_budget(dev), grid=grid, device=dev.type,
                                    rows=opts.batch_rows or batch_rows_for(P, int(train.n_targets)),
                                    max_gram_bytes=opts.max_gram_bytes)
+    if method == "cg" and opts.prior is not None:
+        raise RegressionError(f"a prior needs the Gram method; P = {P} is too large for a P x P matrix here "
+                              f"(max_gram_bytes {opts.max_gram_bytes}): fit without --prior or raise it.")
     if method == "cg" and opts.refit and ridge_grid is None:
         ridge_grid = [float(opts.ridge)]  # one candidate: the grid path does the refit
     logger.info("lstsq (%s) on %d rows x %d features -> %d targets, device %s",
                 method, train.n_rows, P, train.n_targets, dev)
-    _warn_underdetermined(int(train.n_rows), P, method, opts.ridge if ridge_grid is None else 0.0)
+    if opts.prior is None:
+        _warn_underdetermined(int(train.n_rows), P, method, opts.ridge if ridge_grid is None else 0.0)
     solve = _lstsq_gram if method == "gram" else _lstsq_cg
     K = int(train.n_targets)
     step = 2.0 * min(int(train.n_rows), opts.batch_rows or batch_rows_for(P, K)) * P * (P + K)
     with threads_for(step, dev):
-        return solve(train, val if has_val else None, ridge=float(opts.ridge), ridge_grid=ridge_grid,
-                     refit=opts.refit, dev=dev, rcond=opts.rcond, cg_tol=opts.cg_tol,
-                     cg_max_iter=int(opts.cg_max_iter), rows=opts.batch_rows, progress=progress)
+        result = solve(train, val if has_val else None, ridge=float(opts.ridge), ridge_grid=ridge_grid,
+                       refit=opts.refit, dev=dev, rcond=opts.rcond, cg_tol=opts.cg_tol,
+                       cg_max_iter=int(opts.cg_max_iter), rows=opts.batch_rows, progress=progress,
+                       prior=_prior_columns(opts.prior, train), prior_scale=opts.prior_scale)
+    if opts.prior is not None:
+        result.info.update(prior=opts.prior.name, prior_sha256=opts.prior.digest)
+    return result
+
+
+def _prior_columns(prior: Prior | None, train: RowSource) -> np.ndarray | None:
+    """The prior's columns for ``train``'s targets (a store's target slice, or all of them)."""
+    if prior is None:
+        return None
+    start, stop = getattr(train, "target_slice", None) or (prior.target_start,
+                                                           prior.target_start + int(train.n_targets))
+    return prior.columns(int(train.n_features), int(start), int(stop))
 
 
 def _warn_underdetermined(n: int, P: int, method: str, ridge: float) -> None:
@@ -387,7 +418,26 @@ def _direct_solve(cxx, cxy, lam: float, rcond: float):
     return w, int((evals + lam > tol).sum()), "eigh"
 
 
-def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progress, **_: Any) -> SolverResult:
+def _shift_to_prior(tm: Moments, vm: Moments | None, prior: np.ndarray, scale: bool, info: dict[str, Any]):
+    """Move ``tm`` and ``vm`` to the residual targets ``y - X (c w0)`` (:mod:`coar_dask.solvers.prior`);
+    returns ``c w0``."""
+    import torch
+
+    w0 = torch.from_numpy(np.asarray(prior, dtype=np.float64)).to(tm.sx.device)
+    if scale:
+        cxx, cxy = tm.centred()
+        c = prior_scale(cxx, cxy, w0)
+        del cxx, cxy
+        w0 = w0 * c
+        info["prior_scale"] = c.cpu().numpy().tolist()
+    toward(tm, w0)
+    if vm is not None:
+        toward(vm, w0)
+    return w0
+
+
+def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progress, prior=None, prior_scale=True,
+                **_: Any) -> SolverResult:
     import torch
 
     K = train.n_targets
@@ -396,14 +446,17 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
     if ridge_grid is not None or refit:
         vm = stream_moments(val, dev, gram=True, rows=rows, progress=progress, stage="moments (validation)",
                              precise=True, shift=tm.shift)
+    info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
+    w0 = None if prior is None else _shift_to_prior(tm, vm, prior, prior_scale, info)
     mx, my = tm.means()
     cxx, cxy = tm.centred(inplace=not refit)  # the refit adds tm's raw sums to vm's
-    info: dict[str, Any] = {"solver": "lstsq", "method": "gram", "n_train": tm.n, "refit": bool(refit)}
     if ridge_grid is None:
         lam = torch.full((K,), ridge, dtype=torch.float64, device=dev)
         w, info["rank"], info["factorization"] = _direct_solve(cxx, cxy, ridge, rcond)
         del cxx
         b = my - mx @ w
+        if w0 is not None:
+            w = w + w0  # b = mean(y - X w0) - mx v = my - mx (v + w0)
         if not refit:
             return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype)
         choice, grid = torch.zeros(K, dtype=torch.long, device=dev), [float(ridge)]
@@ -426,6 +479,9 @@ def _lstsq_gram(train, val, *, ridge, ridge_grid, refit, dev, rcond, rows, progr
         del evals, evecs, C
         b = my - mx @ w
         info["ridge_grid"] = list(grid)
+        if w0 is not None:
+            w = w + w0
+            toward(vm, w0, sign=-1.0)  # back to the outputs themselves, for the metrics
         if not refit:
             return _finish(w, b, lam, info, val, rows=rows, dtype=tm.dtype, metrics=moment_metrics(vm, w, b))
     metrics = moment_metrics(vm, w, b)  # of the train-only fit: held out
