@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 import os
 import zlib
@@ -19,6 +20,8 @@ from coar_dask.core.store import Store
 from coar_dask.errors import RegressionError, StoreMismatchError, missing_dependency
 
 __all__ = ["Attributions", "TopComponents", "SIGN_CONVENTION", "plain_metadata", "component_names"]
+
+logger = logging.getLogger(__name__)
 
 SIGN_CONVENTION = (
     "weights in mask units: prediction = mask @ weight + bias, mask 1 = kept; "
@@ -189,6 +192,7 @@ class Attributions:
         w = np.asarray(self.weight[:, column], dtype=np.float64)
         names = self.component_names
         order = np.argsort(w, kind="stable")
+        order = order[np.isfinite(w[order])]  # an unfitted component (NaN) is never ranked
 
         def pick(indices: np.ndarray) -> tuple[tuple[str | int, float], ...]:
             return tuple((names[i] if names else int(i), float(w[i])) for i in indices)
@@ -294,9 +298,29 @@ class Attributions:
                        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
         return f"<div><strong>coar_dask.Attributions</strong><table>{body}</table></div>"
 
+    @property
+    def unfitted(self) -> np.ndarray:
+        """Indices of the components whose weights are NaN: never (or always) ablated in the rows fitted
+        on (a partial build), so the fit could not tell their effect (metadata ``unfitted_components``)."""
+        return np.flatnonzero(np.isnan(self.weight).all(axis=1)) if self.weight.size else np.zeros(0, np.int64)
+
+    def fitted_weight(self) -> np.ndarray:
+        """``weight`` with unfitted components (NaN rows) contributing nothing (0), saying once, in one
+        warning, how many there are; ``weight`` itself when every component is fitted."""
+        unfitted = self.unfitted
+        if not unfitted.size:
+            return self.weight
+        if not self.__dict__.get("_warned_unfitted"):
+            object.__setattr__(self, "_warned_unfitted", True)  # once per object (frozen dataclass)
+            logger.warning("%d of %d component(s) are unfitted (NaN weights: never or always ablated in the "
+                           "rows fitted on, e.g. %s); they contribute nothing to predictions. Finish the build "
+                           "and refit to fit them.", unfitted.size, self.n_components, unfitted[:5].tolist())
+        return np.where(np.isnan(self.weight), np.float32(0), self.weight).astype(self.weight.dtype)
+
     def predict(self, masks: np.ndarray) -> np.ndarray:
-        """Predicted outputs ``(n, K)`` for masks ``(n, P)``."""
-        return np.asarray(masks, dtype=np.float32) @ self.weight + self.bias
+        """Predicted outputs ``(n, K)`` for masks ``(n, P)``; unfitted components (NaN weights) contribute
+        nothing (:meth:`fitted_weight`)."""
+        return np.asarray(masks, dtype=np.float32) @ self.fitted_weight() + self.bias
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save as a torch file with keys ``weight``, ``bias``, ``lam``, ``metadata``
@@ -369,8 +393,12 @@ class Attributions:
                 array = array.reshape(-1)
             if array.ndim != ndim:
                 raise bad(f"{key!r} has shape {tuple(value.shape)}, expected {ndim} dimension(s)")
-            if not np.isfinite(array).all():
-                raise bad(f"{key!r} holds NaN or infinite values")
+            finite = np.isfinite(array)
+            if key == "weight" and array.ndim == 2:  # a row all NaN is an unfitted component (a partial build)
+                finite |= np.isnan(array).all(axis=1, keepdims=True)
+            if not finite.all():
+                raise bad(f"{key!r} holds NaN or infinite values"
+                          + (" (outside whole unfitted components)" if key == "weight" else ""))
             arrays[key] = array.astype(np.float32)
         k = arrays["weight"].shape[1]
         for key in ("bias", "lam"):

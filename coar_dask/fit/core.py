@@ -172,21 +172,24 @@ def assemble(plan: FitPlan, parts: Sequence[FitPart], store: Store | None = None
         **_gaps(plan, parts[0].constant),
     }
     cat = lambda name: np.concatenate([getattr(p.result, name) for p in parts], axis=-1)  # noqa: E731
-    return Attributions(cat("weight"), cat("bias"), cat("lam"), metadata)
+    weight = cat("weight")
+    if metadata["unfitted_components"]:  # their weights say nothing: NaN, not the solver's 0 (issue 22)
+        weight[metadata["unfitted_components"], :] = np.nan
+    return Attributions(weight, cat("bias"), cat("lam"), metadata)
 
 
 def _gaps(plan: FitPlan, constant: list[int]) -> dict[str, Any]:
     """What the fit could not see, reported (a warning) and recorded: rows of the store still pending
     (a partial build: its completed rows may be a biased sample) and components that never varied over
-    the training rows (their weights say nothing; lstsq gives them 0)."""
+    the training rows (their weights say nothing: :func:`assemble` makes them NaN)."""
     if plan.n_pending:
         logger.warning("store %s: %d of %d rows are pending (not built); fitted on the %d completed rows only. "
                        "Finish the build (coar-dask build) to fit on every row.", plan.store_path, plan.n_pending,
                        plan.n_rows, plan.n_completed)
     if constant:
         logger.warning("%d component(s) were never (or always) ablated in the %d training rows, so their weights "
-                       "are not fitted (e.g. %s); metadata 'unfitted_components' lists them. Build more rows, or "
-                       "finish a partial build.", len(constant), plan.train_rows.size, constant[:5])
+                       "are not fitted (NaN, e.g. %s); metadata 'unfitted_components' lists them. Build more "
+                       "rows, or finish a partial build.", len(constant), plan.train_rows.size, constant[:5])
     return {"n_pending_rows": int(plan.n_pending), "unfitted_components": [int(c) for c in constant]}
 
 

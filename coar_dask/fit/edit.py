@@ -131,13 +131,14 @@ def _check_direction(direction: str) -> str:
 
 def choose_components(scores: np.ndarray, k: int, direction: str = "lower") -> np.ndarray:
     """The ``k`` components to ablate: the largest scores to ``lower`` the targets' outputs, the
-    smallest to ``raise`` them (ties: lower index first)."""
+    smallest to ``raise`` them (ties: lower index first). A NaN score (an unfitted component) is never
+    chosen, so fewer than ``k`` come back when fewer are fitted."""
     _check_direction(direction)
     scores = np.asarray(scores, dtype=np.float64)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= scores.size:
         raise ConfigError(f"k must be an integer in 0..{scores.size}; found {k!r}.")
     order = np.argsort(-scores if direction == "lower" else scores, kind="stable")
-    return order[:k]
+    return order[~np.isnan(scores[order])][:k]
 
 
 def edit_mask(n_components: int, indices: Sequence[int]) -> np.ndarray:

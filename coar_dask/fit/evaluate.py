@@ -200,7 +200,7 @@ def _sample_outputs(attributions: Attributions, store: Store, x_name: str, y_nam
     """Predicted and actual outputs ``(rows, len(sample))`` of the sampled examples (a second pass)."""
     if not sample.size:
         return np.zeros((0, 0)), np.zeros((0, 0))
-    weight, bias = attributions.weight[:, sample], attributions.bias[sample]
+    weight, bias = attributions.fitted_weight()[:, sample], attributions.bias[sample]
     preds, actuals = [], []
     for _, data in store.iter_completed([x_name, y_name]):
         x, y = _rows_of(data, x_name, y_name, targets)
