@@ -439,3 +439,15 @@ def test_a_read_only_folder_is_one_line(tmp_path, capsys, store, read_only_folde
               "read-only filesystem")
     cli_error(["fit", "--store", store.path, "--out", read_only_folder / "a.pt"], capsys, tmp_path / "store",
               "read-only filesystem")
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"])
+def test_init_store_refuses_a_mask_seed_that_is_not_a_non_negative_integer(tmp_path, seed):
+    """Issue 22: `init --mask-seed -1` was refused by the CLI only; `init_store(..., mask_seed=-1)` made a store.
+    The check now lives in init_store, which both use."""
+    from coar_dask.errors import StoreError
+
+    spec = {"num_models": 10, "schema": {"masks": {"dtype": "bool_", "shape": [4]}}}
+    with pytest.raises(StoreError, match="mask_seed must be a non-negative integer"):
+        init_store(tmp_path / "s", spec, mask_seed=seed)
+    assert not (tmp_path / "s").exists()

@@ -66,9 +66,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     from coar_dask.runtime.build import init_experiment_store
 
     existed = _is_store_dir(Path(args.store))
-    if args.mask_seed is not None and args.mask_seed < 0:
-        raise ConfigError(f"--mask-seed must be a non-negative integer (row i's mask depends on it and i); "
-                          f"found {args.mask_seed}.")
     if args.spec:
         store = init_store(args.store, args.spec, rows_per_chunk=args.rows_per_chunk, mask_seed=args.mask_seed,
                            alpha=args.alpha)

@@ -773,6 +773,10 @@ def init_store(
             raise StoreError(f"rows_per_chunk must be a positive integer; found {rows_per_chunk!r}.")
     if alpha is not None and not (0.0 < float(alpha) < 1.0):
         raise StoreError(f"alpha must lie strictly between 0 and 1; found {alpha!r}.")
+    if mask_seed is not None and (isinstance(mask_seed, bool) or not isinstance(mask_seed, (int, np.integer))
+                                  or mask_seed < 0):  # the one check of init_store and `init --mask-seed`
+        raise StoreError(f"mask_seed must be a non-negative integer (--mask-seed; row i's mask depends on it "
+                         f"and i); found {mask_seed!r}.")
     if path.is_file():
         raise StoreError(f"{str(path)!r} is a file; pass a directory path for the store.")
     if _is_store_dir(path):
