@@ -91,3 +91,83 @@ def test_a_ridge_grid_toward_the_prior_chooses_on_validation_rows():
     assert np.mean(toward.info["val_correlation"]) > np.mean(plain.info["val_correlation"])
     assert np.abs(toward.weight - w_true).mean() < 0.5 * np.abs(plain.weight - w_true).mean()
     assert (toward.lam > 0).all()
+
+
+# -- on a real store: fit(store, prior=...) and coar-dask fit --prior ---------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_stores(tmp_path_factory, digits_experiment):
+    """A 200-row digits store (80 components), and 300 held-out rows."""
+    from coar_dask.core.experiment import load_state
+    from coar_dask.fit.evaluate import eval_store_for
+    from coar_dask.runtime.build import run_build
+
+    tmp = tmp_path_factory.mktemp("prior")
+    state = load_state(digits_experiment)
+    held_exp = digits_experiment.replace(mask_seed=1)
+    store = eval_store_for(tmp / "store", digits_experiment, 200, state.n_components, state.n_examples)
+    held = eval_store_for(tmp / "held", held_exp, 300, state.n_components, state.n_examples)
+    run_build(store, digits_experiment)
+    run_build(held, held_exp)
+    return store, held
+
+
+def test_a_loo_prior_fits_better_than_least_squares_from_few_rows(digits_stores):
+    from coar_dask.fit.evaluate import evaluate
+    from coar_dask.fit.fit import fit
+
+    store, held = digits_stores
+    rows = dict(num_train=60, num_val=20)  # fewer rows than the 80 components
+    plain = evaluate(fit(store, **rows), held).mean
+    ridge = evaluate(fit(store, ridge_grid="auto", **rows), held).mean
+    toward = fit(store, ridge_grid="auto", prior="loo", **rows)
+    assert toward.metadata["prior"] == "loo"
+    assert len(toward.metadata["prior_scale"]) == toward.weight.shape[1]
+    assert (toward.lam > 0).mean() > 0.5  # the chosen penalties are recorded (lam) and mostly shrink
+    scored = evaluate(toward, held).mean
+    assert scored > max(plain, ridge) + 0.05, (scored, plain, ridge)
+    assert (store.path.parent / "store-loo").is_dir()  # where compare and demo keep the LOO rows
+
+
+def test_a_prior_file_with_the_wrong_component_count_is_one_line(digits_stores, tmp_path, coar_dask_cli):
+    import subprocess
+
+    from coar_dask.fit.attributions import Attributions
+    from coar_dask.fit.fit import fit
+
+    store, _ = digits_stores
+    k = int(np.prod(store.spec["margins"].shape))
+    bad = Attributions(np.zeros((79, k), np.float32), np.zeros(k, np.float32), np.zeros(k, np.float32), {})
+    path = bad.save(tmp_path / "bad.pt")
+    with pytest.raises(CoarError, match=r"\(79, 360\), not \(80, 360\)"):
+        fit(store, prior=str(path), ridge_grid="auto", num_val=20)
+    out = subprocess.run([*coar_dask_cli, "fit", str(store.path), "--prior", str(path), "--ridge-grid", "auto",
+                          "--num-val", "20", "--out", str(tmp_path / "a.pt")], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not (80, 360)" in lines[0], out.stderr
+
+
+def test_the_fit_command_takes_a_prior_file(digits_stores, tmp_path, coar_dask_cli):
+    import subprocess
+
+    from coar_dask.fit.attributions import Attributions
+    from coar_dask.fit.fit import fit
+
+    store, _ = digits_stores
+    full = fit(store)
+    path = full.save(tmp_path / "full.pt")
+    out = tmp_path / "toward.pt"
+    run = subprocess.run([*coar_dask_cli, "fit", str(store.path), "--prior", str(path), "--num-train", "40",
+                          "--num-val", "20", "--ridge-grid", "auto", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = Attributions.load(out)
+    assert got.metadata["prior"] == str(path)
+    assert got.metadata["prior_sha256"]
+    unfitted = got.metadata["unfitted_components"]
+    assert unfitted  # 40 rows at alpha 0.05 leave some components never ablated: they keep the scaled prior
+    scaled = full.weight * np.asarray(got.metadata["prior_scale"])[None, :]
+    np.testing.assert_allclose(got.weight[unfitted], scaled[unfitted], rtol=1e-4, atol=1e-6)
+    corr = np.corrcoef(got.weight.ravel(), full.weight.ravel())[0, 1]
+    assert corr > 0.9  # 40 rows for 80 components, pulled toward the 200-row fit

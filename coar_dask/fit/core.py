@@ -173,7 +173,8 @@ def assemble(plan: FitPlan, parts: Sequence[FitPart], store: Store | None = None
     }
     cat = lambda name: np.concatenate([getattr(p.result, name) for p in parts], axis=-1)  # noqa: E731
     weight = cat("weight")
-    if metadata["unfitted_components"]:  # their weights say nothing: NaN, not the solver's 0 (issue 22)
+    # their weights say nothing: NaN, not the solver's 0 (issue 22); a fit toward a prior keeps the prior's there
+    if metadata["unfitted_components"] and "prior" not in metadata:
         weight[metadata["unfitted_components"], :] = np.nan
     return Attributions(weight, cat("bias"), cat("lam"), metadata)
 

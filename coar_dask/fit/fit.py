@@ -19,6 +19,7 @@ them by calling the recorded model factory, and only when asked.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ from coar_dask.fit.core import FitPart, assemble, check_components, solve
 from coar_dask.fit.distributed import execute_slices
 from coar_dask.fit.moments import execute_rows
 from coar_dask.fit.plan import FitPlan, FitSettings, plan_fit
+from coar_dask.fit.prior import make_prior
 from coar_dask.fit.progress import fit_progress
 from coar_dask.fit.rows import StoreRows, infer_names, split_rows
 from coar_dask.solvers.base import FitProgress, ProgressFn
@@ -99,7 +101,9 @@ def fit(
         default, or ``"cuda"``). Every other keyword is an option of the
         solver, e.g. ``ridge=1.0``, ``ridge_grid="auto"``, ``lr=1e-3, k=1,
         batch_size=2500`` (:class:`~coar_dask.solvers.lstsq.LstsqOptions`,
-        :class:`~coar_dask.solvers.saga.SagaOptions`).
+        :class:`~coar_dask.solvers.saga.SagaOptions`); ``prior="gp"|"loo"|FILE`` shrinks the
+        least-squares fit toward that attribution, its penalty chosen on the validation rows
+        (``ridge_grid``, ``"auto"`` unless given; :mod:`coar_dask.fit.prior`).
 
     Returns
     -------
@@ -119,10 +123,25 @@ def fit(
                               f"Pass the store's directory, e.g. fit('path/to/store').")
     if not isinstance(store, Store):
         store = open_store(store, read_only=True)
+    settings = _with_prior(settings, store, client)
     plan = plan_fit(store, settings, slices=slices, max_targets=max_targets, client=client)
     with fit_progress(progress) as report:
         parts = execute(plan, client, report, store=store)
     return assemble(plan, parts, store)
+
+
+def _with_prior(settings: FitSettings, store: Store, client: Any | None) -> FitSettings:
+    """``settings`` with a prior named by a string (``"gp"``, ``"loo"``, a file) made for ``store``."""
+    named = settings.options.get("prior")
+    if not isinstance(named, (str, os.PathLike)):
+        return settings
+    x_name, y_name = infer_names(store, settings.x_name, settings.y_name)
+    prior = make_prior(store, named, x_name, y_name, client=client)
+    options = {**settings.options, "prior": prior}
+    if options.get("ridge_grid") is None and not options.get("ridge"):
+        options["ridge_grid"] = "auto"  # lam 0 would be least squares: choose it on validation rows
+        logger.info("prior %s: choosing the penalty per example on validation rows (ridge_grid='auto')", named)
+    return dataclasses.replace(settings, solver_options=tuple(sorted(options.items())))
 
 
 def _settings(settings: FitSettings | None, options: dict[str, Any]) -> FitSettings:

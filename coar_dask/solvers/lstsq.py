@@ -147,7 +147,10 @@ class LstsqOptions:
     cg_max_iter: int = option(500, "conjugate gradients' iteration limit")
     max_gram_bytes: int = option(MAX_GRAM_BYTES, "largest P x P matrix method='auto' forms")
     batch_rows: int | None = option(None, "rows per BLAS batch")
-    prior: Prior | None = option(None, "lstsq: shrink toward this prior attribution (fit(prior=...))")
+    prior: Prior | None = option(
+        None, "lstsq: shrink toward a prior attribution instead of zero: gp (gradient x parameter), loo "
+        "(leave-one-out, kept in STORE-loo) or an attributions file; choose the penalty with --ridge-grid auto",
+        flag="--prior", type=str)
     prior_scale: bool = option(True, "lstsq: scale the prior per target on the training rows")
 
     def __post_init__(self) -> None:

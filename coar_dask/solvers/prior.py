@@ -18,6 +18,7 @@ target on the training rows, ``c = argmin ||y' - c X' w0||^2``
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,10 @@ def as_prior(value: Any) -> Prior | None:
     """``None``, a :class:`Prior`, or an array (P, K) made into one."""
     if value is None or isinstance(value, Prior):
         return value
+    if isinstance(value, (str, os.PathLike)):
+        raise RegressionError(f"prior {str(value)!r}: a named prior ('gp', 'loo', a file) is made by "
+                              f"coar_dask.fit(store, prior=...) / coar-dask fit --prior; pass the solver a "
+                              f"Prior or a (components, targets) array.")
     return Prior(np.asarray(value, dtype=np.float64))
 
 
