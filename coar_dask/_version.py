@@ -9,4 +9,8 @@ __version__ = "0.1.0"
 #: gives the store its id, and block digests written after it are bound to
 #: that id and the claimed experiment (a format-2 reader would take every such
 #: block for a corrupt one); format-2 stores open, verify and fit unchanged.
-FORMAT_VERSION = 3
+#: 4: the claim and content record live in ``_completed/`` (out of zarr's
+#: hierarchy), every array names its dimensions and the store holds xarray
+#: coordinates (a format-3 reader would miss the claim and take every block for
+#: a corrupt one); format 1-3 stores open, verify, build and fit unchanged.
+FORMAT_VERSION = 4

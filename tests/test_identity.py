@@ -290,5 +290,5 @@ def test_an_evaluation_stores_content_record_names_its_own_experiment(user_folde
         init_experiment_store(user_folder / name, exp, ROWS, rows_per_chunk=ROWS_PER_BLOCK)
         run_build(user_folder / name, exp)
     for name, exp in (("train", train), ("held", held)):
-        record = json.loads((user_folder / name / CONTENT_FILE).read_text())
+        record = json.loads(open_store(user_folder / name).record_file(CONTENT_FILE).read_text())
         assert record["experiment_fingerprint"] == exp.fingerprint == open_store(user_folder / name).experiment_fingerprint

@@ -163,7 +163,7 @@ def test_concurrent_claims_of_different_experiments_have_one_winner(tmp_path):
     assert store.claim({"experiment_fingerprint": winner})["experiment_fingerprint"] == winner  # idempotent
     with pytest.raises(StoreMismatchError, match="belongs to another experiment"):
         store.claim({"experiment_fingerprint": "other"})
-    assert not list(store.path.glob("*.partial"))  # the temporary claim files are gone
+    assert not list(store.path.rglob("*.partial"))  # the temporary claim files are gone
 
 
 def test_claim_falls_back_to_exclusive_create_without_hard_links(tmp_path, monkeypatch):

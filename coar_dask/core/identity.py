@@ -155,7 +155,7 @@ def content_digests(state: Any) -> dict[str, str | None]:
 
 def read_content(store: Any) -> dict[str, Any] | None:
     """The content record of ``store`` (:data:`CONTENT_FILE`), or ``None`` when none was written yet."""
-    path = store.path / CONTENT_FILE
+    path = store.record_file(CONTENT_FILE)  # beside the claim (the store's root before format 4)
     try:
         return durability.read_exclusive(path, lambda r: isinstance(r.get("model_state"), str))
     except ValueError:
@@ -208,7 +208,7 @@ def check_content(store: Any, state: Any, experiment: Any) -> dict[str, Any]:
     digests = content_digests(state)
     record = read_content(store)
     if record is None:
-        durability.create_exclusive(store.path / CONTENT_FILE, json.dumps({
+        durability.create_exclusive(store.record_file(CONTENT_FILE), json.dumps({
             "algorithm": ALGORITHM, **digests,
             "experiment_fingerprint": experiment.fingerprint,
             "recorded_by": f"{socket.gethostname()} pid {os.getpid()}",

@@ -31,8 +31,7 @@ Integrity (formats 2 and 3):
   (used by :meth:`Store.iter_completed`, hence by fit and evaluate, and by the
   .beton export) refuses such blocks. Format-1 stores have no digests and still
   open; their readers check only that chunk files exist and are regular files.
-* ``coar_dask.claim.json`` at the store's root records the experiment that
-  owns the store, and gives the store its id (format 3; a format-2 store's id
+* ``coar_dask.claim.json`` records the experiment that owns the store, and gives the store its id (format 3; a format-2 store's id
   was given at init, so copies of an unbuilt store shared it). It is created
   atomically (written to a temporary file, then hard-linked into place, which
   fails when the name exists -- atomic on local filesystems and NFS alike), so
@@ -41,6 +40,19 @@ Integrity (formats 2 and 3):
 * ``coar_dask.content.json`` records digests of what the experiment's
   factories returned (model state, examples, labels); see
   :mod:`coar_dask.core.identity`.
+
+Both records live in the ``_completed`` array's folder (format 4,
+:meth:`Store.record_file`): zarr lists every entry of a group's folder as a
+would-be member and warns about any that is not one, but never looks inside an
+array's folder beyond its chunk keys. Stores written before keep them at their
+root, where they are still read (and written, so a store has one claim).
+
+xarray (format 4): every array names its dimensions (``row``; ``component``
+for the masks, ``example`` for the outputs: :func:`dimension_names`), and the
+store holds coordinates -- ``component`` and ``example`` (indices) from its
+init, ``layer``, ``unit``, ``name`` and ``label`` once a build knows the
+experiment (:meth:`Store.write_coordinates`) -- so ``xr.open_zarr(STORE)`` is a
+labelled dataset whose arrays are those of :meth:`Store.to_dask`.
 """
 
 from __future__ import annotations
@@ -74,6 +86,8 @@ __all__ = [
     "COMPLETED",
     "DIGESTS",
     "CLAIM_FILE",
+    "RECORD_FOLDER",
+    "dimension_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +101,14 @@ SPAN_BLOCKS = 8
 SPAN_BYTES = 64 * 2**20
 #: The file naming the experiment a store belongs to (first build wins).
 CLAIM_FILE = "coar_dask.claim.json"
+#: Where a format-4 store keeps its claim and content record: inside an array's folder, which zarr
+#: never lists (a group's folder it does, warning about every entry that is not an array or group).
+RECORD_FOLDER = COMPLETED
+#: The format that gave stores their claim ids (a format-2 store claimed now is marked with it).
+_CLAIM_ID_FORMAT = 3
+#: Coordinate arrays along the ``component`` and ``example`` dimensions (xarray's non-index coordinates).
+_COMPONENT_COORDS = ("layer", "unit", "name")
+_EXAMPLE_COORDS = ("label",)
 _ATTR = "coar_dask"
 #: Target for the uncompressed size of one chunk of the widest array.
 _CHUNK_BYTES_TARGET = 64 * 2**20
@@ -105,6 +127,51 @@ def default_rows_per_chunk(spec: Spec) -> int:
     widest = max(a.row_nbytes for a in spec.schema)
     by_bytes = max(1, _CHUNK_BYTES_TARGET // max(widest, 1))
     return int(max(1, min(_MAX_ROWS_PER_CHUNK, by_bytes, spec.num_models)))
+
+
+def dimension_names(spec: Spec) -> dict[str, tuple[str, ...]]:
+    """The dimension names of every array of a store of ``spec`` (zarr v3 ``dimension_names``).
+
+    ``row`` first; the first boolean array of one more dimension (the masks) then has ``component``,
+    the first other one (the outputs) ``example``; every other dimension is ``<array>_<axis>`` (two
+    output arrays may hold different example sets: they share no dimension). ``_completed`` has
+    ``row``, ``_digests`` ``block``, ``digest_array``, ``digest_byte``.
+
+    Examples
+    --------
+    >>> spec = Spec.for_experiment(100, 6, 3)
+    >>> dimension_names(spec)["masks"], dimension_names(spec)["margins"]
+    (('row', 'component'), ('row', 'example'))
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for a in spec.schema:
+        shared = ("component" if a.np_dtype == np.dtype(bool) else "example") if len(a.shape) == 1 else None
+        # xarray takes a variable named like a dimension for that dimension's coordinate: keep them apart
+        if shared is not None and shared not in used and shared not in spec.names:
+            used.add(shared)
+            out[a.name] = ("row", shared)
+        else:
+            out[a.name] = ("row", *(f"{a.name}_{i}" for i in range(len(a.shape))))
+    out[COMPLETED] = ("row",)
+    out[DIGESTS] = ("block", "digest_array", "digest_byte")
+    return out
+
+
+def _coordinates(summary: Any, n_components: int) -> dict[str, np.ndarray] | None:
+    """``layer``, ``unit`` and ``name`` of each component from a components summary
+    (:meth:`coar_dask.core.components.Components.summary`); ``None`` when it does not describe
+    ``n_components`` components."""
+    try:
+        layers = [(str(layer["module"]), int(layer["units"])) for layer in summary["layers"]]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if sum(n for _, n in layers) != n_components or any(n < 0 for _, n in layers):
+        return None
+    units = np.concatenate([np.arange(n, dtype=np.int64) for _, n in layers] or [np.zeros(0, np.int64)])
+    layer = np.array([m for m, n in layers for _ in range(n)], dtype=str)
+    names = np.array([f"{m}[{u}]" for m, u in zip(layer.tolist(), units.tolist())], dtype=str)
+    return {"layer": layer, "unit": units, "name": names}
 
 
 @dataclass(frozen=True)
@@ -215,6 +282,82 @@ class Store:
             f"{done} completed, arrays {list(self.spec.names)}, "
             f"{self.n_blocks} blocks of {self.rows_per_chunk} rows>"
         )
+
+    def _repr_html_(self) -> str:
+        """A small table for notebooks: path, rows completed and pending, the experiment in one line,
+        then each array's dimensions, shape, chunks and dtype (as :class:`~coar_dask.fit.attributions.Attributions` shows itself)."""
+        import html
+
+        done = int(self.completed_rows().sum())
+        rows = [("path", str(self.path)), ("rows", f"{done} completed, {self.num_rows - done} pending "
+                                                   f"({self.n_blocks} blocks of {self.rows_per_chunk})"),
+                ("experiment", _experiment_line(self._meta))]
+        cell = "<{0} style='text-align:left'>{1}</{0}>"
+        body = "".join(f"<tr>{cell.format('th', html.escape(k))}{cell.format('td', html.escape(v))}</tr>"
+                       for k, v in rows)
+        head = "".join(cell.format("th", h) for h in ("array", "dims", "shape", "chunks", "dtype"))
+        arrays = "".join(
+            "<tr>" + "".join(cell.format("td", html.escape(str(v))) for v in (
+                name, ", ".join(self.dimension_names(name)) or "-", self._shape(name), self._chunks(name),
+                self._dtype(name))) + "</tr>" for name in (*self.spec.names, COMPLETED))
+        return (f"<div><strong>coar_dask.Store</strong><table>{body}</table>"
+                f"<table><tr>{head}</tr>{arrays}</table></div>")
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return (self.num_rows, *self.spec[name].shape) if name in self.spec else (self.num_rows,)
+
+    def _chunks(self, name: str) -> tuple[int, ...]:
+        return (self.rows_per_chunk, *self._shape(name)[1:])
+
+    def _dtype(self, name: str) -> str:
+        return self.spec[name].np_dtype.name if name in self.spec else "bool"
+
+    def dimension_names(self, name: str) -> tuple[str, ...]:
+        """The dimension names array ``name`` records (``()`` where a store written before format 4
+        recorded none; new stores follow :func:`dimension_names`)."""
+        return tuple(self.array(name).metadata.dimension_names or ())
+
+    # -- files of the store's own, outside zarr's hierarchy ----------------
+    def record_file(self, name: str) -> Path:
+        """The file of record ``name`` (:data:`CLAIM_FILE`, the content record).
+
+        In :data:`RECORD_FOLDER` for a store of format 4 (where zarr does not list it), at the root for
+        stores written before; a record an earlier coar_dask wrote at the root of a newer store is
+        read there. Where none exists yet, the place to create it.
+        """
+        own = self.path / RECORD_FOLDER / name if self._meta.get("record_folder") == RECORD_FOLDER \
+            else self.path / name
+        root = self.path / name
+        if own != root and not own.exists() and root.exists():
+            return root
+        return own
+
+    def write_coordinates(self, components: Mapping[str, Any] | None, labels: Any = None) -> list[str]:
+        """Write the coordinates only a build knows, unless written: ``layer``, ``unit`` and ``name``
+        along ``component`` (from a components summary, :meth:`Components.summary
+        <coar_dask.core.components.Components.summary>`) and ``label`` along ``example`` (the
+        examples' labels, when one per example). Returns the names written.
+
+        A store without those dimensions (written before format 4), a summary of another number of
+        components and labels of another shape are left as they are. Two builds starting together
+        write the same values.
+        """
+        dims = {self.dimension_names(n)[1]: self.spec[n].shape[0] for n in self.spec.names
+                if len(self.dimension_names(n)) == 2}
+        wanted: dict[str, np.ndarray] = {}
+        if "component" in dims and components is not None:
+            wanted.update(_coordinates(components, dims["component"]) or {})
+        label = None if labels is None else np.asarray(labels)
+        if "example" in dims and label is not None and label.shape == (dims["example"],) and label.dtype.kind in "biuf":
+            wanted["label"] = label
+        written = []
+        for name, values in wanted.items():
+            if name in self.spec or (self.path / name / "zarr.json").is_file():
+                continue
+            dim = "example" if name in _EXAMPLE_COORDS else "component"
+            _write_coordinate(self._group, name, dim, values)
+            written.append(name)
+        return written
 
     # -- arrays -----------------------------------------------------------
     def array(self, name: str):
@@ -533,7 +676,7 @@ class Store:
     # -- the experiment that owns the store --------------------------------
     def read_claim(self) -> dict[str, Any] | None:
         """The claim recorded in :data:`CLAIM_FILE`, or ``None`` when the store is unclaimed."""
-        path = self.path / CLAIM_FILE
+        path = self.record_file(CLAIM_FILE)
         try:
             return durability.read_exclusive(path, lambda c: isinstance(c.get("experiment_fingerprint"), str))
         except ValueError:
@@ -562,11 +705,11 @@ class Store:
             record = dict(record)
             if self.has_digests and not self.completed_rows().any():
                 record["store_id"] = uuid.uuid4().hex
-            durability.create_exclusive(self.path / CLAIM_FILE, json.dumps(record, sort_keys=True, default=str))
+            durability.create_exclusive(self.record_file(CLAIM_FILE), json.dumps(record, sort_keys=True, default=str))
             claim = self.read_claim()
             if claim is not None and claim.get("store_id") == record.get("store_id") and claim.get("store_id") \
-                    and int(self._meta.get("format_version", 0)) < FORMAT_VERSION:
-                self.update_meta(format_version=FORMAT_VERSION)  # earlier versions cannot check its digests
+                    and int(self._meta.get("format_version", 0)) < _CLAIM_ID_FORMAT:
+                self.update_meta(format_version=_CLAIM_ID_FORMAT)  # format-2 readers cannot check its digests
         have = claim["experiment_fingerprint"] if claim else None
         if have != wanted:
             raise StoreMismatchError(
@@ -609,6 +752,30 @@ def _verified_chunk(path: str, name: str, block_info: Any = None) -> np.ndarray:
     return np.asarray(store.array(name)[block.start:block.stop])
 
 
+def _experiment_line(meta: Mapping[str, Any]) -> str:
+    """The experiment a store records, in one line (``-`` when it records none)."""
+    exp = meta.get("experiment")
+    if not isinstance(exp, Mapping):
+        return "-"
+    part = lambda key: exp.get(key).get("factory") if isinstance(exp.get(key), Mapping) else exp.get(key)  # noqa: E731
+    return (f"{part('model')} on {part('examples')}, output {exp.get('output')}, alpha {exp.get('alpha')}, "
+            f"mask seed {exp.get('mask_seed')}")
+
+
+def _write_coordinate(group: Any, name: str, dim: str, values: np.ndarray) -> None:
+    """Create the 1-d coordinate array ``name`` along ``dim`` holding ``values`` (one chunk)."""
+    import zarr
+
+    try:
+        arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,),
+                                 dtype=str if values.dtype.kind == "U" else values.dtype,
+                                 dimension_names=[dim], fill_value="" if values.dtype.kind == "U" else 0)
+    except zarr.errors.ContainsArrayError:  # another build made it: it writes the same values
+        arr = group[name]
+    if values.size:
+        arr[:] = values
+
+
 def _store_path(path: Any, where: str) -> Path:
     """``path`` as an absolute Path; anything but a string or path-like is refused, naming what was found."""
     if isinstance(path, Store):
@@ -627,7 +794,7 @@ def _is_store_dir(path: Path) -> bool:
 
 def _not_ours(path: Path) -> StoreError:
     """A zarr group without coar_dask's record: an init of ours cut short, or another tool's data."""
-    if (path / COMPLETED / "zarr.json").is_file() and len(list(path.iterdir())) <= 5:
+    if (path / COMPLETED / "zarr.json").is_file() and len(list(path.iterdir())) <= 7:
         return StoreError(
             f"{str(path)!r} holds a coar_dask store whose init was interrupted (its arrays exist, its record "
             f"does not); it holds no data yet: remove that folder and run `coar-dask init` again."
@@ -825,6 +992,7 @@ def _new_meta(spec: Spec, rpc: int, mask_seed: int | None, alpha: float | None, 
         "store_id": uuid.uuid4().hex,
         "block_digest": DIGEST_ALGORITHM if digests else None,
         "codecs": dict(CODECS),
+        "record_folder": RECORD_FOLDER,
         **dict(extra_meta or {}),
     }
 
@@ -877,11 +1045,13 @@ def _compressors(dtype: np.dtype) -> list[Any]:
 
 
 def _add_arrays(group: Any, spec: Spec, rpc: int, digests: bool) -> None:
-    import zarr
-
     n = spec.num_models
     compressors = _compressors(np.dtype(np.uint8))
+    dims = dimension_names(spec)
+    # xarray reads an array's "coordinates" attribute: names not written yet (a build writes them) are skipped
+    coords = {"component": " ".join(_COMPONENT_COORDS), "example": " ".join(_EXAMPLE_COORDS)}
     for a in spec.schema:
+        shared = dims[a.name][1] if len(dims[a.name]) == 2 else None
         group.create_array(
             a.name,
             shape=(n, *a.shape),
@@ -889,13 +1059,16 @@ def _add_arrays(group: Any, spec: Spec, rpc: int, digests: bool) -> None:
             dtype=a.np_dtype,
             fill_value=0,
             compressors=_compressors(a.np_dtype),
-            dimension_names=["row", *(f"{a.name}_{i}" for i in range(len(a.shape)))],
+            dimension_names=list(dims[a.name]),
+            attributes={"coordinates": coords[shared]} if shared in coords else None,
         )
+        if shared in coords and shared not in spec.names:  # the dimension's index, known from the spec
+            _write_coordinate(group, shared, shared, np.arange(a.shape[0], dtype=np.int64))
     group.create_array(COMPLETED, shape=(n,), chunks=(rpc,), dtype=bool, fill_value=False,
-                       compressors=compressors)
+                       compressors=compressors, dimension_names=list(dims[COMPLETED]))
     if digests:
         n_blocks = -(-n // rpc)
         # One chunk per block, like every other array: written only by that block's task.
         group.create_array(DIGESTS, shape=(n_blocks, len(spec.schema), DIGEST_SIZE),
                            chunks=(1, len(spec.schema), DIGEST_SIZE), dtype=np.uint8, fill_value=0,
-                           compressors=compressors)
+                           compressors=compressors, dimension_names=list(dims[DIGESTS]))

@@ -231,6 +231,7 @@ def plan_build(store: Store | str | os.PathLike, experiment: Experiment | Any) -
         "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     check_content(store, state, experiment)  # what the factories returned here: recorded first, else checked
+    store.write_coordinates(state.components.summary(), state.labels)  # xarray's layer, unit, name, label
     if store.experiment_fingerprint is None:
         store.update_meta(
             experiment_fingerprint=experiment.fingerprint,
