@@ -250,3 +250,26 @@ def test_a_store_with_the_previous_codec_opens_verifies_and_fits_the_same(tmp_pa
     a, b = fit(old), fit(new)
     np.testing.assert_array_equal(a.weight, b.weight)
     np.testing.assert_array_equal(a.bias, b.bias)
+
+
+def test_repr_html_shows_rows_arrays_and_the_experiment(tmp_path):
+    """Issue 24 item 2: a Store shows itself in a notebook: path, rows completed and pending, each
+    array's dims, shape, chunks and dtype, and the experiment it records, in one line."""
+    store = init_store(tmp_path / "s", small_spec(n=10, p=6, k=3), rows_per_chunk=5,
+                       extra_meta={"experiment": {"model": {"factory": "pkg.models:net"},
+                                                  "examples": {"factory": "pkg.data:val"}, "output": "margin",
+                                                  "alpha": 0.05, "mask_seed": 0}})
+    rng = np.random.default_rng(0)
+    store.write_block(1, {"masks": rng.random((5, 6)) > 0.5, "y": rng.normal(size=(5, 3))})
+    html = store._repr_html_()
+    assert html.startswith("<div><strong>coar_dask.Store</strong><table>") and html.endswith("</table></div>")
+    assert str(store.path) in html and "5 completed, 5 pending (2 blocks of 5)" in html
+    assert "pkg.models:net on pkg.data:val, output margin, alpha 0.05, mask seed 0" in html
+    assert "<td style='text-align:left'>masks</td><td style='text-align:left'>row, component</td>" \
+           "<td style='text-align:left'>(10, 6)</td><td style='text-align:left'>(5, 6)</td>" \
+           "<td style='text-align:left'>bool</td>" in html
+    assert "<td style='text-align:left'>row, example</td><td style='text-align:left'>(10, 3)</td>" \
+           "<td style='text-align:left'>(5, 3)</td><td style='text-align:left'>float16</td>" in html
+    assert "5 completed" in repr(store)
+    plain = init_store(tmp_path / "p", {"num_models": 2, "schema": {"a<b": {"dtype": "float32", "shape": [1]}}})
+    assert "a&lt;b" in plain._repr_html_() and "<td style='text-align:left'>-</td>" in plain._repr_html_()
