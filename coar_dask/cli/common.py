@@ -111,7 +111,7 @@ def build_with_progress(store: Any, experiment: Any, client: Any, desc: str) -> 
 
     plan = plan_build(store, experiment)
     if not plan.blocks:
-        echo(f"{desc}: all {plan.n_blocks_total} blocks already completed.")
+        echo(f"{desc}: nothing to do; all {plan.n_blocks_total} blocks of {plan.store_path} are completed.")
         return BuildReport()
     bar = progress_bar(len(plan.blocks), desc)
 

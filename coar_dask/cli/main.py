@@ -98,6 +98,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             return 1
         store = open_store(args.store)
     experiment = experiment_for_store(args.experiment, store, "build")
+    if not store.pending_blocks():  # plan here (it still checks the experiment); no cluster to start
+        build_with_progress(store, experiment, None, "build")
+        return 0
     with client_for(args) as client:
         report = build_with_progress(store, experiment, client, "build")
     status = open_store(args.store).status()
