@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -577,6 +578,8 @@ class RepairReport:
     unrepairable: tuple[Problem, ...]
     dry_run: bool = False
     verify: VerifyReport | None = field(default=None, compare=False, repr=False)
+    #: the store records its experiment, so ``coar-dask build STORE`` needs no ``--experiment``
+    experiment_recorded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -607,8 +610,10 @@ class RepairReport:
         for p in self.unrepairable:
             lines.append(f"UNREPAIRABLE: {p.message}")
         if self.reset_blocks and not self.dry_run:
-            lines.append("next:       run `coar-dask build --store STORE --experiment EXP.yaml` with the experiment "
-                         "the store was built with; it recomputes exactly these blocks.")
+            build = f"coar-dask build {shlex.quote(self.path)}"
+            lines.append(f"next:       run `{build}`; it recomputes exactly these blocks." if self.experiment_recorded
+                         else f"next:       run `{build} --experiment EXP.yaml` with the experiment the store was "
+                              f"built with (it records none); it recomputes exactly these blocks.")
         return "\n".join(lines)
 
 
@@ -676,4 +681,5 @@ def repair_store(
         unrepairable=report.store_problems,
         dry_run=dry_run,
         verify=report,
+        experiment_recorded=bool(opened.meta.get("experiment")),
     )
