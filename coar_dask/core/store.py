@@ -57,6 +57,7 @@ labelled dataset whose arrays are those of :meth:`Store.to_dask`.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -286,8 +287,6 @@ class Store:
     def _repr_html_(self) -> str:
         """A small table for notebooks: path, rows completed and pending, the experiment in one line,
         then each array's dimensions, shape, chunks and dtype (as :class:`~coar_dask.fit.attributions.Attributions` shows itself)."""
-        import html
-
         done = int(self.completed_rows().sum())
         rows = [("path", str(self.path)), ("rows", f"{done} completed, {self.num_rows - done} pending "
                                                    f"({self.n_blocks} blocks of {self.rows_per_chunk})"),
