@@ -26,6 +26,7 @@ Usage::
     python benchmarks/memory_model.py            # a table
     python benchmarks/memory_model.py --json     # max_rel_error, sizes, every case
     python benchmarks/memory_model.py --quick    # the two smallest sizes of each stage
+    python benchmarks/memory_model.py --stage build   # one stage (or stage/method, e.g. fit/saga)
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fit cases read max_memory_allocated)")
     parser.add_argument("--max-bytes", type=float, default=3e9, help="predicted peak of the largest fit cases")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
+    parser.add_argument("--stage", help="only the cases of this stage or stage/method (e.g. build, fit/saga)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     results = [run_case(c, args.device, args.timeout) for c in cases(args.max_bytes, args.quick)
-               if args.device == "cpu" or c["stage"] == "fit"]
+               if (args.device == "cpu" or c["stage"] == "fit")
+               and (not args.stage or args.stage in (c["stage"], f"{c['stage']}/{c['method']}"))]
     ok = [r for r in results if "error" not in r]
     stages: dict[str, list[str]] = {}
     for r in ok:

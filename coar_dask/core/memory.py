@@ -48,6 +48,7 @@ from coar_dask.errors import RegressionError
 __all__ = [
     "MemoryEstimate",
     "GRAM_P2", "GRAM_P2_CUDA", "GRAM_PK", "GRAM_GRID_P2", "GRAM_GRID_PK", "CG_PK", "CG_BATCH_BYTES", "SAGA_PK", "SAGA_CACHE_BYTES", "ACTIVATION_FACTOR",
+    "FOLD_COPIES",
     "GPU_MEMORY_FRACTION", "PREFETCH_BUFFERS",
     "batch_bytes", "fit_bytes", "partial_sum_bytes", "slice_bytes", "slices_needed", "choose_fit_method",
     "cg_batch_rows", "build_worker_bytes", "client_bytes", "evaluate_bytes", "human", "available_host_bytes",
@@ -71,8 +72,14 @@ CG_BATCH_BYTES = 512 * 2**20
 SAGA_PK = 10.0
 #: Rows SAGA caches in memory between epochs, per row source (``SagaOptions.cache_bytes``' default).
 SAGA_CACHE_BYTES = 2**30
-#: Live activations of an inference pass, as multiples of the largest hooked activation.
+#: Live activations of an inference pass, as multiples of the largest hooked activation (a residual
+#: block's input, its convolution's output, the sum, and the next block's input; measured 4.2-4.3 on
+#: the benchmark's BatchNorm-folded ResNets, 5.1 on the unfolded ones: their BatchNorm outputs).
 ACTIVATION_FACTOR = 4.0
+#: Parameter copies a BatchNorm model adds on a build worker: the engine's folded copy, and the deep
+#: copy ``torch.fx.experimental.optimization.fuse`` folds, held in reference cycles until Python's
+#: cyclic garbage collector runs (measured: 2.0 x the parameters resident after the first block).
+FOLD_COPIES = 2
 #: Fraction of a device's free memory a plan may use (CUDA keeps workspace of its own).
 GPU_MEMORY_FRACTION = 0.9
 #: Row buffers alive while streaming: the consumer's, the read-ahead queue's, and the one being filled.
@@ -265,18 +272,31 @@ def cg_batch_rows(P: int, K: int, rows: int, *, budget: float = CG_BATCH_BYTES) 
 
 def build_worker_bytes(*, param_bytes: int, example_bytes: int, n_examples: int, examples_per_pass: int,
                        masks_per_pass: int, activation_elements: int, activation_itemsize: int = 4,
-                       outputs_per_example: int = 1000, device: str = "cpu") -> dict[str, MemoryEstimate]:
+                       outputs_per_example: int = 1000, device: str = "cpu",
+                       batchnorm: bool = True) -> dict[str, MemoryEstimate]:
     """A build worker's peak: ``{"device": ..., "host": ...}`` (one process on the CPU: both add up).
 
-    The model's parameters (and a BatchNorm-folded copy when several masks share a pass), one pass's
-    inputs (``masks_per_pass x examples_per_pass`` rows), its live activations
-    (:data:`ACTIVATION_FACTOR` times the largest hooked activation ``activation_elements`` per row)
-    and logits; the examples stay in host memory.
+    The model's parameters; with BatchNorm (``batchnorm``), the engine's folded copy, made when its
+    runner starts whatever the masks per pass, and the copy ``torch.fx``'s ``fuse`` deep-copies to fold
+    it (:data:`FOLD_COPIES`); one pass's inputs (``masks_per_pass x examples_per_pass`` rows), its live
+    activations (:data:`ACTIVATION_FACTOR` times the largest hooked activation ``activation_elements``
+    per row, one more with ``masks_per_pass`` 1 on a BatchNorm model: the unfolded model's BatchNorm
+    outputs) and logits; the examples stay in host memory.
+
+    Examples
+    --------
+    >>> e = build_worker_bytes(param_bytes=10, example_bytes=4, n_examples=8, examples_per_pass=8,
+    ...                        masks_per_pass=2, activation_elements=1, outputs_per_example=0)
+    >>> e["device"].to_dict()["parts"]["model"], build_worker_bytes(
+    ...     param_bytes=10, example_bytes=4, n_examples=8, examples_per_pass=8, masks_per_pass=2,
+    ...     activation_elements=1, outputs_per_example=0, batchnorm=False)["device"].to_dict()["parts"]["model"]
+    (30, 10)
     """
     rows = int(masks_per_pass) * int(examples_per_pass)
-    copies = 2 if masks_per_pass > 1 else 1
+    copies = 1 + (FOLD_COPIES if batchnorm else 0)
+    live = ACTIVATION_FACTOR + (1 if batchnorm and int(masks_per_pass) == 1 else 0)
     device_parts = [("model", copies * int(param_bytes)), ("inputs", rows * int(example_bytes)),
-                    ("activations", ACTIVATION_FACTOR * rows * int(activation_elements) * activation_itemsize),
+                    ("activations", live * rows * int(activation_elements) * activation_itemsize),
                     ("logits", rows * int(outputs_per_example) * F32)]
     host = [("examples", int(n_examples) * int(example_bytes))]
     if str(device).startswith("cuda"):

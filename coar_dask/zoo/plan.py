@@ -300,8 +300,9 @@ def _worker(name: str, model: Any, example: Any, exp: Any, K: int, gpu: str) -> 
     params = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     est = build_worker_bytes(param_bytes=params, example_bytes=example_bytes, n_examples=K,
                              examples_per_pass=per_pass, masks_per_pass=m, activation_elements=act,
-                             activation_itemsize=2 if getattr(exp, "amp", False) else 4, outputs_per_example=0,
-                             device=device)
+                             activation_itemsize=2 if getattr(exp, "amp", "off") in ("bf16", "fp16") else 4,
+                             outputs_per_example=0, device=device,
+                             batchnorm=any("BatchNorm" in type(mod).__name__ for mod in model.modules()))
     return {"device_bytes": est["device"].total, "host_bytes": est["host"].total, "masks_per_pass": m,
             "examples_per_pass": per_pass, "largest_activation_per_example": act, "param_bytes": params,
             "parts": dict(est["device"].parts)}
