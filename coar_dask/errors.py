@@ -18,6 +18,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "StoreMismatchError",
+    "SchedulerLostError",
     "CorruptBlockError",
     "ExperimentError",
     "FactoryError",
@@ -83,6 +84,10 @@ class MissingDependencyError(CoarError, ImportError):
 
 class BuildError(CoarError, RuntimeError):
     """A build could not complete some blocks."""
+
+
+class SchedulerLostError(CoarError, ConnectionError):
+    """The client lost its Dask scheduler (stopped, crashed or unreachable) while tasks were running."""
 
 
 class OutputError(ExperimentError):

@@ -451,3 +451,44 @@ def test_init_store_refuses_a_mask_seed_that_is_not_a_non_negative_integer(tmp_p
     with pytest.raises(StoreError, match="mask_seed must be a non-negative integer"):
         init_store(tmp_path / "s", spec, mask_seed=seed)
     assert not (tmp_path / "s").exists()
+
+
+_KILL_THE_SCHEDULER = '''
+import sys, threading, time
+
+def kill_scheduler_after_a_block(store_path):
+    from distributed import Scheduler
+    from coar_dask.core.store import open_store
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not open_store(store_path, read_only=True).completed_blocks().any():
+        time.sleep(0.2)
+    for scheduler in list(Scheduler._instances):
+        scheduler.loop.add_callback(scheduler.close)
+
+if __name__ == "__main__":
+    threading.Thread(target=kill_scheduler_after_a_block, args=(sys.argv[1],), daemon=True).start()
+    from coar_dask.cli.main import main
+    sys.exit(main(["build", sys.argv[1], "--cluster", "local", "--workers", "2"]))
+'''
+
+
+def test_a_killed_scheduler_during_a_build_is_one_line_naming_resume(tmp_path, coar_dask_cli):
+    """Issue 22: a LocalCluster whose scheduler dies mid-build printed ~250 lines (one error per block and
+    distributed's reconnect tracebacks). Now: one line saying what happened, that completed blocks are kept
+    and how to resume; exit 2. The scheduler is closed from a thread of the CLI's own process (the
+    LocalCluster's scheduler lives there) once a block is complete."""
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    store = tmp_path / "s"
+    init = subprocess.run([*coar_dask_cli, "init", "--experiment", str(config), "--store", str(store), "--rows",
+                           "2000", "--rows-per-chunk", "20"], capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr
+    script = tmp_path / "build_and_kill.py"
+    script.write_text(_KILL_THE_SCHEDULER)
+    proc = subprocess.run([sys.executable, str(script), str(store)], capture_output=True, text=True, timeout=500,
+                          cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(lines) <= 5, proc.stderr  # workers may log 'close-stream'
+    assert lines[-1].startswith("coar-dask build: error: lost the connection to the Dask scheduler"), lines[-1]
+    assert "completed in this session are kept" in lines[-1] and f"coar-dask build {store}" in lines[-1]
+    assert 0 < int(open_store(store, read_only=True).completed_blocks().sum()) < 100

@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from coar_dask.errors import BuildError, ExperimentError, StoreError, StoreMismatchError, StoreNotFoundError
+from coar_dask.errors import (BuildError, ExperimentError, SchedulerLostError, StoreError, StoreMismatchError,
+                              StoreNotFoundError)
 from coar_dask.ablation.engine import compute_outputs
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.identity import check_content
@@ -344,8 +345,13 @@ def _execute(plan: BuildPlan, client: Any | None, progress: ProgressFn | None, r
 
     if plan.gpu and client is not None:  # else the GPU tasks would wait forever for GPU workers
         check_gpu_workers(client, "block", BuildError, "run: {device: cpu} in the experiment")
-    run_tasks(_taskset(plan, retries), client, on_result=on_result, on_error=on_error,
-              local_errors=(BuildError,))
+    try:
+        run_tasks(_taskset(plan, retries), client, on_result=on_result, on_error=on_error,
+                  local_errors=(BuildError,))
+    except SchedulerLostError as exc:
+        raise BuildError(f"{exc}; the {report.blocks_done} block(s) completed in this session are kept (as are "
+                         f"earlier ones). Resume with `coar-dask build {plan.store_path}` (pending blocks "
+                         f"only).") from None
 
 
 def execute_plan(

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from coar_dask.errors import SchedulerLostError
+
 __all__ = ["TaskSet", "run_tasks", "reduce_tasks"]
 
 logger = logging.getLogger(__name__)
@@ -104,13 +106,23 @@ def _run_dask(taskset: TaskSet, client: Any, on_result: OnResult, on_error: OnEr
             try:
                 index, result = future.result()
             except Exception as exc:  # noqa: BLE001 - the task's own error, raised again here
+                if _scheduler_lost(client, exc):  # every unfinished task fails alike: say it once
+                    raise SchedulerLostError("lost the connection to the Dask scheduler (it stopped, crashed or "
+                                             "is unreachable)") from None
                 if on_error is None:
                     raise
                 on_error(futures[future], exc)
                 continue
             on_result(index, result)
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        if client.status == "running":
+            client.cancel([f for f in futures if not f.done()])
+
+
+def _scheduler_lost(client: Any, exc: BaseException) -> bool:
+    """Whether ``exc`` of a task says that the client lost its scheduler, not that the task failed."""
+    status = getattr(client, "status", "running")
+    return "scheduler-connection-lost" in str(exc) or status not in ("running", "newly-created")
 
 
 

@@ -8,6 +8,7 @@ batch system of :data:`~coar_dask.runtime.clusters.jobqueue.JOBQUEUE_KINDS`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +34,40 @@ def cluster_kinds() -> tuple[str, ...]:
 
 #: The kinds at import time (batch systems registered later are in :func:`cluster_kinds`).
 CLUSTER_KINDS = cluster_kinds()
+
+#: distributed's loggers that log tracebacks while a client tries to reach a lost scheduler.
+_RECONNECT_LOGGERS = ("distributed.client", "distributed.core", "distributed.comm.core", "distributed.utils")
+
+
+class _LostSchedulerNoise(logging.Filter):
+    """Drops distributed's records once ``client`` has lost its scheduler: its reconnect attempts log
+    tracebacks (~100 lines), and :func:`coar_dask.runtime.executor.run_tasks` says what happened in one
+    line (:class:`~coar_dask.errors.SchedulerLostError`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client: Any = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self.client, "status", "running") in ("running", "newly-created")
+
+
+@contextlib.contextmanager
+def _quiet_once_lost(clients: Any) -> Iterator[Any]:
+    """Enter ``clients`` (a context manager yielding a client) with :class:`_LostSchedulerNoise` on
+    distributed's reconnect loggers until it has closed the client (closing cancels the reconnect,
+    which logs a traceback of its own)."""
+    noise = _LostSchedulerNoise()
+    loggers = [logging.getLogger(name) for name in _RECONNECT_LOGGERS]
+    for log in loggers:
+        log.addFilter(noise)
+    try:
+        with clients as client:
+            noise.client = client
+            yield client
+    finally:
+        for log in loggers:
+            log.removeFilter(noise)
 
 
 @contextlib.contextmanager
@@ -91,7 +126,7 @@ def cluster_client(
     """
     kind = dask.config.get("coar-dask.cluster.kind", "local", override_with=kind)
     if kind == "address" or (address and kind == "local"):
-        with address_client(address) as client:
+        with _quiet_once_lost(address_client(address)) as client:
             yield client
     elif kind in JOBQUEUE_KINDS:
         if n_workers is not None or gpus is not None:
@@ -108,14 +143,14 @@ def cluster_client(
             raise ConfigError("give either settings=JobqueueSettings(...) or keyword settings/config_file, not both")
         elif settings.kind != kind:
             raise ConfigError(f"settings are for cluster kind {settings.kind!r}, not {kind!r}")
-        with jobqueue_client(settings, respawn) as client:
+        with _quiet_once_lost(jobqueue_client(settings, respawn)) as client:
             yield client
     elif kind == "local":
         if settings is not None or config_file is not None:
             raise ConfigError("settings and config_file are for batch systems (e.g. cluster kind 'slurm'), "
                               "not 'local'")
-        with local_client(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                          dashboard_address=dashboard_address, gpus=gpus, **kwargs) as client:
+        with _quiet_once_lost(local_client(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                           dashboard_address=dashboard_address, gpus=gpus, **kwargs)) as client:
             yield client
     else:
         raise ConfigError(f"unknown cluster kind {kind!r}; choose one of {cluster_kinds()}.")
