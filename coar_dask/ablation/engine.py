@@ -201,9 +201,8 @@ class _Runner:
     def prepare(self, state: Any) -> None:
         import torch
 
-        if self.channels_last and isinstance(state.inputs, torch.Tensor) and state.inputs.ndim == 4:
-            state.model.to(memory_format=torch.channels_last)
-            state.inputs = state.inputs.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:  # the model once; each batch is converted on the host before its copy
+            state.model.to(memory_format=torch.channels_last)  # (core.examples.DeviceFeeder), never the set
         self.channels_last = False  # done once
 
     def autocast(self, state: Any) -> Any:

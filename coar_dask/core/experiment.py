@@ -45,6 +45,8 @@ import numpy as np
 
 from coar_dask.config import factory_timeout
 from coar_dask.core.components import Components, select_components
+from coar_dask.core.examples import (DatasetExamples, DeviceFeeder, TensorExamples, as_inputs, as_labels,
+                                     one_line, rows_of, split_examples)
 from coar_dask.errors import CoarError, ConfigError, ExperimentError, FactoryError, FactoryTimeoutError, OutputError
 from coar_dask.core.masks import check_alpha
 from coar_dask.core.outputs import OUTPUTS, Batch, check_values, find_logits, get_output
@@ -438,23 +440,40 @@ def load_experiment(source: Experiment | Mapping[str, Any] | str | os.PathLike) 
     return Experiment.from_yaml(source)
 
 
-@dataclass
 class ExperimentState:
     """What a worker holds for an experiment: model, examples, components, output function.
 
-    ``inputs`` is a tensor or a dict of tensors and ``labels`` a tensor or
-    ``None``. Both stay in host memory (a memory-mapped array stays mapped)
-    and :meth:`batch` moves one batch at a time to ``device`` (through a
-    pinned copy of that batch on CUDA).
+    ``inputs`` is a tensor, a dict of tensors, or a
+    :class:`~coar_dask.core.examples.DatasetExamples` (a Dataset read a batch
+    at a time); ``labels`` a tensor or ``None`` (a Dataset's labels are read by
+    one streamed pass when first asked for). Examples stay in host memory (a
+    memory-mapped array stays mapped, a Dataset is never collated whole) and
+    :meth:`batch` moves one batch at a time to ``device`` through a
+    :class:`~coar_dask.core.examples.DeviceFeeder` (on CUDA: pinned, copied on
+    a side stream, the next batch's copy issued before this one is used;
+    ``channels_last`` applied on the host, per batch).
     """
 
-    experiment: Experiment
-    model: Any
-    inputs: Any
-    labels: Any
-    components: Components
-    output_fn: Any
-    device: Any
+    def __init__(self, experiment: Experiment, model: Any, inputs: Any, labels: Any, components: Components,
+                 output_fn: Any, device: Any):
+        self.experiment, self.model, self.inputs, self._labels = experiment, model, inputs, labels
+        self.components, self.output_fn, self.device = components, output_fn, device
+        self._source: Any = None
+        self._feeder: DeviceFeeder | None = None
+
+    def __repr__(self) -> str:
+        return (f"ExperimentState({self.experiment.fingerprint[:12]}, {self.n_examples} examples, "
+                f"{self.n_components} components, device={self.device})")
+
+    @property
+    def labels(self) -> Any:
+        if self._labels is None and isinstance(self.inputs, DatasetExamples):
+            return self.inputs.labels
+        return self._labels
+
+    @labels.setter
+    def labels(self, value: Any) -> None:
+        self._labels = value
 
     @property
     def n_components(self) -> int:
@@ -462,14 +481,29 @@ class ExperimentState:
 
     @property
     def n_examples(self) -> int:
-        return _rows(self.inputs)
+        return rows_of(self.inputs)
+
+    def source(self) -> Any:
+        """Where batches come from: the Dataset reader, or the (current) host tensors."""
+        if isinstance(self.inputs, DatasetExamples):
+            return self.inputs
+        if self._source is None or self._source.token != (id(self.inputs), id(self._labels)):
+            self._source = TensorExamples(self.inputs, self._labels)
+        return self._source
+
+    def feeder(self) -> DeviceFeeder:
+        """The state's :class:`~coar_dask.core.examples.DeviceFeeder` (one per state and device)."""
+        if self._feeder is None:
+            self._feeder = DeviceFeeder(self.device, channels_last=bool(self.experiment.channels_last))
+        return self._feeder
 
     def batch(self, start: int, stop: int, repeat: int = 1) -> Batch:
         """Examples ``start:stop`` on the device, repeated ``repeat`` times along the batch (mask-major)."""
         import torch
 
-        inputs = _map_tensors(self.inputs, lambda t: _take(t, start, stop, self.device, repeat))
-        labels = None if self.labels is None else _take(self.labels, start, stop, self.device, repeat)
+        inputs, labels = self.feeder().get(self.source(), start, stop)
+        if repeat > 1:
+            inputs, labels = _repeat(inputs, repeat), None if labels is None else _repeat(labels, repeat)
         index = torch.arange(start, stop, device=self.device)
         return Batch(inputs, labels, index.repeat(repeat) if repeat > 1 else index)
 
@@ -478,134 +512,48 @@ class ExperimentState:
         return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
 
 
-def _rows(inputs: Any) -> int:
-    return int(next(iter(inputs.values())).shape[0] if isinstance(inputs, Mapping) else inputs.shape[0])
-
-
-def _map_tensors(inputs: Any, fn: Any) -> Any:
-    return {k: fn(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else fn(inputs)
-
-
-def _take(t: Any, start: int, stop: int, device: Any, repeat: int) -> Any:
-    """Rows ``start:stop`` of ``t`` on ``device``, repeated mask-major (a 4-D channels_last input stays so)."""
+def _repeat(x: Any, repeat: int) -> Any:
+    """``x`` repeated mask-major along its rows (a 4-D channels_last tensor stays so)."""
     import torch
 
-    x = t[start:stop]
-    if x.device != device:
-        if x.device.type == "cpu" and getattr(device, "type", None) == "cuda":
-            x = x.pin_memory()  # one batch pinned, so the copy is asynchronous
-        x = x.to(device, non_blocking=True)
-    if repeat > 1:
-        x = x.repeat((repeat,) + (1,) * (x.ndim - 1))
-        if x.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-            x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    if isinstance(x, Mapping):
+        return {k: _repeat(v, repeat) for k, v in x.items()}
+    out = x.repeat((repeat,) + (1,) * (x.ndim - 1))
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 # -- examples: what the examples factory may return ----------------------
 
 
 def load_examples(experiment: Experiment, device: Any) -> tuple[Any, Any]:
-    """Call the examples factory; return ``(inputs, labels)`` placed for ``device``.
+    """Call the examples factory; return ``(inputs, labels)`` in host memory.
 
     The factory returns ``(inputs, labels)``, ``inputs`` alone (labels
-    ``None``), or a map-style ``torch.utils.data.Dataset`` of such items,
-    collated in batches of ``batch_size``. ``inputs`` is a tensor or a
-    mapping of tensors with one row per example. The examples stay in host
-    memory (``device`` is not used; a memory-mapped array is not read into
-    memory) and move one batch at a time (:meth:`ExperimentState.batch`).
+    ``None``), or a map-style ``torch.utils.data.Dataset`` of such items.
+    ``inputs`` is a tensor or a mapping of tensors with one row per example.
+    Tensors stay in host memory (``device`` is not used; a memory-mapped
+    array is not read into memory). A Dataset is never collated whole: it
+    comes back as a :class:`~coar_dask.core.examples.DatasetExamples` (labels
+    ``None`` here; :attr:`ExperimentState.labels` streams them) that collates
+    only the rows a pass asks for, ``len(dataset)`` examples. Batches move one
+    at a time (:meth:`ExperimentState.batch`).
     """
     import torch
 
     where = f"examples factory {experiment.examples!r}"
     raw = call_factory("examples", experiment.examples, experiment.examples_kwargs)
     if isinstance(raw, torch.utils.data.Dataset):
-        raw = _collate(raw, experiment.batch_size, where)
-    if isinstance(raw, (tuple, list)) and len(raw) == 2:
-        inputs, labels = raw
-    elif isinstance(raw, (Mapping, torch.Tensor, np.ndarray)):
-        inputs, labels = raw, None
-    else:
-        raise ExperimentError(
-            f"{where} must return (inputs, labels), inputs alone (a tensor or a mapping of tensors) or a "
-            f"map-style torch Dataset; got {type(raw).__name__}."
-        )
-    inputs = _as_inputs(inputs, where)
-    if _rows(inputs) == 0:
+        return DatasetExamples(raw, where), None
+    inputs, labels = split_examples(raw, where)
+    inputs = as_inputs(inputs, where)
+    if rows_of(inputs) == 0:
         raise FactoryError(f"{where} returned 0 examples; return at least one (inputs with one row per example).")
-    labels = _as_labels(labels, _rows(inputs), where)
+    labels = as_labels(labels, rows_of(inputs), where)
     # Host tensors, never the whole set on the device (ImageNet's 10,000 examples are 30 GB) and never
     # pinned whole (the pinned allocator rounds up): ExperimentState.batch moves one batch at a time.
     return inputs, labels
-
-
-def _as_inputs(inputs: Any, where: str) -> Any:
-    import torch
-
-    if not isinstance(inputs, Mapping):
-        t = torch.as_tensor(inputs)
-        if t.ndim == 0:
-            raise ExperimentError(f"{where} returned a scalar as inputs; return one row per example.")
-        return t
-    if not inputs:
-        raise ExperimentError(f"{where} returned an empty mapping of inputs; return e.g. a tokenizer's output.")
-    tensors = {str(k): torch.as_tensor(v) for k, v in inputs.items()}
-    first, rows = next(iter(tensors)), None
-    for key, t in tensors.items():
-        n = int(t.shape[0]) if t.ndim else -1
-        rows = n if rows is None else rows
-        if n != rows:
-            raise ExperimentError(
-                f"{where}: inputs {key!r} has {n} rows but {first!r} has {rows}; every tensor of the inputs "
-                f"mapping needs one row per example (pad sequences to one length)."
-            )
-    return tensors
-
-
-def _as_labels(labels: Any, n: int, where: str) -> Any:
-    import torch
-
-    if labels is None:
-        return None
-    t = torch.as_tensor(labels)
-    if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        t = t.long()
-    if t.numel() == n:
-        t = t.reshape(-1)
-    if t.ndim == 0 or t.shape[0] != n:
-        raise ExperimentError(f"{where} returned {n} inputs but {t.shape[0] if t.ndim else 0} labels.")
-    return t
-
-
-def _collate(dataset: Any, batch_size: int, where: str) -> Any:
-    """A map-style Dataset's items, collated in batches of ``batch_size`` and concatenated (host memory)."""
-    from torch.utils.data import DataLoader, IterableDataset
-
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ExperimentError(f"{where} returned an iterable Dataset; return a map-style one (__getitem__, __len__).")
-    if len(dataset) == 0:
-        raise FactoryError(f"{where} returned an empty Dataset (0 examples); return at least one example.")
-    try:
-        parts = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
-    except Exception as exc:  # noqa: BLE001 - the user's items: say what to change
-        raise ExperimentError(
-            f"{where}: the Dataset's items cannot be collated into batches ({one_line(exc)}); give every item "
-            f"the same structure and shapes (pad sequences to one length)."
-        ) from None
-    return _concat(parts, where)
-
-
-def _concat(parts: list[Any], where: str) -> Any:
-    import torch
-
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, Mapping):
-        return {k: _concat([p[k] for p in parts], where) for k in first}
-    if isinstance(first, (tuple, list)):
-        return tuple(_concat([p[i] for p in parts], where) for i in range(len(first)))
-    raise ExperimentError(f"{where}: Dataset items collate to {type(first).__name__}; return tensors.")
 
 
 _STATE_CACHE: dict[tuple[Any, ...], ExperimentState] = {}
@@ -655,13 +603,9 @@ def _make_state(experiment: Experiment) -> ExperimentState:
     return state
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``exc`` as one line, ``Type: message``, white space folded and cut at ``limit`` characters."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _describe(inputs: Any) -> str:
+    if isinstance(inputs, DatasetExamples):
+        return f"a Dataset of {inputs.n} examples"
     if isinstance(inputs, Mapping):
         return "inputs " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
     return f"inputs of shape {tuple(inputs.shape)}"

@@ -110,6 +110,55 @@ def tensors_digest(tensors: Mapping[str, Any], pool: ThreadPoolExecutor | None =
     return outer.hexdigest()
 
 
+def _streamed_digests(source: Any) -> tuple[str, str | None]:
+    """Digests of a Dataset's examples and labels (``None``), read a batch at a time, never whole.
+
+    Equal to :func:`tensors_digest` of the collated tensors: the same headers (the set's shape) and
+    the same pieces of :data:`PIECE_BYTES` rows, each hashed as its rows stream in (sha256 is
+    incremental), so no piece is ever joined in memory.
+    """
+    import torch
+
+    headers: dict[str, bytes] = {}
+    pieces: dict[str, list[bytes]] = {}
+    open_piece: dict[str, list[Any]] = {}  # name -> [hasher, rows in it, rows per piece]
+    for inputs, labels in source.batches(_STREAM_ROWS):
+        named = {f"inputs.{k}": v for k, v in inputs.items()} if isinstance(inputs, Mapping) else {"inputs": inputs}
+        if labels is not None:
+            named["labels"] = labels
+        for name, t in named.items():
+            if name not in headers:
+                headers[name] = _header(name, torch.empty((source.n, *t.shape[1:]), dtype=t.dtype, device="meta"))
+                rows = max(1, PIECE_BYTES // max(1, t[:1].numel() * t.element_size()))
+                pieces[name], open_piece[name] = [], [hashlib.sha256(), 0, rows]
+            state, start = open_piece[name], 0
+            while start < t.shape[0]:
+                take = min(state[2] - state[1], int(t.shape[0]) - start)
+                state[0].update(_host_bytes(t[start : start + take]))
+                state[1], start = state[1] + take, start + take
+                if state[1] == state[2]:
+                    pieces[name].append(state[0].digest())
+                    state[0], state[1] = hashlib.sha256(), 0
+    for name, state in open_piece.items():
+        if state[1]:
+            pieces[name].append(state[0].digest())
+
+    def combine(names: list[str]) -> str:
+        outer = hashlib.sha256(ALGORITHM.encode())
+        for name in sorted(names):
+            outer.update(headers[name])
+            for d in pieces[name]:
+                outer.update(d)
+        return outer.hexdigest()
+
+    inputs = [n for n in headers if n != "labels"]
+    return combine(inputs), combine(["labels"]) if "labels" in headers else None
+
+
+#: Rows per batch of the pass that hashes a Dataset's examples (``None``: the Dataset reader's choice).
+_STREAM_ROWS: int | None = None
+
+
 def _examples_tensors(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The examples' input tensors by name (``"inputs"`` or the mapping's keys) and the labels."""
     import torch
@@ -139,13 +188,15 @@ def content_digests(state: Any) -> dict[str, str | None]:
         if cached is not None and cached[0]() is state:
             return dict(cached[1])
     t0 = time.perf_counter()
-    inputs, labels = _examples_tensors(state)
+    streamed = hasattr(state.inputs, "batches")  # a Dataset (core.examples.DatasetExamples): never collated whole
+    inputs, labels = ({}, {}) if streamed else _examples_tensors(state)
     with ThreadPoolExecutor(min(_HASH_THREADS, os.cpu_count() or 1), thread_name_prefix="coar-digest") as pool:
-        digests = {
-            "model_state": tensors_digest(dict(state.model.state_dict()), pool),
-            "examples": tensors_digest(inputs, pool),
-            "labels": tensors_digest(labels, pool) if labels else None,
-        }
+        digests = {"model_state": tensors_digest(dict(state.model.state_dict()), pool)}
+        if streamed:
+            digests["examples"], digests["labels"] = _streamed_digests(state.inputs)
+        else:
+            digests["examples"] = tensors_digest(inputs, pool)
+            digests["labels"] = tensors_digest(labels, pool) if labels else None
     logger.info("content digests of experiment %s in %.2f s", state.experiment.fingerprint[:12],
                 time.perf_counter() - t0)
     with _LOCK:
