@@ -171,3 +171,21 @@ def test_the_fit_command_takes_a_prior_file(digits_stores, tmp_path, coar_dask_c
     np.testing.assert_allclose(got.weight[unfitted], scaled[unfitted], rtol=1e-4, atol=1e-6)
     corr = np.corrcoef(got.weight.ravel(), full.weight.ravel())[0, 1]
     assert corr > 0.9  # 40 rows for 80 components, pulled toward the 200-row fit
+
+
+def test_a_prior_fit_summed_on_a_local_cluster_equals_the_one_in_process(digits_stores, tmp_path):
+    """The row-parallel fit (moments summed on workers, one solve) takes the prior as the in-process one."""
+    from coar_dask.fit.fit import fit
+    from coar_dask.fit.plan import FitSettings, plan_fit
+    from coar_dask.runtime.clusters import cluster_client
+
+    store, _ = digits_stores
+    path = fit(store).save(tmp_path / "full.pt")
+    rows = dict(num_train=50, num_val=30, prior=str(path), target_slice=(100, 160))
+    here = fit(store, **rows)
+    with cluster_client("local", n_workers=2) as client:
+        there = fit(store, client=client, **rows)
+        settings = FitSettings.create(**{**rows, "prior": Prior(np.zeros((80, 360)))})
+        assert plan_fit(store, settings, client=client).execution == "rows"
+    np.testing.assert_allclose(there.weight, here.weight, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(there.lam, here.lam)
