@@ -422,7 +422,8 @@ def test_lambda_path_is_geometric_from_lambda_max(k, eps, lmax):
 
 def test_saga_config_defaults_follow_the_seed_and_validate():
     cfg = saga_mod.SagaOptions()
-    assert (cfg.lr, cfg.k, cfg.early_stop_every, cfg.early_stop_eps) == (1e-3, 1, 3, 1e-10)
+    # lr None: a step from the batch's size (auto_lr); the seed's fixed 1e-3 did not converge on digits
+    assert (cfg.lr, cfg.k, cfg.early_stop_every, cfg.early_stop_eps) == (None, 1, 3, 1e-10)
     assert cfg.start_mode() == 0.0  # k=1, manual_max_lambda 0: plain least squares, as the seed's configs
     assert saga_mod.SagaOptions(k=5).start_mode() == "auto"
     assert saga_mod.table_nbytes(45_000, 10_000) == 1_800_000_000
@@ -732,3 +733,35 @@ def test_a_cuda_index_is_remapped_on_a_worker_that_sees_one_gpu(monkeypatch):
     assert base.torch_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(RegressionError, match="cuda:0 to cuda:1"):
         base.torch_device("cuda:3")
+
+
+# -- issue 24 item 8: SAGA's defaults converge on a real digits store -------------------------------------------
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory, digits_experiment):
+    from coar_dask import run_build
+    from coar_dask.runtime.build import init_experiment_store
+
+    store = init_experiment_store(tmp_path_factory.mktemp("digits") / "s", digits_experiment, 300,
+                                  rows_per_chunk=100, alpha=0.1)
+    run_build(store, None)
+    return store
+
+
+def test_saga_defaults_converge_on_a_digits_store_and_match_least_squares(digits_store):
+    from coar_dask import fit
+
+    train, held_out = np.arange(200), np.arange(250, 300)
+    masks = digits_store.read_rows("masks", held_out).astype(np.float64)
+    outputs = digits_store.read_rows("margins", held_out).astype(np.float64)
+
+    def held_out_corr(attrs):
+        pred = attrs.predict(masks)
+        return np.nanmean([np.corrcoef(pred[:, k], outputs[:, k])[0, 1] for k in range(outputs.shape[1])])
+
+    ls = fit(digits_store, num_train=len(train) + 50, num_val=0)  # saga refits on its train + validation rows
+    sg = fit(digits_store, solver="saga", num_train=len(train), num_val=50)
+    info = sg.metadata
+    assert info["saga_converged"] == outputs.shape[1], info
+    assert info["saga_refit_converged"] == outputs.shape[1], info
+    assert info["saga_epochs"] < 500
+    assert held_out_corr(sg) == pytest.approx(held_out_corr(ls), abs=0.01)

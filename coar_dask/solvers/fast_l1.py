@@ -228,14 +228,14 @@ def fast_l1(
     bias = torch.zeros(K, dtype=torch.float32, device=dev)
     report(progress, "fast_l1", 0, 2 if has_val else 1, "lambda path")
     stop = dict(early_stop_freq=cfg.early_stop_every, early_stop_eps=cfg.early_stop_eps, max_epochs=cfg.max_epochs)
-    best, stopped = run_train_saga(regressor, weight, bias, train_loader, val_loader, lr=cfg.lr, start_lams=start,
+    best, stopped = run_train_saga(regressor, weight, bias, train_loader, val_loader, lr=cfg.lr or 1e-3, start_lams=start,
                                    lam_decay=cfg.lam_decay, num_lambdas=cfg.k, **stop)
     stats_loader = train_loader
     lam = best if has_val else start
     if has_val:
         report(progress, "fast_l1", 1, 2, "refit on train + validation")
         full = _FastL1Loader(ConcatRows(train, val), B, dev, seed=cfg.seed + 1, cache_bytes=cfg.cache_bytes)
-        stopped |= run_train_saga(regressor, weight, bias, full, None, lr=cfg.lr, start_lams=best, lam_decay=1.0,
+        stopped |= run_train_saga(regressor, weight, bias, full, None, lr=cfg.lr or 1e-3, start_lams=best, lam_decay=1.0,
                                   num_lambdas=1, **stop)[1]
         stats_loader = full
     mu, sd = regressor.calc_stats(stats_loader)

@@ -56,6 +56,7 @@ never on the GPU. Everything else is ``O(P K)``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -87,6 +88,7 @@ __all__ = [
     "saga",
     "table_nbytes",
     "lambda_path",
+    "auto_lr",
     "parse_max_lambda",
     "check_path_rows",
     "MAX_TABLE_BYTES",
@@ -128,7 +130,13 @@ class LassoPathOptions:
     Parameters
     ----------
     lr
-        Step size (seed: ``cfg.lr``; 1e-3 for CIFAR, 5e-4 for ViT).
+        Step size (seed: ``cfg.lr``; 1e-3 for CIFAR, 5e-4 for ViT). ``None``
+        (default): ``1 / L`` for full-batch steps and ``1 / (3 L)`` for
+        mini-batches (SAGA's safe step), ``L = (1 + sqrt(P / B))^2`` the
+        largest eigenvalue of a batch's standardised Gram matrix for
+        independent masks (:func:`auto_lr`). A fixed 1e-3 needs thousands of
+        epochs where the batch is all the rows (digits: 1,000 epochs, no
+        target converged).
     k
         Number of penalties on the path (seed: ``cfg.k``).
     eps
@@ -150,8 +158,8 @@ class LassoPathOptions:
         Rows are cached in RAM between epochs when they take less than this.
     """
 
-    lr: float = option(1e-3, "saga: step size (seed CIFAR 1e-3, ViT 5e-4)", flag="--lr", seed_key="cfg.lr",
-                       type=float)
+    lr: float | None = option(None, "saga: step size (default: 1/L of a batch's standardised Gram, 1/(3L) for "
+                              "mini-batches; seed CIFAR 1e-3, ViT 5e-4)", flag="--lr", seed_key="cfg.lr", type=float)
     k: int = option(1, "saga: number of penalties on the lasso path (seed: 1)", flag="--k", seed_key="cfg.k",
                     type=int)
     eps: float = option(1e-4, "saga: smallest/largest penalty of the path (default 1e-4)", flag="--eps",
@@ -173,7 +181,7 @@ class LassoPathOptions:
         return RegressionError(f"saga option {name}={getattr(self, name)!r}: expected {expected}.")
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
             raise self._bad("lr", "a step size > 0, e.g. 1e-3 (the seed's CIFAR config)")
         if not _positive_int(self.k):
             raise self._bad("k", "an integer >= 1 (number of penalties on the path)")
@@ -246,6 +254,18 @@ class SagaOptions(LassoPathOptions):
 
 #: The former name of :class:`SagaOptions`.
 SagaConfig = SagaOptions
+
+
+def auto_lr(n_features: int, batch_rows: int, n_rows: int) -> float:
+    """SAGA's default step on standardised features: ``1 / L`` when a batch is every row (gradient descent),
+    ``1 / (3 L)`` for mini-batches, with ``L = (1 + sqrt(P / B))^2`` (largest eigenvalue of ``Xb^T Xb / B``
+    for ``B`` rows of ``P`` independent standardised features).
+
+    >>> round(auto_lr(100, 400, 400), 3), round(auto_lr(100, 400, 4000), 3)
+    (0.444, 0.148)
+    """
+    L = (1.0 + np.sqrt(n_features / max(batch_rows, 1))) ** 2
+    return float(1.0 / L if batch_rows >= n_rows else 1.0 / (3.0 * L))
 
 
 def check_path_rows(k: int, train: RowSource, val: RowSource | None) -> bool:
@@ -583,6 +603,9 @@ def saga(
     has_val = check_path_rows(cfg.k, train, val)
     n, P, K = int(train.n_rows), int(train.n_features), int(train.n_targets)
     B = int(min(cfg.batch_size or 2500, n))
+    auto_step = cfg.lr is None
+    if auto_step:
+        cfg = dataclasses.replace(cfg, lr=auto_lr(P, B, n))
     mode = cfg.start_mode()
     std = _Standardiser(train, dev, mode == "auto", progress)
     if mode == "auto":
@@ -614,6 +637,8 @@ def saga(
     W, b, lam = path.out_W, path.out_b, path.out_lam
     del rows, path
     if has_val and cfg.refit:
+        if auto_step:
+            cfg = dataclasses.replace(cfg, lr=auto_lr(P, min(B, n + val.n_rows), n + val.n_rows))
         W, b, std = _refit(ConcatRows(train, val), std, W, b, lam, B, cfg, dev, progress, info)
     return _mask_units(W, b, lam, std, info)
 
