@@ -64,7 +64,7 @@ def test_every_fit_flag_has_one_home():
     flags = {sf.info.flag: sf.solvers for sf in solver_flags()}
     assert flags == {
         "--ridge": ("lstsq",), "--ridge-grid": ("lstsq",), "--refit": ("lstsq",), "--method": ("lstsq",),
-        "--lr": ("saga", "fast_l1"), "--k": ("saga", "fast_l1"), "--eps": ("saga", "fast_l1"),
+        "--prior": ("lstsq",), "--lr": ("saga", "fast_l1"), "--k": ("saga", "fast_l1"), "--eps": ("saga", "fast_l1"),
         "--max-lambda": ("saga", "fast_l1"), "--batch-size": ("saga", "fast_l1"),
         "--early-stop-every": ("saga", "fast_l1"), "--early-stop-eps": ("saga", "fast_l1"),
         "--max-epochs": ("saga", "fast_l1"), "--no-refit": ("saga",),
