@@ -9,8 +9,10 @@ their values):
 - several masks per pass (:class:`coar_dask.ablation.batched.BatchedAblation`),
   forward hooks on a BatchNorm-folded copy.
 
-This module picks the pass shape (masks and examples per forward pass,
-:func:`auto_pass_shape`) and keeps, per process and experiment state, a
+This module picks the pass shape (masks and examples per forward pass): by
+measuring the :func:`candidate_shapes` on a process's first large enough
+block, whose rows they compute, and keeping the fastest for that process and
+device (:func:`pass_shape_choice`); :func:`auto_pass_shape` before that. It keeps, per process and experiment state, a
 runner: the batched form (or why there is none), the one-time check of the
 first batched pass against in-place zeroing (at ``1e-4`` of the scale), and
 the experiment's settings (autocast, channels_last). A model that does not
@@ -28,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -48,6 +51,9 @@ __all__ = [
     "AUTO_MAX_ROWS",
     "AUTO_TARGET_ELEMENTS",
     "AUTO_MIN_ROWS",
+    "MEASURE_MIN_MASKS",
+    "candidate_shapes",
+    "pass_shape_choice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,14 @@ AUTO_MAX_ROWS = 8192
 #: Auto splits one mask's examples into smaller passes (to fit two masks in a
 #: pass) only while a pass keeps at least this many rows.
 AUTO_MIN_ROWS = 256
+#: Auto measures the candidate pass shapes (:func:`candidate_shapes`) on a process's first block of at least
+#: this many masks and keeps the fastest; smaller blocks use the static rule (:func:`auto_pass_shape`) and
+#: leave the measuring to a later block. The static rule was right on one machine and wrong on another
+#: (issue 25: two masks per pass ran at 1.17x one mask in place on one 2-core machine, 0.82x on another).
+MEASURE_MIN_MASKS = 16
+#: Rounds of each candidate shape measured; its time per mask is the fastest round's (the first round of
+#: a shape pays its warm-up, and the first batched one the one-time check against in-place zeroing).
+MEASURE_ROUNDS = 2
 
 
 # ------------------------------------------------------------------ pass shape
@@ -138,6 +152,33 @@ def auto_pass_shape(n_examples_per_pass: int, elements_per_example: int, n_masks
                                max_rows=max_rows), examples
 
 
+def candidate_shapes(n_examples_per_pass: int, n_masks: int, *, max_rows: int = AUTO_MAX_ROWS,
+                     min_rows: int = AUTO_MIN_ROWS) -> list[tuple[int, int]]:
+    """The pass shapes ``(masks, examples)`` auto measures, in the order it measures them.
+
+    One mask in place first, then 2, 4, 8 ... masks per pass of all the examples (while a pass holds at
+    most ``max_rows`` rows and at most ``n_masks // 8`` masks, so that the measuring fits in a block),
+    then two masks on passes of half the examples (where such a pass keeps ``min_rows`` rows).
+
+    Examples
+    --------
+    >>> candidate_shapes(360, 100)
+    [(1, 360), (2, 360), (4, 360), (8, 360), (2, 180)]
+    >>> candidate_shapes(512, 100, max_rows=1024)
+    [(1, 512), (2, 512), (2, 256)]
+    """
+    n = max(1, int(n_examples_per_pass))
+    shapes = [(1, n)]
+    m = 2
+    while m <= max(2, n_masks // 8) and m * n <= max_rows:
+        shapes.append((m, n))
+        m *= 2
+    half = -(-n // 2)
+    if half < n and 2 * half >= min_rows:
+        shapes.append((2, half))
+    return shapes
+
+
 # ----------------------------------------------------------- per-state runner
 
 
@@ -156,6 +197,9 @@ class _Runner:
         self._rep_cache: dict[tuple[int, int, int], tuple[Any, Any]] = {}
         #: (masks, examples) per pass that memory allowed, once a pass ran out of CUDA memory.
         self.pass_limit: tuple[int, int] | None = None
+        #: The pass shape auto measured as fastest on this process's device, and the timings (see
+        #: :func:`pass_shape_choice`); ``None`` until a block of ``MEASURE_MIN_MASKS`` masks ran on auto.
+        self.choice: dict[str, Any] | None = None
         self.folded = False
         self.prepare(state)
         try:
@@ -263,6 +307,19 @@ def _runner(state: Any) -> _Runner:
             runner = _RUNNERS[key] = _Runner(state)
             weakref.finalize(state, _RUNNERS.pop, key, None)
         return runner
+
+
+def pass_shape_choice(state: Any) -> dict[str, Any] | None:
+    """The pass shape auto chose for ``state`` in this process by measuring, or ``None`` (not measured yet).
+
+    A dict: ``masks_per_pass``, ``examples_per_pass``, ``device``, ``rates`` (models/s of each shape
+    measured, keyed ``"MxE"``, ``1x...`` being in-place zeroing) and ``measured_rows`` (rows of the block
+    that computed them; they are its outputs). A shape that ran out of CUDA memory later is halved
+    (:meth:`_Runner.shrink`) whatever the choice says.
+    """
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(id(state))
+    return dict(runner.choice) if runner is not None and runner.choice is not None else None
 
 
 def _forward(model: Any, inputs: Any) -> Any:
@@ -373,7 +430,7 @@ def output_buffer_dtype(dtype: Any) -> np.dtype:
 
 
 def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None = None,
-                    dtype: Any = np.float32) -> np.ndarray:
+                    dtype: Any = np.float32, timer: Callable[[], float] | None = None) -> np.ndarray:
     """Outputs ``(n_masks, K)`` of the ablated model for each mask (True = kept).
 
     Parameters
@@ -385,13 +442,19 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         Bool ``(n_masks, P)``.
     masks_per_pass
         Masks evaluated per forward pass. ``None``: the experiment's
-        ``masks_per_pass`` if it sets one, else automatic
-        (:func:`auto_masks_per_pass`). ``1`` uses in-place zeroing. Models or
-        kinds that forward hooks cannot express always use in-place zeroing.
+        ``masks_per_pass`` if it sets one, else automatic: on this process's
+        first block of at least :data:`MEASURE_MIN_MASKS` masks, the
+        :func:`candidate_shapes` are timed on the block's own rows (those rows
+        are its outputs) and the fastest is kept for the state's later blocks
+        (:func:`pass_shape_choice`); before that, :func:`auto_pass_shape`.
+        ``1`` uses in-place zeroing. Models or kinds that forward hooks cannot
+        express always use in-place zeroing.
     dtype
         The store's output dtype: the result is float64 for float64 (the
         output function's float64 values are kept), float32 otherwise (see
         :func:`output_buffer_dtype`).
+    timer
+        The clock auto measures pass shapes with (default :func:`time.perf_counter`).
 
     Returns
     -------
@@ -406,33 +469,46 @@ def compute_outputs(state: Any, masks: np.ndarray, *, masks_per_pass: int | None
         return out
     runner = _runner(state)
     with runner.lock:  # hooks and in-place zeroing both change the shared model
-        failure = None
+        measure = _should_measure(state, runner, masks, masks_per_pass)
+        done = _measure(state, masks, out, runner, timer or time.perf_counter) if measure else 0
+        _compute_all(state, masks[done:], out[done:], runner, masks_per_pass)
+    return out
+
+
+def _compute_all(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner,
+                 masks_per_pass: int | None) -> None:
+    """Every mask's outputs into ``out`` in the chosen pass shape, halving it when CUDA memory runs out."""
+    if not masks.shape[0]:
+        return
+    failure = None
+    try:
+        m_per_pass, examples_per_pass = _pass_shape(state, runner, masks, masks_per_pass)
+    except Exception as exc:  # noqa: BLE001 - the probe runs one example: out of memory there is final
+        if not is_out_of_memory(exc):
+            raise
+        failure = one_line(exc, limit=200)
+    if failure is not None:
+        runner.shrink(state, 1, 1, failure)
+    while True:
         try:
-            m_per_pass, examples_per_pass = _pass_shape(state, runner, masks, masks_per_pass)
-        except Exception as exc:  # noqa: BLE001 - the probe runs one example: out of memory there is final
+            _compute(state, masks, out, runner, m_per_pass, examples_per_pass)
+            return
+        except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled; the rest re-raised
             if not is_out_of_memory(exc):
                 raise
             failure = one_line(exc, limit=200)
-        if failure is not None:
-            runner.shrink(state, 1, 1, failure)
-        while True:
-            try:
-                _compute(state, masks, out, runner, m_per_pass, examples_per_pass)
-                return out
-            except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled; the rest re-raised
-                if not is_out_of_memory(exc):
-                    raise
-                failure = one_line(exc, limit=200)
-            # Outside the except block: the traceback's frames (and their device tensors) are released.
-            m_per_pass, examples_per_pass = runner.shrink(state, m_per_pass, examples_per_pass, failure)
-            free_device_memory(state.device)
+        # Outside the except block: the traceback's frames (and their device tensors) are released.
+        m_per_pass, examples_per_pass = runner.shrink(state, m_per_pass, examples_per_pass, failure)
+        free_device_memory(state.device)
 
 
 def _pass_shape(state: Any, runner: _Runner, masks: np.ndarray, masks_per_pass: int | None) -> tuple[int, int]:
     """Masks and examples per pass: given, the experiment's, or automatic; within what memory allowed."""
     m_per_pass = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
     examples_per_pass = min(state.experiment.batch_size, state.n_examples)
-    if m_per_pass is None and runner.batched is not None:
+    if m_per_pass is None and runner.batched is not None and runner.choice is not None:
+        m_per_pass, examples_per_pass = runner.choice["masks_per_pass"], runner.choice["examples_per_pass"]
+    elif m_per_pass is None and runner.batched is not None:
         target = AUTO_TARGET_ELEMENTS.get(_device_type(state), AUTO_TARGET_ELEMENTS["cpu"])
         m_per_pass, examples_per_pass = auto_pass_shape(examples_per_pass, runner.probe(state), masks.shape[0],
                                                         target_elements=target, min_rows=AUTO_MIN_ROWS)
@@ -460,3 +536,55 @@ def _compute(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_
             logger.warning("%s", exc)
             runner.batched, runner.reason = None, str(exc)
     _inplace_outputs(state, masks, out, runner, examples_per_pass)
+
+
+def _should_measure(state: Any, runner: _Runner, masks: np.ndarray, masks_per_pass: int | None) -> bool:
+    """Auto without a choice yet, on a block large enough, with a batched form and memory not yet short."""
+    explicit = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
+    return (explicit is None and runner.choice is None and runner.batched is not None and runner.pass_limit is None
+            and masks.shape[0] >= MEASURE_MIN_MASKS)
+
+
+def _measure(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, timer: Callable[[], float]) -> int:
+    """Time the candidate shapes on the block's first rows (their outputs kept); returns the rows done.
+
+    Masks per pass grow while they get faster; the measuring uses at most half the block. The rows
+    each shape computes are outputs like any other (the first batched pass is checked against
+    in-place zeroing as always). Out of CUDA memory, the measuring stops at the shapes that fit.
+    """
+    n_examples = min(state.experiment.batch_size, state.n_examples)
+    rates: dict[str, float] = {}
+    best: tuple[float, tuple[int, int]] | None = None
+    done, budget, failure = 0, masks.shape[0] // 2, None
+    for m, e in candidate_shapes(n_examples, masks.shape[0]):
+        if done + MEASURE_ROUNDS * m > budget:
+            break
+        if best is not None and e == n_examples and m > 1 and best[1][0] < m // 2:
+            continue  # masks per pass stopped getting faster: larger ones are not measured
+        per_mask = float("inf")
+        try:
+            for _ in range(MEASURE_ROUNDS):
+                t0 = timer()
+                _compute(state, masks[done : done + m], out[done : done + m], runner, m, e)
+                per_mask = min(per_mask, (timer() - t0) / m)
+                done += m
+        except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled; the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            failure = one_line(exc, limit=200)
+            break
+        if runner.batched is None and m > 1:  # the batched path fell back: in place it is
+            best = None
+            break
+        rates[f"{m}x{e}"] = 1.0 / per_mask if per_mask > 0 else float("inf")
+        if best is None or per_mask < best[0]:
+            best = (per_mask, (m, e))
+    if failure is not None:
+        logger.warning("CUDA out of memory while measuring pass shapes (%s); keeping the shapes that fit", failure)
+        free_device_memory(state.device)
+    shape = best[1] if best is not None else (1, n_examples)
+    runner.choice = {"masks_per_pass": shape[0], "examples_per_pass": shape[1], "device": str(state.device),
+                     "rates": rates, "measured_rows": done}
+    logger.info("pass shape measured on %s: %d masks x %d examples per pass (models/s: %s)", state.device,
+                shape[0], shape[1], ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+    return done

@@ -111,12 +111,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from coar_dask.core.store import open_store
+    from coar_dask.runtime.build import pass_shape_records
 
     store = open_store(args.store, read_only=True)
     status = store.status()
     recorded = store.meta.get("experiment")
+    shapes = pass_shape_records(store)
     if args.json:
-        echo(json.dumps({**status, "experiment": recorded}, indent=2))
+        echo(json.dumps({**status, "experiment": recorded, "pass_shapes": shapes}, indent=2))
         return 0
     echo(f"store:    {status['path']}")
     echo(f"rows:     {status['completed_rows']} / {status['num_rows']} completed "
@@ -128,6 +130,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     echo(f"experiment: {str(fp)[:16] + '…' if fp else '(not built yet)'}")
     for line in [*describe_experiment(recorded), *describe_imports(recorded)] if recorded else ():
         echo(f"  {line}")
+    for r in shapes:  # auto's measured choice per worker (models/s per masks x examples per pass)
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in r.get("rates", {}).items())
+        echo(f"pass shape: {r.get('worker')} on {r.get('device')}: {r.get('masks_per_pass')} masks x "
+             f"{r.get('examples_per_pass')} examples per pass (models/s: {rates})")
     return 0
 
 

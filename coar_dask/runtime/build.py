@@ -19,32 +19,43 @@ lost to a killed worker or an interrupted build is simply run again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from coar_dask.errors import (BuildError, ExperimentError, SchedulerLostError, StoreError, StoreMismatchError,
                               StoreNotFoundError)
-from coar_dask.ablation.engine import compute_outputs
+from coar_dask.ablation.engine import compute_outputs, pass_shape_choice
 from coar_dask.core.experiment import Experiment, load_experiment, load_state
 from coar_dask.core.identity import check_content
 from coar_dask.core.masks import sample_masks
-from coar_dask.core.store import Block, Store, open_store
+from coar_dask.core.store import COMPLETED, Block, Store, open_store
 from coar_dask.core.trust import experiment_from_record, remember_given
 from coar_dask.runtime.executor import TaskSet, run_tasks
 from coar_dask.runtime.gpu import check_gpu_workers, client_experiment, is_cuda
 from coar_dask.runtime.worker import apply_malloc_env
 
-__all__ = ["init_experiment_store", "recorded_experiment", "BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits"]
+__all__ = ["init_experiment_store", "recorded_experiment", "BuildPlan", "BlockResult", "BuildReport", "plan_build", "run_block", "execute_plan", "run_build", "check_experiment_fits",
+           "pass_shape_records"]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[["BlockResult", int, int], None]
+
+#: Each worker's measured pass shape (:func:`coar_dask.ablation.engine.pass_shape_choice`) is kept in
+#: ``_completed/`` under this prefix, one JSON file per worker: inside an array's folder, which zarr never
+#: lists, and written by one worker only, so two workers never race on one record.
+PASS_SHAPE_PREFIX = "coar_dask.pass_shape."
+#: (store folder, store id, experiment fingerprint) whose pass shape this process has recorded.
+_RECORDED: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -315,7 +326,48 @@ def run_block(store_path: str, experiment: Experiment, block_index: int) -> Bloc
         worker = get_worker().address
     except (ImportError, ValueError):
         pass
+    _record_pass_shape(store, state, experiment, block_index, worker)
     return BlockResult(block_index, len(block), time.perf_counter() - t0, worker)
+
+
+def _record_pass_shape(store: Store, state: Any, experiment: Experiment, block_index: int, worker: str) -> None:
+    """Write this worker's measured pass shape into the store once (a failure to write is only logged)."""
+    key = (str(store.path), str(store.store_id), experiment.fingerprint)  # a store made again at the path: again
+    choice = pass_shape_choice(state)
+    if choice is None or key in _RECORDED:
+        return
+    name = worker or f"{socket.gethostname()}-{os.getpid()}"
+    record = {**choice, "worker": name, "host": socket.gethostname(), "pid": os.getpid(), "block": block_index,
+              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = store.path / COMPLETED / f"{PASS_SHAPE_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not record the measured pass shape in %s: %s", path, exc)
+        return
+    _RECORDED.add(key)
+
+
+def pass_shape_records(store: Store | str | os.PathLike) -> list[dict[str, Any]]:
+    """The pass shape each worker measured and chose for this store, with its timings, by worker.
+
+    One dict per worker that built a block on auto: ``masks_per_pass``, ``examples_per_pass``, ``device``,
+    ``rates`` (models/s per shape measured), ``measured_rows``, ``worker``, ``host``, ``block``. A record
+    that cannot be read is left out, with a warning.
+    """
+    folder = (store.path if isinstance(store, Store) else Path(store)) / COMPLETED
+    records = []
+    for path in sorted(folder.glob(f"{PASS_SHAPE_PREFIX}*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("pass shape record %s cannot be read (%s); left out", path, exc)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _taskset(plan: BuildPlan, retries: int) -> TaskSet:
