@@ -18,6 +18,7 @@ import numpy as np
 from coar_dask.core.output_paths import write_atomically
 from coar_dask.core.store import Store
 from coar_dask.errors import RegressionError, StoreMismatchError, missing_dependency
+from coar_dask.fit import summaries
 
 __all__ = ["Attributions", "TopComponents", "SIGN_CONVENTION", "plain_metadata", "component_names"]
 
@@ -283,6 +284,25 @@ class Attributions:
                                       f"they have {sorted(known) if known != {''} else 'no layer names'}.")
             da = da.isel(component=np.isin(da["layer"].values, layers))
         return da
+
+    def by_layer(self, reduce: str = "mean_abs") -> Any:
+        """One number per layer and example (:func:`coar_dask.fit.summaries.by_layer`): ``reduce``
+        (``mean_abs``, ``sum_abs``, ``max_abs``, ``mean``, ``sum``) over the layer's fitted components."""
+        return summaries.by_layer(self, reduce)
+
+    def by_class(self, labels: Any = None, *, by: str = "component", reduce: str = "mean") -> Any:
+        """Each component's (or layer's, ``by="layer"``) attribution averaged over each class's examples
+        (:func:`coar_dask.fit.summaries.by_class`); ``labels`` default to the recorded ones."""
+        return summaries.by_class(self, labels, by=by, reduce=reduce)
+
+    def with_labels(self, labels: Any) -> "Attributions":
+        """These attributions with ``labels`` (one class per example) recorded in the metadata (kept by
+        :meth:`save`; used by :meth:`by_class`, :meth:`to_xarray`)."""
+        array = np.asarray(labels).reshape(-1)
+        if array.shape != (self.n_examples,) or array.dtype.kind not in "iub":
+            raise RegressionError(f"labels must be {self.n_examples} integers (one per example); found "
+                                  f"{array.dtype} of shape {np.shape(labels)}.")
+        return Attributions(self.weight, self.bias, self.lam, {**self.metadata, "labels": array.tolist()})
 
     def _repr_html_(self) -> str:
         """A small table for notebooks: shape, how it was fitted, and the layers."""
