@@ -251,11 +251,116 @@ def test_gram_choice_on_this_gpu_follows_its_free_memory():
     assert not gram_fits_device(int((free / 8) ** 0.5) + 1, torch.device("cuda"), grid=False)
 
 
-def test_gpu_check_script_parses_and_runs_the_gpu_tests_and_the_cuda_benchmark():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    text = script.read_text()
-    assert "make venv" in text and "-m gpu" in text and "--device cuda" in text and "$OUT" in text
+# ------------------------------------------------------------------ issue 23: the GPU check's scripts
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str, *argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["bash", str(BENCHMARKS / name), *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_gpu_check_dry_run_lists_every_step_without_a_gpu_or_a_venv(tmp_path):
+    """Issue 23 finding 11: the lent machine has a CUDA torch and no index; the old script ran `make venv`."""
+    assert "make venv" not in (BENCHMARKS / "gpu_check.sh").read_text()
+    res = _script("gpu_check.sh", "--wheels", str(tmp_path / "none"), "--dry-run", "--out", str(tmp_path / "g.json"))
+    assert res.returncode == 0, res.stderr
+    steps = [line for line in res.stdout.splitlines() if line.startswith("[gpu_check] step ")]
+    assert [s.split(":")[0].split()[-1] for s in steps] == ["torch", "install-wheels", "imports", "gpu-tests", "bench"]
+    text = res.stdout
+    assert "pip install --no-index --no-deps" in text and "--target" in text and "-m gpu" in text
+    assert "gpu_bench.py --out " + str(tmp_path / "g.json") in text
+    assert not (tmp_path / "g.json").exists() and not (tmp_path / "none").exists()  # nothing ran
+    assert _script("gpu_check.sh", "--dry-run").returncode == 2  # --wheels is required
+
+
+# The selection must never match this test itself (its id holds the words of a -k selection: the
+# inner pytest would run this test again, recursively): select by a marker nothing carries instead.
+@pytest.mark.parametrize("selection, rc", [("-m never_marked_zz", 1), ("-k test_local_gpus_must_be_visible", 0)],
+                         ids=["empty", "one"])
+def test_gpu_check_counts_an_empty_test_selection_as_a_failure(selection, rc):
+    """pytest's exit 5 (no tests collected) passed the old check; the tests step now fails on it."""
+    res = _script("gpu_check.sh", "--tests-only", "--pytest-args", f"tests/test_gpu.py {selection}",
+                  env={"PYTHON": sys.executable})
+    assert res.returncode == rc, res.stdout + res.stderr
+    if rc:
+        assert '"exit": 5' in res.stdout and "no tests collected" in res.stdout
+    else:
+        assert '"ran": 1' in res.stdout
+
+
+def test_gpu_wheels_list_keeps_what_the_machine_lacks_and_never_its_cuda_stack(tmp_path):
+    """The requirement set from a pip report, with no network: torch, nvidia-*, triton and cuda-* are
+    always dropped; what the lent image holds only without --all."""
+    import json
+
+    names = {"coar_dask": "0.1.0", "torch": "2.10.0", "nvidia-cublas-cu12": "12.8.4.1", "triton": "3.6.0",
+             "cuda-bindings": "12.9.4", "dask": "2026.8.0", "Zarr": "3.4.2", "numpy": "2.3.0", "zict": "3.0.0"}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"install": [{"metadata": {"name": n, "version": v}} for n, v in names.items()]}))
+    res = _script("gpu_wheels.sh", str(tmp_path / "wheels"), "--list", "--from-report", str(report))
+    assert res.returncode == 0, res.stderr
+    wanted = [line for line in res.stdout.splitlines() if "==" in line and not line.startswith("[")]
+    assert wanted == ["dask==2026.8.0", "zarr==3.4.2", "zict==3.0.0"]
+    assert "skip torch==2.10.0" in res.stderr and "skip nvidia-cublas-cu12" in res.stderr
+    res = _script("gpu_wheels.sh", str(tmp_path / "wheels"), "--list", "--all", "--from-report", str(report))
+    wanted = [line for line in res.stdout.splitlines() if "==" in line and not line.startswith("[")]
+    assert "numpy==2.3.0" in wanted and not any(w.startswith(("torch", "nvidia", "triton", "cuda")) for w in wanted)
+    assert not (tmp_path / "wheels").exists()  # --list downloads nothing
+
+
+def _gpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCHMARKS / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _junit(path: Path, tests: int, skipped: int) -> str:
+    path.write_text(f'<testsuites><testsuite name="pytest" tests="{tests}" failures="0" errors="0" '
+                    f'skipped="{skipped}"/></testsuites>')
+    return str(path)
+
+
+def test_gpu_tests_verdict_fails_when_nothing_ran(tmp_path):
+    bench = _gpu_bench()
+    assert not bench.gpu_tests(5, None)["ok"]
+    assert not bench.gpu_tests(None, None)["ok"]
+    assert not bench.gpu_tests(0, _junit(tmp_path / "a.xml", 7, 7))["ok"]  # every test skipped
+    assert not bench.gpu_tests(1, _junit(tmp_path / "b.xml", 7, 0))["ok"]
+    assert bench.gpu_tests(0, _junit(tmp_path / "c.xml", 7, 2)) | {"ok": True} == bench.gpu_tests(
+        0, _junit(tmp_path / "c.xml", 7, 2)) and bench.gpu_tests(0, str(tmp_path / "c.xml"))["ran"] == 5
+
+
+def test_gpu_bench_cpu_smoke_writes_every_key_of_the_report(tmp_path):
+    """The JSON of the GPU run, produced on the CPU at tiny sizes: every section and figure present."""
+    import json
+
+    out = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--cpu-smoke", "--out", str(out),
+                          "--tests-rc", "0", "--tests-xml", _junit(tmp_path / "t.xml", 3, 0)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    bench = _gpu_bench()
+    assert set(bench.SECTIONS) <= set(report) and report["ok"] and report["cpu_smoke"]
+    for section in bench.SECTIONS:
+        assert report[section]["ok"], (section, report[section])
+    assert {"name", "torch", "cuda", "spec_bf16_tflops", "measured_bf16_matmul_tflops"} <= set(report["device"])
+    for amp in ("amp_off", "amp_bf16"):
+        figures = report["resnet50_build"][amp]
+        assert {"tflops", "fraction_of_peak", "peak_gpu_bytes", "predicted_gpu_bytes", "seconds"} <= set(figures)
+        assert figures["tflops"] > 0 and figures["predicted_gpu_bytes"] > 0
+    for method in ("gram", "cg"):
+        fit = report["fits"][method]
+        assert {"seconds", "peak_gpu_bytes", "predicted_gpu_bytes"} <= set(fit) and fit["predicted_gpu_bytes"] > 0
+        assert fit["val_correlation_mean"] > 0.5  # a planted linear truth is found
+    assert set(bench.CHECKS) <= set(report["checks"])
+    assert "skipped" in report["checks"]["two_gpu_uuids"]  # said, not silently passed
 
 
 # ------------------------------------------------------------------ issue 18 items 4 and 8
