@@ -4,9 +4,6 @@ exact command to run next, and a script that closes a LocalCluster ends without 
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -41,17 +38,3 @@ def test_repair_names_the_runnable_build_command_for_a_store_that_records_its_ex
     text = report.format()
     assert f"coar-dask build {shlex.quote(str(built_store.path))}`" in text
     assert "EXP.yaml" not in text and "STORE" not in text
-
-
-def test_a_script_closing_a_local_cluster_has_no_worker_killed_on_stderr(tmp_path):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
-        from coar_dask import cluster_client
-
-        if __name__ == "__main__":
-            with cluster_client("local", n_workers=2) as client:
-                assert client.submit(sum, [1, 2]).result() == 3
-    """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "still alive" not in proc.stderr and "killing" not in proc.stderr, proc.stderr
