@@ -24,6 +24,42 @@ from test_ablation import TOL, ConvNet, _masks, _reference, _state  # noqa: E402
 N_MASKS = 64
 
 
+@pytest.fixture(autouse=True)
+def measure_pass_shapes():
+    """These tests are about ``coar-dask.pass-shape: measure``; the default is the fixed rule."""
+    import dask.config
+
+    with dask.config.set({"coar-dask.pass-shape": "measure"}):
+        yield
+
+
+def test_the_default_rule_measures_nothing_so_two_builds_give_the_same_bits(monkeypatch):
+    """Measured shapes round differently (in place vs batched): the default keeps outputs reproducible."""
+    import dask.config
+
+    def state():
+        torch.manual_seed(1)  # the same weights both times
+        return _state(ConvNet(True), ("conv2d", "linear"), batch_size=7)
+
+    one = state()
+    masks = _masks(len(one.components), n=N_MASKS)
+    with dask.config.set({"coar-dask.pass-shape": "rule"}):
+        clock = FakeClock(monkeypatch, {(1, 7): 0.01})  # in place "fastest": the rule must not look
+        first = compute_outputs(one, masks, timer=clock)
+        assert pass_shape_choice(one) is None and len(set(clock.shapes)) == 1
+        assert np.array_equal(first, compute_outputs(state(), masks))
+
+
+def test_a_pass_shape_setting_other_than_rule_or_measure_is_one_line():
+    import dask.config
+
+    from coar_dask.errors import ExperimentError
+
+    with dask.config.set({"coar-dask.pass-shape": "fastest"}), pytest.raises(ExperimentError, match="rule' or 'measure"):
+        state = _state(ConvNet(True), ("conv2d", "linear"), batch_size=7)
+        compute_outputs(state, _masks(len(state.components), n=N_MASKS))
+
+
 class FakeClock:
     """A clock that advances, per pass shape computed, by ``cost[(masks, examples)]`` seconds per mask."""
 

@@ -538,10 +538,22 @@ def _compute(state: Any, masks: np.ndarray, out: np.ndarray, runner: _Runner, m_
     _inplace_outputs(state, masks, out, runner, examples_per_pass)
 
 
+def pass_shape_setting() -> str:
+    """``coar-dask.pass-shape``: ``"rule"`` (the default: a fixed rule, bitwise-reproducible outputs) or
+    ``"measure"`` (time the candidate shapes on a worker's first block and keep the fastest)."""
+    import dask.config
+
+    value = dask.config.get("coar-dask.pass-shape", "rule")
+    if value not in ("rule", "measure"):
+        raise ExperimentError(f"coar-dask.pass-shape must be 'rule' or 'measure'; found {value!r}. Set it in "
+                              "~/.config/dask/coar_dask.yaml or DASK_COAR_DASK__PASS_SHAPE.")
+    return value
+
+
 def _should_measure(state: Any, runner: _Runner, masks: np.ndarray, masks_per_pass: int | None) -> bool:
     """Auto without a choice yet, on a block large enough, with a batched form and memory not yet short."""
     explicit = masks_per_pass if masks_per_pass is not None else getattr(state.experiment, "masks_per_pass", None)
-    return (explicit is None and runner.choice is None and runner.batched is not None and runner.pass_limit is None
+    return (explicit is None and pass_shape_setting() == "measure" and runner.choice is None and runner.batched is not None and runner.pass_limit is None
             and masks.shape[0] >= MEASURE_MIN_MASKS)
 
 
