@@ -172,6 +172,12 @@ def tiny_tmpfs(tmp_path):
     yield from _tmpfs(tmp_path / "full", "size=64k")
 
 
+@pytest.fixture
+def store_tmpfs(tmp_path):
+    """A 128 KiB tmpfs: a format-4 store's init (with its coordinate arrays) fits, its build does not."""
+    yield from _tmpfs(tmp_path / "full", "size=128k")
+
+
 def test_fit_out_on_a_full_disk_says_so(tmp_path, capsys, tiny_tmpfs):
     wide = init_store(tmp_path / "wide", {"num_models": 40, "schema": {
         "masks": {"dtype": "bool_", "shape": [600]}, "margins": {"dtype": "float32", "shape": [50]}}},
@@ -355,7 +361,8 @@ def _malformed(kind: str) -> dict:
     elif kind == "target-slice":
         data["metadata"] = {"target_slice": [0, K + 3]}
     elif kind == "nan":
-        data["weight"] = torch.full((P, K), float("nan"))
+        data["weight"] = torch.zeros((P, K))
+        data["weight"][0, 0] = float("nan")  # a stray NaN; a whole NaN row is an unfitted component
     elif kind == "complex":
         data["weight"] = torch.zeros(P, K, dtype=torch.complex64)
     return data
@@ -382,7 +389,8 @@ def test_bad_fit_flags(tmp_path, capsys, store, flags, fragment):
 
 @pytest.mark.parametrize("address, fragment", [("not an address", "is not a scheduler address"),
                                                ("tcp://127.0.0.1:1", "no Dask scheduler answered")])
-def test_a_bad_scheduler_address_fails_fast(tmp_path, capsys, store, address, fragment):
+def test_a_bad_scheduler_address_fails_fast(tmp_path, capsys, address, fragment):
+    store = make_store(tmp_path / "pending", done_blocks={0})  # blocks pending: a completed store needs no cluster
     t0 = time.perf_counter()
     cli_error(["build", "--store", store.path, "--cluster", "address", "--address", address,
                "--experiment", Path(__file__).parents[1] / "configs" / "digits.yaml"], capsys, tmp_path, fragment)
@@ -413,7 +421,8 @@ def test_imported_stores_record_digests_and_partial_flags(tmp_path):
     assert {0, 1} <= set(verify_store(store.path).bad_blocks)
 
 
-def test_a_build_on_a_full_disk_says_so_and_keeps_its_completed_blocks(tmp_path, capsys, tiny_tmpfs):
+def test_a_build_on_a_full_disk_says_so_and_keeps_its_completed_blocks(tmp_path, capsys, store_tmpfs):
+    tiny_tmpfs = store_tmpfs
     exp = tmp_path / "tiny.yaml"
     exp.write_text("model: conftest:tiny_model\nexamples: conftest:tiny_examples\nalpha: 0.2\nrun:\n  batch_size: 5\n")
     store = tiny_tmpfs / "s"
