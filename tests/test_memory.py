@@ -98,17 +98,22 @@ def test_gpu_workers_too_small_for_the_task_are_refused():
     check_gpu_workers(_Client(unknown), "block", BuildError, "x", need_bytes=56e9)
 
 
+def _measured(case: dict) -> dict:
+    """Run one case of benchmarks/memory_model.py in a fresh process: its measured peak and the model's."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_model.py"), "--child", json.dumps(case)],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                          env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("case", [
     {"stage": "fit", "method": "gram", "P": 1500, "K": 300, "n": 600},
     {"stage": "fit", "method": "cg", "P": 1500, "K": 1000, "n": 600},
 ])
 def test_model_matches_a_measured_peak(case):
     """A fresh process measures the real solver's peak RSS growth (benchmarks/memory_model.py)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_model.py"), "--child", json.dumps(case)],
-                          capture_output=True, text=True, timeout=300, cwd=str(ROOT),
-                          env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _measured(case)
     assert abs(result["rel_error"]) <= 0.25, result
 
 
@@ -118,11 +123,7 @@ def test_build_worker_counts_the_folded_copies_and_batchnorm_outputs():
     and in-place passes run the unfolded model, whose BatchNorm outputs are live too. Measured in a fresh
     process on a real ResNet (benchmarks/memory_model.py's build case)."""
     case = {"stage": "build", "method": "worker", "width": 16, "examples": 64, "batch": 64, "masks_per_pass": 1}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_model.py"), "--child", json.dumps(case)],
-                          capture_output=True, text=True, timeout=300, cwd=str(ROOT),
-                          env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _measured(case)
     assert abs(result["rel_error"]) <= 0.25, result
     no_bn = memory.build_worker_bytes(param_bytes=100, example_bytes=4, n_examples=8, examples_per_pass=8,
                                       masks_per_pass=1, activation_elements=1, outputs_per_example=0, batchnorm=False)
